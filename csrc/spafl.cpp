@@ -1,0 +1,16 @@
+// Schemas of the C++ ops in the `spafl` namespace. Python (spafl_kernels/_ext.py) registers their
+// fake kernels; each device's kernels register themselves with TORCH_LIBRARY_IMPL in their own file.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(spafl, m) {
+  // Fused score / mask / active-index step of every sparse layer (DESIGN §2):
+  //   score[i]  = mean_j |weight[i, j]| - threshold[i]        (float32 for 16-bit weights)
+  //   active[:num_active] = ascending indices i with score[i] > 0; active[num_active:] = -1
+  //   num_active = 0-d int64 tensor (stays on the device)
+  m.def("score_mask(Tensor weight, Tensor threshold) -> (Tensor score, Tensor active, Tensor num_active)");
+}
+
+// Importing spafl_kernels._C runs the static registrations above; the module itself is empty.
+static PyModuleDef spafl_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&spafl_module); }

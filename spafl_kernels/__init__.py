@@ -1,0 +1,41 @@
+"""spafl-kernels: structured-sparse SpaFL layers whose kernels skip pruned rows.
+
+Three tiers: the functional ops (``sparse_linear``, ``sparse_conv2d``), the modules (``SparseLinear``,
+``SparseConv2d``) and whole models (``sparsify`` and the threshold helpers).
+"""
+
+from .backends import AUTO_ORDER, BACKEND_NAMES, BackendNotSupportedError
+from .functional import sparse_conv2d, sparse_linear
+from .model import (
+    apply_threshold_update,
+    density,
+    load_thresholds,
+    reset_collapsed,
+    sparse_layers,
+    sparsify,
+    threshold_penalty,
+    thresholds,
+)
+from .modules import SparseConv2d, SparseLinear
+from .semantics import STES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AUTO_ORDER",
+    "BACKEND_NAMES",
+    "STES",
+    "BackendNotSupportedError",
+    "SparseConv2d",
+    "SparseLinear",
+    "apply_threshold_update",
+    "density",
+    "load_thresholds",
+    "reset_collapsed",
+    "sparse_conv2d",
+    "sparse_layers",
+    "sparse_linear",
+    "sparsify",
+    "threshold_penalty",
+    "thresholds",
+]

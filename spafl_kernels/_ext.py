@@ -1,0 +1,50 @@
+"""Tolerant loading of the compiled extension ``spafl_kernels._C``.
+
+Importing the package never fails for a missing build; code that needs the extension calls
+``require_extension()``, which raises with the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BUILD_HINT = "pip install --no-build-isolation .   (from the repository root; see README 'Building')"
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.spafl.score_mask and the C++ kernels)
+
+    EXTENSION_ERROR: str | None = None
+except ImportError as error:  # built with SPAFL_SKIP_EXT=1, no compiler, or an ABI mismatch
+    EXTENSION_ERROR = f"{type(error).__name__}: {error}"
+
+
+def extension_available() -> bool:
+    return EXTENSION_ERROR is None
+
+
+def require_extension() -> None:
+    """Raise ``RuntimeError`` naming the import error and the fix when ``_C`` is not built."""
+    if EXTENSION_ERROR is not None:
+        raise RuntimeError(
+            f"spafl_kernels._C is not available ({EXTENSION_ERROR}); build it with: {BUILD_HINT}"
+        )
+
+
+if EXTENSION_ERROR is None:
+
+    @torch.library.register_fake("spafl::score_mask")
+    def _(weight, threshold):
+        from .semantics import acc_dtype
+
+        rows = weight.shape[0]
+        score = weight.new_empty(rows, dtype=acc_dtype(weight.dtype))
+        return score, weight.new_empty(rows, dtype=torch.long), weight.new_empty((), dtype=torch.long)
+
+
+def score_mask(weight: torch.Tensor, threshold: torch.Tensor):
+    """``(score [N], active [N] int64 padded with -1, num_active 0-d int64)`` from the C++ kernel.
+
+    weight: ``[N, ...]``; threshold: ``[N]``, same dtype.
+    """
+    require_extension()
+    return torch.ops.spafl.score_mask(weight, threshold)

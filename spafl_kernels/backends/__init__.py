@@ -1,0 +1,77 @@
+"""Backend registry and dispatch (DESIGN §3).
+
+``backend="auto"`` takes the first backend of ``AUTO_ORDER`` that supports the call on that device;
+the environment variable ``SPAFL_BACKEND`` overrides ``auto``. An explicit backend that cannot run the
+call raises ``BackendNotSupportedError`` listing its reasons.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+from .base import Backend, CallSpec
+
+BACKEND_NAMES = ("reference", "torch")
+"""Every backend, in the order ``info`` lists them."""
+
+AUTO_ORDER = ("torch",)
+"""Preference of ``backend="auto"``: fastest first. ``reference`` is never chosen."""
+
+
+class BackendNotSupportedError(RuntimeError):
+    """No backend, or not the one asked for, can run the call; the message says why for each."""
+
+
+class _Unavailable(Backend):
+    """Stands in for a backend whose module failed to import; every call gets the import error."""
+
+    def __init__(self, name: str, error: BaseException):
+        self.name = name
+        self.description = f"unavailable: {error}"
+        self._reason = f"could not be imported ({type(error).__name__}: {error})"
+
+    def not_supported_reasons(self, spec: CallSpec) -> list[str]:
+        return [self._reason]
+
+
+@functools.cache
+def get_backend(name: str) -> Backend:
+    """The backend object called ``name``; ``ValueError`` for an unknown name."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {name!r}")
+    try:
+        return importlib.import_module(f".{name}", __name__).BACKEND
+    except ImportError as error:  # e.g. triton not installed: the rest of the library still works
+        return _Unavailable(name, error)
+
+
+@torch.compiler.assume_constant_result
+def resolve_backend(backend: str, op: str, device_type: str, dtype: torch.dtype, groups: int) -> str:
+    """Name of the backend that serves this call (``backend`` may be ``"auto"``).
+
+    Runs once at trace time under ``torch.compile``: the choice depends only on these constants.
+    """
+    spec = CallSpec(op, device_type, dtype, groups)
+    if backend == "auto":
+        backend = os.environ.get("SPAFL_BACKEND", "auto") or "auto"
+    if backend != "auto":
+        reasons = get_backend(backend).not_supported_reasons(spec)
+        if reasons:
+            raise BackendNotSupportedError(
+                f"backend {backend!r} cannot run {spec}: " + "; ".join(reasons)
+            )
+        return backend
+    skipped = []
+    for name in AUTO_ORDER:
+        candidate = get_backend(name)
+        reasons = candidate.not_supported_reasons(spec)
+        if device_type not in candidate.auto_device_types:
+            reasons = reasons + [f"not chosen automatically on {device_type}"]
+        if not reasons:
+            return name
+        skipped.append(f"{name}: " + "; ".join(reasons))
+    raise BackendNotSupportedError(f"no backend can run {spec}:\n  " + "\n  ".join(skipped))

@@ -1,0 +1,26 @@
+"""The ``reference`` backend: masked dense with the STE as an autograd Function (the paper's code).
+
+It is the test oracle: autograd differentiates it, so it does not go through the ``spafl`` ops and
+shares none of their backward code. ``backend="auto"`` never picks it.
+"""
+
+from __future__ import annotations
+
+from ..base import Backend, CallSpec
+from .conv2d import sparse_conv2d
+from .linear import sparse_linear
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    description = "masked dense + STE autograd Function (paper's code); the test oracle; no skipping"
+    auto_device_types = ()
+
+    sparse_linear = staticmethod(sparse_linear)
+    sparse_conv2d = staticmethod(sparse_conv2d)
+
+    def not_supported_reasons(self, spec: CallSpec) -> list[str]:
+        return []
+
+
+BACKEND = ReferenceBackend()

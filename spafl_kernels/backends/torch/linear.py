@@ -1,0 +1,46 @@
+"""``torch`` backend, sparse Linear: gather the active rows, run the dense op on them, scatter."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...semantics import acc_dtype, row_score
+from .rows import RowSets, param_grads, scatter_rows, take
+
+
+def linear_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: ``[M, K]``, weight: ``[N, K]``, bias/threshold: ``[N]`` -> ``(y [M, N], score [N])``."""
+    score = row_score(weight, threshold)
+    rows = RowSets.from_score(score, ste=None)
+    everything = rows.all_active
+    w = take(weight, 0, rows.active, everything)
+    b = None if bias is None else take(bias, 0, rows.active, everything)
+    y = scatter_rows(F.linear(x, w, b), 1, rows.active, rows.n_rows)
+    return y, score
+
+
+def linear_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    score: torch.Tensor,
+    ste: str,
+    need_dx: bool,
+    need_params: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``linear_fwd`` (see ``Backend``); grad_y: ``[M, N]``."""
+    rows = RowSets.from_score(score, ste if need_params else None)
+    empty = x.new_empty(0)
+    dx = empty
+    if need_dx:
+        everything = rows.all_active
+        dx = take(grad_y, 1, rows.active, everything) @ take(weight, 0, rows.active, everything)
+    if not need_params:
+        return dx, empty, empty, empty
+    g_graded = take(grad_y, 1, rows.graded, rows.all_graded)  # [M, R]
+    grad_sum = grad_y.sum(0, dtype=acc_dtype(weight.dtype))
+    return (dx, *param_grads(weight, bias, rows, g_graded.t() @ x, grad_sum))

@@ -1,0 +1,85 @@
+"""Row bookkeeping shared by the ``torch`` backend's ops: which rows are active, which rows need a
+weight gradient, and how the per-row pieces come together into ``dW, db, dtau`` (DESIGN §2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...semantics import acc_dtype, score_grad_to_weight, ste_gate
+
+
+@dataclass
+class RowSets:
+    """Index sets over the ``N`` rows of a layer (1-D int64 tensors, ascending)."""
+
+    n_rows: int
+    mask: torch.Tensor  # [N] bool, m_i
+    active: torch.Tensor  # rows with m_i = 1
+    # Rows whose weight gradient G_i is needed: active rows (for dW) and pruned rows with an open
+    # gate (for dL/dm_i = <G_i, W_i> + b_i * sum g_i). Empty in the forward pass.
+    graded: torch.Tensor
+    gate: torch.Tensor  # [N] 0/1 in the score's dtype; zero in the forward pass
+
+    @classmethod
+    def from_score(cls, score: torch.Tensor, ste: str | None) -> RowSets:
+        """score: ``[N]``. ``ste=None``: only ``active`` is needed (forward, or backward for dx)."""
+        mask = score > 0
+        # nonzero() synchronises with the device: this backend trades that for plain PyTorch.
+        active = mask.nonzero().squeeze(1)
+        if ste is None:
+            return cls(score.numel(), mask, active, active[:0], torch.zeros_like(score))
+        gate = ste_gate(score, ste)
+        graded = (mask | (gate != 0)).nonzero().squeeze(1)
+        return cls(score.numel(), mask, active, graded, gate)
+
+    @property
+    def all_active(self) -> bool:
+        return self.active.numel() == self.n_rows
+
+    @property
+    def all_graded(self) -> bool:
+        return self.graded.numel() == self.n_rows
+
+
+def take(t: torch.Tensor, dim: int, index: torch.Tensor, everything: bool) -> torch.Tensor:
+    """``t.index_select(dim, index)``, without the copy when ``index`` is every row."""
+    return t if everything else t.index_select(dim, index)
+
+
+def scatter_rows(values: torch.Tensor, dim: int, index: torch.Tensor, size: int) -> torch.Tensor:
+    """A tensor like ``values`` but ``size`` long along ``dim``: ``values`` at ``index``, 0 elsewhere."""
+    if values.shape[dim] == size:
+        return values
+    shape = list(values.shape)
+    shape[dim] = size
+    return values.new_zeros(shape).index_copy_(dim, index, values)
+
+
+def param_grads(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: RowSets,
+    dweight_graded: torch.Tensor,
+    grad_sum: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dL/dW, dL/db, dL/dtau)``; ``dL/db`` is empty when there is no bias.
+
+    weight: ``[N, ...]``; dweight_graded: ``[R, ...]``, the dense weight gradient ``G`` of the rows
+    ``rows.graded``; grad_sum: ``[N]``, ``dL/dy`` summed over batch (and space), accumulation dtype.
+    """
+    acc = acc_dtype(weight.dtype)
+    everything = rows.all_graded
+    w_graded = take(weight, 0, rows.graded, everything)
+    # dL/dm_i = sum(g_i * (z_i + b_i)) = <G_i, W_i> + b_i * sum(g_i): no saved output needed.
+    dm = (dweight_graded * w_graded).flatten(1).sum(1, dtype=acc)
+    if bias is not None:
+        dm = dm + take(bias, 0, rows.graded, everything).to(acc) * take(grad_sum, 0, rows.graded, everything)
+    gated_dm = scatter_rows(take(rows.gate, 0, rows.graded, everything) * dm, 0, rows.graded, rows.n_rows)
+
+    mask = rows.mask.to(weight.dtype)
+    dense_part = dweight_graded * take(mask, 0, rows.graded, everything).view(-1, *[1] * (weight.dim() - 1))
+    dweight = score_grad_to_weight(weight, gated_dm).index_add_(0, rows.graded, dense_part)
+    dbias = weight.new_empty(0) if bias is None else (grad_sum * rows.mask).to(bias.dtype)
+    return dweight, dbias, (-gated_dm).to(weight.dtype)

@@ -1,0 +1,164 @@
+"""Functional API: ``sparse_linear`` and ``sparse_conv2d``.
+
+Both validate every input before any work, resolve ``backend`` (``"auto"``, ``SPAFL_BACKEND``) and call
+the ``torch.ops.spafl`` ops, or, for ``backend="reference"``, the masked-dense oracle under autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import ops  # noqa: F401  (registers torch.ops.spafl.*)
+from .backends import get_backend, resolve_backend
+from .semantics import check_ste
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_params(
+    op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold: torch.Tensor
+) -> None:
+    """Device, dtype and threshold checks shared by both ops; raises with the argument's name."""
+    tensors = {"x": x, "weight": weight, "bias": bias, "threshold": threshold}
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: weight must be a floating tensor ({_FLOAT_DTYPES}), got {weight.dtype}")
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype != weight.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but weight has {weight.dtype}; they must match")
+        if t.device != weight.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but weight is on {weight.device}; they must match")
+    n_rows = weight.shape[0]
+    if threshold.shape != (n_rows,):
+        raise ValueError(
+            f"{op}: threshold must have shape ({n_rows},) (one per weight row), got {tuple(threshold.shape)}"
+        )
+    if bias is not None and bias.shape != (n_rows,):
+        raise ValueError(f"{op}: bias must have shape ({n_rows},), got {tuple(bias.shape)}")
+    # A device-side assertion: on CUDA it never synchronises with the host; on the CPU it raises.
+    torch._assert_async(
+        torch.isfinite(threshold).all(), f"{op}: threshold has non-finite values (nan or inf)"
+    )
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: torch.Tensor,
+    *,
+    ste: str = "identity",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SpaFL Linear: ``y = x @ (m * W).T + m * b`` with ``m_i = 1[mean|W_i| - tau_i > 0]``.
+
+    x: ``[*, K]``; weight: ``[N, K]``; bias: ``[N]`` or None; threshold: ``[N]``. Returns ``[*, N]``;
+    pruned outputs are exactly 0. ``ste`` picks the straight-through gate (``semantics.STES``).
+    """
+    check_ste(ste)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"sparse_linear: weight must be 2-D [out_features, in_features], got {_shape(weight)}")
+    _check_params("sparse_linear", x, weight, bias, threshold)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"sparse_linear: x must have shape (*, {weight.shape[1]}) (in_features last), got {tuple(x.shape)}"
+        )
+    name = resolve_backend(backend, "linear", weight.device.type, weight.dtype, 1)
+    if name == "reference":
+        return get_backend(name).sparse_linear(x, weight, bias, threshold, ste)
+    lead = x.shape[:-1]
+    y, _ = torch.ops.spafl.linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, threshold, ste, name)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each at least ``minimum``, as a 2-tuple."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v >= minimum for v in pair):
+        raise ValueError(f"sparse_conv2d: {name} must be an int or a pair of ints >= {minimum}, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def conv2d_padding(
+    padding, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(symmetric, extra)`` padding per dimension (height, width).
+
+    ``"same"`` needs ``d*(k-1)`` padding in total; when that is odd, PyTorch puts the extra pixel at
+    the bottom/right, so ``extra`` holds it and the caller pads ``x`` by it before the op.
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding != "same":
+            raise ValueError(f"sparse_conv2d: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        if stride != (1, 1):
+            raise ValueError(f"sparse_conv2d: padding='same' needs stride 1, got stride={stride}")
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return (total[0] // 2, total[1] // 2), (total[0] % 2, total[1] % 2)
+    return _pair(padding, "padding", 0), (0, 0)
+
+
+def sparse_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: torch.Tensor,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    ste: str = "identity",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SpaFL Conv2d: ``conv2d(x, m * W) + m * b`` with one mask bit per filter.
+
+    x: ``[B, C, H, W]``; weight: ``[N, C/groups, kh, kw]``; bias: ``[N]`` or None; threshold: ``[N]``.
+    Returns ``[B, N, H', W']``. ``stride``/``dilation``: int or pair; ``padding``: int, pair, ``"same"``
+    or ``"valid"``, as in ``F.conv2d``.
+    """
+    check_ste(ste)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"sparse_conv2d: weight must be 4-D [out, in/groups, kh, kw], got {_shape(weight)}")
+    _check_params("sparse_conv2d", x, weight, bias, threshold)
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"sparse_conv2d: groups must be a positive int, got {groups!r}")
+    n_rows, group_in = weight.shape[:2]
+    if n_rows % groups:
+        raise ValueError(f"sparse_conv2d: out_channels ({n_rows}) must be divisible by groups ({groups})")
+    if x.dim() != 4 or x.shape[1] != group_in * groups:
+        raise ValueError(
+            f"sparse_conv2d: x must have shape (B, {group_in * groups}, H, W) "
+            f"(weight.shape[1] * groups channels), got {tuple(x.shape)}"
+        )
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
+    kernel = tuple(weight.shape[2:])
+    padding, extra = conv2d_padding(padding, kernel, stride, dilation)
+    if extra != (0, 0):
+        x = F.pad(x, (0, extra[1], 0, extra[0]))
+    for dim, name in ((0, "height"), (1, "width")):
+        if x.shape[2 + dim] + 2 * padding[dim] < dilation[dim] * (kernel[dim] - 1) + 1:
+            raise ValueError(
+                f"sparse_conv2d: padded input {name} ({x.shape[2 + dim]} + 2*{padding[dim]}) is smaller "
+                f"than the dilated kernel ({dilation[dim] * (kernel[dim] - 1) + 1})"
+            )
+    name = resolve_backend(backend, "conv2d", weight.device.type, weight.dtype, groups)
+    if name == "reference":
+        return get_backend(name).sparse_conv2d(
+            x, weight, bias, threshold, stride, padding, dilation, groups, ste
+        )
+    y, _ = torch.ops.spafl.conv2d_fwd(
+        x, weight, bias, threshold, stride, padding, dilation, groups, ste, name
+    )
+    return y

@@ -1,0 +1,138 @@
+"""Whole-model helpers: conversion (``sparsify``) and the threshold bookkeeping of SpaFL (DESIGN §2).
+
+Layers are keyed by their qualified module name (``model.named_modules()``), e.g. ``"features.0"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .modules import SparseConv2d, SparseLayer, SparseLinear
+
+
+def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayer]]:
+    """``(name, layer)`` for every ``SparseLinear``/``SparseConv2d`` in ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLayer):
+            yield name, module
+
+
+def sparsify(
+    model: nn.Module, *, ste: str = "identity", backend: str = "auto", skip: Iterable[str] = ()
+) -> nn.Module:
+    """Replace every ``nn.Linear``/``nn.Conv2d`` of ``model`` in place by its sparse twin, keeping
+    weights; modules named in ``skip`` (qualified names) and everything under them stay dense.
+
+    Returns ``model`` (a new module when ``model`` itself is a Linear or Conv2d).
+    """
+    skip = set(skip)
+    known = {name for name, _ in model.named_modules()}
+    unknown = sorted(skip - known)
+    if unknown:
+        raise ValueError(f"sparsify: skip names not found in the model: {unknown}")
+
+    def convert(module: nn.Module) -> nn.Module:
+        if isinstance(module, SparseLayer):
+            return module
+        if isinstance(module, nn.Linear):
+            return SparseLinear.from_dense(module, ste=ste, backend=backend)
+        if isinstance(module, nn.Conv2d):
+            return SparseConv2d.from_dense(module, ste=ste, backend=backend)
+        return module
+
+    if "" not in skip:
+        replaced = convert(model)
+        if replaced is not model:
+            return replaced
+    for name, parent in list(model.named_modules()):
+        if any(name == s or name.startswith(s + ".") for s in skip if s):
+            continue
+        for child_name, child in list(parent.named_children()):
+            qualified = f"{name}.{child_name}" if name else child_name
+            if qualified not in skip:
+                setattr(parent, child_name, convert(child))
+    return model
+
+
+def thresholds(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every sparse layer's threshold ``[out]``, detached copies keyed by layer name."""
+    return {name: layer.threshold.detach().clone() for name, layer in sparse_layers(model)}
+
+
+def _check_mapping(model: nn.Module, mapping: Mapping[str, torch.Tensor], what: str) -> dict[str, SparseLayer]:
+    """The model's sparse layers, after checking that ``mapping`` has exactly their names, one
+    finite ``[out]`` tensor each; raises ``ValueError`` listing every problem."""
+    layers = dict(sparse_layers(model))
+    problems = []
+    missing, unexpected = sorted(set(layers) - set(mapping)), sorted(set(mapping) - set(layers))
+    if missing:
+        problems.append(f"missing layers {missing}")
+    if unexpected:
+        problems.append(f"unknown layers {unexpected}")
+    for name in sorted(set(layers) & set(mapping)):
+        value, rows = mapping[name], layers[name].threshold.shape[0]
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{name}: expected a tensor, got {type(value).__name__}")
+        elif tuple(value.shape) != (rows,):
+            problems.append(f"{name}: expected shape ({rows},), got {tuple(value.shape)}")
+        elif not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+            problems.append(f"{name}: values must be finite floats")
+    if problems:
+        raise ValueError(f"{what}: " + "; ".join(problems))
+    return layers
+
+
+@torch.no_grad()
+def load_thresholds(model: nn.Module, mapping: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``mapping[name]`` (``[out]`` each) into every sparse layer's threshold."""
+    for name, layer in _check_mapping(model, mapping, "load_thresholds").items():
+        layer.threshold.copy_(mapping[name])
+
+
+@torch.no_grad()
+def apply_threshold_update(model: nn.Module, delta: Mapping[str, torch.Tensor]) -> None:
+    """The paper's global-threshold update: ``W_i -= d_i * sign(sum_j W_ij) / n`` on every element of
+    row ``i``, with ``d = tau_global_new - tau_global_old`` per layer (``delta[name]``: ``[out]``) and
+    ``n = kh*kw`` for Conv2d, ``in_features`` for Linear (as the paper's code does)."""
+    for name, layer in _check_mapping(model, delta, "apply_threshold_update").items():
+        w = layer.weight
+        n = w.shape[1] if w.dim() == 2 else w.shape[2] * w.shape[3]
+        row_sign = w.reshape(w.shape[0], -1).sum(1).sign()
+        step = delta[name].to(device=w.device, dtype=w.dtype) * row_sign / n
+        w.sub_(step.view(-1, *[1] * (w.dim() - 1)))
+
+
+def threshold_penalty(model: nn.Module) -> torch.Tensor:
+    """``sum_i exp(-tau_i)`` over every sparse layer's thresholds (a differentiable scalar)."""
+    terms = [layer.threshold.neg().exp().sum() for _, layer in sparse_layers(model)]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack([t.float() for t in terms]).sum()
+
+
+@torch.no_grad()
+def reset_collapsed(model: nn.Module, min_density: float = 0.01) -> list[str]:
+    """Zero the thresholds of every layer whose density is ``<= min_density`` (the paper's layer
+    collapse guard). Returns the names of the layers reset."""
+    reset = []
+    for name, layer in sparse_layers(model):
+        if layer.density() <= min_density:
+            layer.threshold.zero_()
+            reset.append(name)
+    return reset
+
+
+def density(model: nn.Module) -> dict[str, float]:
+    """Fraction of active rows per sparse layer, and ``"total"``: the fraction of the sparse layers'
+    weights that sit in active rows (1.0 for a model without sparse layers)."""
+    result, active, total = {}, 0, 0
+    for name, layer in sparse_layers(model):
+        mask = layer.mask()
+        result[name] = float(mask.mean().item()) if mask.numel() else 1.0
+        active += int(mask.sum().item()) * layer.row_size
+        total += mask.numel() * layer.row_size
+    result["total"] = active / total if total else 1.0
+    return result

@@ -1,0 +1,152 @@
+"""Drop-in modules: ``SparseLinear`` and ``SparseConv2d``.
+
+They subclass ``nn.Linear``/``nn.Conv2d`` (same parameters, init and state-dict keys, plus
+``threshold``), so code that inspects layers keeps working.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backends import BACKEND_NAMES
+from .functional import sparse_conv2d, sparse_linear
+from .semantics import check_ste, row_mask, row_score
+
+
+def _check_backend(backend: str) -> str:
+    if backend != "auto" and backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+    return backend
+
+
+class SparseLayer:
+    """What both sparse modules add to their dense parent: a threshold per row, the STE and backend."""
+
+    weight: nn.Parameter
+    threshold: nn.Parameter
+
+    def _init_sparse(self, ste: str, backend: str) -> None:
+        self.ste = check_ste(ste)
+        self.backend = _check_backend(backend)
+        rows = self.weight.shape[0]
+        self.threshold = nn.Parameter(
+            torch.zeros(rows, device=self.weight.device, dtype=self.weight.dtype)
+        )
+
+    @property
+    def row_size(self) -> int:
+        """Elements per weight row (``fan_in``)."""
+        return self.weight[0].numel() if self.weight.shape[0] else 0
+
+    @torch.no_grad()
+    def mask(self) -> torch.Tensor:
+        """0/1 ``[out]`` tensor in the weight's dtype: which rows are active now."""
+        return row_mask(row_score(self.weight, self.threshold)).to(self.weight.dtype)
+
+    def density(self) -> float:
+        """Fraction of active rows (1.0 for a layer without rows)."""
+        rows = self.weight.shape[0]
+        return float(self.mask().sum().item()) / rows if rows else 1.0
+
+    def _sparse_repr(self) -> str:
+        text = f"ste={self.ste!r}, backend={self.backend!r}"
+        if self.weight.device.type != "meta":
+            text += f", density={self.density():.3f}"
+        return text
+
+
+class SparseLinear(SparseLayer, nn.Linear):
+    """Linear layer whose output neurons are pruned by trainable thresholds (SpaFL).
+
+    Input ``[*, in_features]`` -> output ``[*, out_features]``; pruned outputs are exactly 0.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        ste: str = "identity",
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_sparse(ste, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_linear(x, self.weight, self.bias, self.threshold, ste=self.ste, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {self._sparse_repr()}"
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, **kwargs) -> SparseLinear:
+        """A ``SparseLinear`` with ``module``'s shape, weight and bias; ``kwargs``: ``ste``, ``backend``."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"SparseLinear.from_dense needs an nn.Linear, got {type(module).__name__}")
+        w = module.weight
+        layer = cls(module.in_features, module.out_features, module.bias is not None,
+                    device=w.device, dtype=w.dtype, **kwargs)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        return layer
+
+
+class SparseConv2d(SparseLayer, nn.Conv2d):
+    """Conv2d whose filters are pruned by trainable thresholds (SpaFL).
+
+    Input ``[B, in_channels, H, W]`` -> output ``[B, out_channels, H', W']``; pruned channels are 0.
+    Only ``padding_mode="zeros"`` exists.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        *,
+        ste: str = "identity",
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                           groups, bias, device=device, dtype=dtype)
+        self._init_sparse(ste, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_conv2d(x, self.weight, self.bias, self.threshold, self.stride, self.padding,
+                             self.dilation, self.groups, ste=self.ste, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Conv2d.extra_repr(self)}, {self._sparse_repr()}"
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, **kwargs) -> SparseConv2d:
+        """A ``SparseConv2d`` with ``module``'s geometry, weight and bias; ``kwargs``: ``ste``, ``backend``."""
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"SparseConv2d.from_dense needs an nn.Conv2d, got {type(module).__name__}")
+        if module.padding_mode != "zeros":
+            raise ValueError(
+                f"SparseConv2d supports padding_mode='zeros' only, got {module.padding_mode!r}; "
+                "leave this layer dense (sparsify(..., skip=[name]))"
+            )
+        w = module.weight
+        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                    module.padding, module.dilation, module.groups, module.bias is not None,
+                    device=w.device, dtype=w.dtype, **kwargs)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        return layer

@@ -1,0 +1,178 @@
+"""The ``torch.ops.spafl`` operators: schemas, fake (meta) kernels and autograd formulas.
+
+Each op takes the name of a concrete backend (already resolved, never ``"auto"``) and calls that
+backend's kernel; ``functional.py`` validates inputs and resolves the backend before calling them.
+
+- ``spafl::linear_fwd(x[M, K], weight[N, K], bias[N]?, threshold[N], ste, backend) -> (y[M, N], score[N])``
+- ``spafl::linear_bwd(grad_y, x, weight, bias?, score, ste, need_dx, need_params, backend)
+  -> (dx, dweight, dbias, dthreshold)``
+- ``spafl::conv2d_fwd`` / ``spafl::conv2d_bwd``: the same with ``stride, padding, dilation, groups``.
+
+The backward ops are ops too, with fake kernels, so ``torch.compile`` traces the backward graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import get_backend
+from .semantics import acc_dtype, conv2d_output_hw
+
+# ---------------------------------------------------------------------------------------- linear
+
+
+@torch.library.custom_op("spafl::linear_fwd", mutates_args=())
+def linear_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, ste: str, backend: str
+) -> tuple[Tensor, Tensor]:
+    """``ste`` is unused in the forward pass; it is an input so that autograd can save it."""
+    return get_backend(backend).linear_fwd(x, weight, bias, threshold)
+
+
+@linear_fwd.register_fake
+def _(x, weight, bias, threshold, ste, backend):
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    return y, threshold.new_empty(weight.shape[0], dtype=acc_dtype(weight.dtype))
+
+
+@torch.library.custom_op("spafl::linear_bwd", mutates_args=())
+def linear_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    score: Tensor,
+    ste: str,
+    need_dx: bool,
+    need_params: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return get_backend(backend).linear_bwd(
+        grad_y, x, weight, bias, score, ste, need_dx, need_params
+    )
+
+
+def _fake_grads(x, weight, bias, need_dx, need_params):
+    """Shapes of ``(dx, dweight, dbias, dthreshold)``, empty where not asked for."""
+    empty = x.new_empty(0)
+    dx = torch.empty_like(x) if need_dx else empty
+    if not need_params:
+        return dx, empty, empty, empty
+    dbias = empty if bias is None else torch.empty_like(bias)
+    return dx, torch.empty_like(weight), dbias, weight.new_empty(weight.shape[0])
+
+
+@linear_bwd.register_fake
+def _(grad_y, x, weight, bias, score, ste, need_dx, need_params, backend):
+    return _fake_grads(x, weight, bias, need_dx, need_params)
+
+
+# ---------------------------------------------------------------------------------------- conv2d
+
+
+@torch.library.custom_op("spafl::conv2d_fwd", mutates_args=())
+def conv2d_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    threshold: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    ste: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return get_backend(backend).conv2d_fwd(
+        x, weight, bias, threshold, tuple(stride), tuple(padding), tuple(dilation), groups
+    )
+
+
+@conv2d_fwd.register_fake
+def _(x, weight, bias, threshold, stride, padding, dilation, groups, ste, backend):
+    out_hw = conv2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    y = x.new_empty(x.shape[0], weight.shape[0], *out_hw)
+    return y, threshold.new_empty(weight.shape[0], dtype=acc_dtype(weight.dtype))
+
+
+@torch.library.custom_op("spafl::conv2d_bwd", mutates_args=())
+def conv2d_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    score: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    ste: str,
+    need_dx: bool,
+    need_params: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return get_backend(backend).conv2d_bwd(
+        grad_y, x, weight, bias, score, tuple(stride), tuple(padding), tuple(dilation), groups,
+        ste, need_dx, need_params,
+    )
+
+
+@conv2d_bwd.register_fake
+def _(grad_y, x, weight, bias, score, stride, padding, dilation, groups, ste, need_dx, need_params, backend):
+    return _fake_grads(x, weight, bias, need_dx, need_params)
+
+
+# -------------------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output):
+    """Shared by both ops: inputs start ``(x, weight, bias, threshold)``; the rest are constants."""
+    x, weight, bias, threshold, *constants = inputs
+    ctx.save_for_backward(x, weight, bias, output[1])
+    ctx.constants = constants  # linear: (ste, backend); conv2d: (stride, padding, dilation, groups, ste, backend)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _needs(ctx) -> tuple[bool, bool]:
+    """``(need_dx, need_params)`` from which of ``x, weight, bias, threshold`` need gradients."""
+    return ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4])
+
+
+def _as_input_grads(ctx, grads, n_constants):
+    dx, dweight, dbias, dthreshold = grads
+    need = ctx.needs_input_grad
+    has_bias = ctx.saved_tensors[2] is not None
+    return (
+        dx if need[0] else None,
+        dweight if need[1] else None,
+        dbias if need[2] and has_bias else None,
+        dthreshold if need[3] else None,
+        *([None] * n_constants),
+    )
+
+
+def _linear_backward(ctx, grad_y, grad_score):
+    x, weight, bias, score = ctx.saved_tensors
+    ste, backend = ctx.constants
+    grads = torch.ops.spafl.linear_bwd(
+        grad_y.contiguous(), x, weight, bias, score, ste, *_needs(ctx), backend
+    )
+    return _as_input_grads(ctx, grads, 2)
+
+
+def _conv2d_backward(ctx, grad_y, grad_score):
+    x, weight, bias, score = ctx.saved_tensors
+    stride, padding, dilation, groups, ste, backend = ctx.constants
+    grads = torch.ops.spafl.conv2d_bwd(
+        grad_y.contiguous(), x, weight, bias, score, stride, padding, dilation, groups, ste,
+        *_needs(ctx), backend,
+    )
+    return _as_input_grads(ctx, grads, 6)
+
+
+linear_fwd.register_autograd(_linear_backward, setup_context=_setup_context)
+conv2d_fwd.register_autograd(_conv2d_backward, setup_context=_setup_context)

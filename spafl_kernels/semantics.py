@@ -1,0 +1,91 @@
+"""The SpaFL layer semantics every backend meets (DESIGN.md §2), in plain PyTorch.
+
+A layer's weight has ``N`` rows (output neurons of a Linear, filters of a Conv2d); row ``i`` holds
+``fan_in(i)`` elements. Each row has a trainable threshold ``tau_i``:
+
+    score  s_i = mean_j |W_ij| - tau_i
+    mask   m_i = 1 if s_i > 0 else 0
+    output y   = op(x, m * W) + m * b
+
+The step has no derivative; a straight-through estimator (STE) ``dm_i/ds_i = gate(s_i)`` replaces it.
+Backends import the pieces below instead of re-deriving them, so the definitions live in one place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+STES = ("identity", "outer", "clipped")
+"""Names accepted by ``ste=``: ``identity`` gate 1 everywhere (paper, FMNIST), ``outer`` gate 1 where
+``|s| > 1`` (paper, CIFAR), ``clipped`` gate 1 where ``|s| <= 1`` (hard-tanh STE)."""
+
+
+def check_ste(ste: str) -> str:
+    """Return ``ste`` unchanged, or raise ``ValueError`` naming the accepted values."""
+    if ste not in STES:
+        raise ValueError(f"ste must be one of {STES}, got {ste!r}")
+    return ste
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for scores and ``dL/dm``: float32 for 16-bit types, else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def row_score(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Scores ``s = mean|W_row| - tau``.
+
+    weight: ``[N, ...]`` (any trailing shape; a row is everything after dim 0); threshold: ``[N]``.
+    Returns ``[N]`` in ``acc_dtype(weight.dtype)``.
+    """
+    acc = acc_dtype(weight.dtype)
+    return weight.reshape(weight.shape[0], -1).abs().mean(dim=1, dtype=acc) - threshold.to(acc)
+
+
+def ste_gate(score: torch.Tensor, ste: str) -> torch.Tensor:
+    """``gate(s)`` of the STE, as 0/1 values in ``score``'s dtype. score: ``[N]`` -> ``[N]``."""
+    if ste == "identity":
+        return torch.ones_like(score)
+    if ste == "outer":
+        return (score.abs() > 1).to(score.dtype)
+    if ste == "clipped":
+        return (score.abs() <= 1).to(score.dtype)
+    raise ValueError(f"ste must be one of {STES}, got {ste!r}")
+
+
+def row_mask(score: torch.Tensor) -> torch.Tensor:
+    """``m = 1[s > 0]`` as 0/1 values in ``score``'s dtype. score: ``[N]`` -> ``[N]``."""
+    return (score > 0).to(score.dtype)
+
+
+def fan_in(weight: torch.Tensor) -> int:
+    """Elements per row: ``in_features`` (Linear), ``in_channels/groups * kh * kw`` (Conv2d)."""
+    return math.prod(weight.shape[1:])
+
+
+def score_grad_to_weight(
+    weight: torch.Tensor, gated_dm: torch.Tensor
+) -> torch.Tensor:
+    """The STE's part of ``dL/dW``: ``gate_i * dL/dm_i * sign(W_ij) / fan_in``.
+
+    weight: ``[N, ...]``; gated_dm: ``[N]`` = ``gate * dL/dm`` (accumulation dtype).
+    Returns a tensor shaped and typed like ``weight``.
+    """
+    scale = (gated_dm / fan_in(weight)).to(weight.dtype)
+    return weight.sign() * scale.view(-1, *([1] * (weight.dim() - 1)))
+
+
+def conv2d_output_hw(
+    hw: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
+    """Output height and width of a Conv2d with symmetric ``padding`` (as ``F.conv2d`` computes them)."""
+    return tuple(  # type: ignore[return-value]
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip(hw, kernel, stride, padding, dilation)
+    )
