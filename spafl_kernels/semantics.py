@@ -41,7 +41,10 @@ def row_score(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     Returns ``[N]`` in ``acc_dtype(weight.dtype)``.
     """
     acc = acc_dtype(weight.dtype)
-    return weight.reshape(weight.shape[0], -1).abs().mean(dim=1, dtype=acc) - threshold.to(acc)
+    rows = weight.reshape(weight.shape[0], -1)
+    # The L1 norm reduces without materialising |W| (one pass over the weight, no temporary).
+    l1 = torch.linalg.vector_norm(rows, ord=1, dim=1, dtype=acc)
+    return l1 / max(rows.shape[1], 1) - threshold.to(acc)
 
 
 def ste_gate(score: torch.Tensor, ste: str) -> torch.Tensor:
@@ -63,18 +66,6 @@ def row_mask(score: torch.Tensor) -> torch.Tensor:
 def fan_in(weight: torch.Tensor) -> int:
     """Elements per row: ``in_features`` (Linear), ``in_channels/groups * kh * kw`` (Conv2d)."""
     return math.prod(weight.shape[1:])
-
-
-def score_grad_to_weight(
-    weight: torch.Tensor, gated_dm: torch.Tensor
-) -> torch.Tensor:
-    """The STE's part of ``dL/dW``: ``gate_i * dL/dm_i * sign(W_ij) / fan_in``.
-
-    weight: ``[N, ...]``; gated_dm: ``[N]`` = ``gate * dL/dm`` (accumulation dtype).
-    Returns a tensor shaped and typed like ``weight``.
-    """
-    scale = (gated_dm / fan_in(weight)).to(weight.dtype)
-    return weight.sign() * scale.view(-1, *([1] * (weight.dim() - 1)))
 
 
 def conv2d_output_hw(

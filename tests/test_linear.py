@@ -6,9 +6,9 @@ import functools
 
 import pytest
 import torch
+from oracle import KERNEL_BACKENDS, assert_matches_oracle, make_params, require_backend, rows_for_density
 
 import spafl_kernels as sk
-from oracle import KERNEL_BACKENDS, assert_matches_oracle, make_params, require_backend, rows_for_density
 
 DENSITIES = [0.0, "one", 0.5, 1.0]
 

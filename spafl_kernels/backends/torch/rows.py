@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...semantics import acc_dtype, score_grad_to_weight, ste_gate
+from ...semantics import acc_dtype, fan_in, ste_gate
 
 
 @dataclass
@@ -67,19 +67,30 @@ def param_grads(
     """``(dL/dW, dL/db, dL/dtau)``; ``dL/db`` is empty when there is no bias.
 
     weight: ``[N, ...]``; dweight_graded: ``[R, ...]``, the dense weight gradient ``G`` of the rows
-    ``rows.graded``; grad_sum: ``[N]``, ``dL/dy`` summed over batch (and space), accumulation dtype.
+    ``rows.graded`` (consumed: it is updated in place); grad_sum: ``[N]``, ``dL/dy`` summed over batch
+    (and space), accumulation dtype.
     """
     acc = acc_dtype(weight.dtype)
     everything = rows.all_graded
-    w_graded = take(weight, 0, rows.graded, everything)
+    n_graded = rows.graded.numel()
+    row_size = fan_in(weight)
+    g_flat = dweight_graded.reshape(n_graded, row_size)
+    w_flat = take(weight, 0, rows.graded, everything).reshape(n_graded, row_size)
     # dL/dm_i = sum(g_i * (z_i + b_i)) = <G_i, W_i> + b_i * sum(g_i): no saved output needed.
-    dm = (dweight_graded * w_graded).flatten(1).sum(1, dtype=acc)
+    # A batched dot product reads G and W once and materialises nothing of their size.
+    dm = torch.bmm(g_flat.unsqueeze(1), w_flat.unsqueeze(2)).view(n_graded).to(acc)
     if bias is not None:
         dm = dm + take(bias, 0, rows.graded, everything).to(acc) * take(grad_sum, 0, rows.graded, everything)
-    gated_dm = scatter_rows(take(rows.gate, 0, rows.graded, everything) * dm, 0, rows.graded, rows.n_rows)
+    gated_dm = take(rows.gate, 0, rows.graded, everything) * dm
+    dthreshold = scatter_rows(-gated_dm, 0, rows.graded, rows.n_rows).to(weight.dtype)
 
-    mask = rows.mask.to(weight.dtype)
-    dense_part = dweight_graded * take(mask, 0, rows.graded, everything).view(-1, *[1] * (weight.dim() - 1))
-    dweight = score_grad_to_weight(weight, gated_dm).index_add_(0, rows.graded, dense_part)
+    # Dense part: G_i on active rows only (graded pruned rows contribute through the STE alone).
+    graded_mask = take(rows.mask, 0, rows.graded, everything)
+    if n_graded != rows.active.numel():
+        g_flat.mul_(graded_mask.to(g_flat.dtype).unsqueeze(1))
+    # STE part: gate_i * dL/dm_i * sign(W_ij) / fan_in, added in place.
+    scale = (gated_dm / max(row_size, 1)).to(weight.dtype).unsqueeze(1)
+    g_flat.addcmul_(w_flat.sign(), scale)
+    dweight = scatter_rows(g_flat.reshape(dweight_graded.shape), 0, rows.graded, rows.n_rows)
     dbias = weight.new_empty(0) if bias is None else (grad_sum * rows.mask).to(bias.dtype)
-    return dweight, dbias, (-gated_dm).to(weight.dtype)
+    return dweight, dbias, dthreshold
