@@ -1,0 +1,204 @@
+"""Triton sparse Linear: indexed GEMMs over the active (forward, dX) or graded (dW) rows.
+
+Shapes: x ``[M, K]``, weight ``[N, K]``, y ``[M, N]``. The row lists and their counts come from
+``rows.compact`` and stay on the device; every grid covers all ``N`` rows and the programs past the
+count exit (the forward pass's zero-fill their pruned output columns instead).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .rows import (
+    compact,
+    dot_options,
+    gemm_configs,
+    launch_grid,
+    mma,
+    param_grads,
+    reduction_split,
+    row_score,
+    rows_dense,
+)
+
+GEMM_CONFIGS = gemm_configs()
+
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _linear_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, rows_ptr, count_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[:, rows[p]] = x @ W[rows[p]].T + b[rows[p]] for list positions ``p < count``, and 0 for the
+    pruned rows listed after them. Grid: ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))``; axis 0 runs fastest,
+    so the programs sharing a tile of W run together and read it once."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    count = tl.load(count_ptr)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.load(rows_ptr + offs_p, mask=offs_p < N, other=0)
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :] * stride_yn
+    m_in = offs_m < M
+    y_mask = m_in[:, None] & (offs_p < N)[None, :]
+    if pid_n * BLOCK_N >= count:  # a tile of pruned rows only: zeros, no GEMM
+        tl.store(y_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=y_ptr.dtype.element_ty), mask=y_mask)
+        return
+    live = offs_p < count  # pruned rows at the tile's end load zero weights: their outputs come out 0
+    x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+    w_rows = w_ptr + rows.to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64 if ACC64 else tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_in = offs_k < K
+        a = tl.load(x_rows[:, None] + offs_k[None, :] * stride_xk, mask=m_in[:, None] & k_in[None, :], other=0.0)
+        b = tl.load(w_rows[None, :] + offs_k[:, None], mask=live[None, :] & k_in[:, None], other=0.0)
+        acc = mma(acc, a, b, PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=live, other=0.0).to(acc.dtype)[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _linear_bwd_dx_kernel(
+    g_ptr, w_ptr, dx_ptr, rows_ptr, count_ptr,
+    M, N, K,
+    stride_gm, stride_gn, stride_wn, stride_dxm, stride_dxk,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx = g[:, rows[:count]] @ W[rows[:count]]: the reduction runs over the active rows only.
+    Grid: ``(cdiv(M, BLOCK_M), cdiv(K, BLOCK_K))``; BLOCK_N is the reduction step."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    count = tl.load(count_ptr)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_in = offs_m < M
+    k_in = offs_k < K
+    g_rows = g_ptr + offs_m.to(tl.int64) * stride_gm
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float64 if ACC64 else tl.float32)
+    for p0 in range(0, count, BLOCK_N):
+        offs_p = p0 + tl.arange(0, BLOCK_N)
+        live = offs_p < count
+        rows = tl.load(rows_ptr + offs_p, mask=live, other=0)
+        a = tl.load(g_rows[:, None] + rows[None, :] * stride_gn, mask=m_in[:, None] & live[None, :], other=0.0)
+        b = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+                    mask=live[:, None] & k_in[None, :], other=0.0)
+        acc = mma(acc, a, b, PRECISION, UPCAST)
+    dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_in[:, None] & k_in[None, :])
+
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _linear_bwd_dw_kernel(
+    g_ptr, x_ptr, gw_ptr, gsum_ptr, rows_ptr, count_ptr,
+    M, N, K, m_chunk,
+    stride_gm, stride_gn, stride_xm, stride_xk, stride_gws,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """gw[s, rows[p], :] = g[M_s, rows[p]].T @ x[M_s, :] for graded positions ``p < count``, where
+    ``M_s`` is slice ``s`` of the batch (``m_chunk`` rows); with ``HAS_BIAS`` also
+    gsum[s, rows[p]] = sum of g[M_s, rows[p]]. Grid: ``(cdiv(N, BLOCK_N), cdiv(K, BLOCK_K), slices)``."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    split = tl.program_id(2)
+    count = tl.load(count_ptr)
+    if pid_n * BLOCK_N >= count:
+        return
+    offs_p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    live = offs_p < count
+    rows = tl.load(rows_ptr + offs_p, mask=live, other=0)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_in = offs_k < K
+    m_start = split * m_chunk
+    m_stop = tl.minimum(m_start + m_chunk, M)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float64 if ACC64 else tl.float32)
+    gsum = tl.zeros([BLOCK_N], dtype=acc.dtype)
+    for m0 in range(m_start, m_stop, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_in = offs_m < m_stop
+        a = tl.load(g_ptr + rows[:, None] * stride_gn + offs_m[None, :].to(tl.int64) * stride_gm,
+                    mask=live[:, None] & m_in[None, :], other=0.0)
+        b = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_in[:, None] & k_in[None, :], other=0.0)
+        acc = mma(acc, a, b, PRECISION, UPCAST)
+        if HAS_BIAS:
+            gsum += tl.sum(a.to(acc.dtype), 1)
+    gw_rows = gw_ptr + split * stride_gws + rows.to(tl.int64) * K
+    tl.store(gw_rows[:, None] + offs_k[None, :], acc, mask=live[:, None] & k_in[None, :])
+    if HAS_BIAS:
+        if pid_k == 0:  # one program per row tile writes the row sums
+            tl.store(gsum_ptr + split * N + rows, gsum, mask=live)
+
+
+def _tf32() -> bool:
+    """Whether torch lets float32 matmuls use tf32 (``torch.backends.cuda.matmul.allow_tf32``)."""
+    return torch.backends.cuda.matmul.allow_tf32
+
+
+@torch.library.triton_op("spafl::triton_linear_fwd", mutates_args=())
+def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor) -> tuple[Tensor, Tensor]:
+    """x: ``[M, K]``, weight: ``[N, K]``, bias/threshold: ``[N]`` -> ``(y [M, N], score [N])``."""
+    weight = rows_dense(weight)
+    (m, k), n = x.shape, weight.shape[0]
+    score = row_score(weight, threshold)
+    active, count, _, _ = compact(score, 1, None)
+    y = x.new_empty(m, n)
+    torch.library.wrap_triton(_linear_fwd_kernel)[launch_grid((m, "BLOCK_M"), (n, "BLOCK_N"))](
+        x, weight, bias, y, active, count, m, n, k,
+        x.stride(0), x.stride(1), weight.stride(0), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, **dot_options(x.dtype, _tf32()),
+    )
+    return y, score
+
+
+@torch.library.triton_op("spafl::triton_linear_bwd", mutates_args=())
+def linear_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    score: Tensor,
+    ste: str,
+    need_dx: bool,
+    need_params: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``linear_fwd`` (see ``backends.base.Backend``); grad_y: ``[M, N]``."""
+    weight = rows_dense(weight)
+    (m, k), n = x.shape, weight.shape[0]
+    active, count, graded, graded_count = compact(score, 1, ste if need_params else None)
+    options = dot_options(x.dtype, _tf32())
+    empty = x.new_empty(0)
+    dx = empty
+    if need_dx:
+        dx = torch.empty_like(x)
+        torch.library.wrap_triton(_linear_bwd_dx_kernel)[launch_grid((m, "BLOCK_M"), (k, "BLOCK_K"))](
+            grad_y, weight, dx, active, count, m, n, k,
+            grad_y.stride(0), grad_y.stride(1), weight.stride(0), dx.stride(0), dx.stride(1),
+            **options,
+        )
+    if not need_params:
+        return dx, empty, empty, empty
+    split = reduction_split(m, n, k, x.device)
+    gw = torch.empty(split, n, k, device=x.device, dtype=score.dtype)
+    gsum = torch.empty(split, n, device=x.device, dtype=score.dtype) if bias is not None else empty
+    torch.library.wrap_triton(_linear_bwd_dw_kernel)[launch_grid((n, "BLOCK_N"), (k, "BLOCK_K"), split)](
+        grad_y, x, gw, gsum, graded, graded_count, m, n, k, triton.cdiv(m, split),
+        grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), gw.stride(0),
+        HAS_BIAS=bias is not None, **options,
+    )
+    return (dx, *param_grads(weight, bias, score, gw, gsum, ste))
+
