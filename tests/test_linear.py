@@ -99,3 +99,19 @@ def test_compile_fullgraph_matches_eager(compiler):
         results.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
     for compiled_value, eager_value in zip(*results):
         torch.testing.assert_close(compiled_value, eager_value)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_in_place_op_on_output_keeps_backward_valid(backend):
+    """Backward saves no output, so an in-place ReLU right after the layer is legal (as after nn.Linear)."""
+    require_backend(backend, "linear")
+    weight, bias, threshold = _params()
+    x = torch.randn(4, 5)
+    grads = []
+    for inplace in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (weight, bias, threshold)]
+        y = sk.sparse_linear(x, leaves[0], leaves[1], leaves[2], backend=backend)
+        torch.nn.functional.relu(y, inplace=inplace).square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

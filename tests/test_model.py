@@ -96,3 +96,10 @@ def test_reset_collapsed_and_density():
     assert sk.reset_collapsed(model, min_density=0.01) == ["3.0"]
     assert (model[3][0].threshold == 0).all() and sk.density(model)["3.0"] == 1.0
     assert sk.density(nn.Linear(2, 2)) == {"total": 1.0}
+
+
+def test_sparsify_leaves_multihead_attention_dense():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match="0 is an nn.MultiheadAttention"):
+        sk.sparsify(model)
+    assert type(model[0].out_proj) is not sk.SparseLinear and isinstance(model[1], sk.SparseLinear)
