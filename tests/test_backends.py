@@ -66,3 +66,9 @@ def test_info_report(capsys):
     out = capsys.readouterr().out
     assert "spafl-kernels" in out and "torch " + torch.__version__ in out
     assert "linear on cpu: auto -> " in out and "reference  ok" in out
+
+
+def test_ops_refuse_a_backend_without_kernels():
+    x, w, t = torch.randn(2, 3), torch.randn(4, 3), torch.zeros(4)
+    with pytest.raises(ValueError, match="backend 'reference' provides no linear_fwd kernel"):
+        torch.ops.spafl.linear_fwd(x, w, None, t, "identity", "reference")
