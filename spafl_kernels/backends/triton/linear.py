@@ -23,6 +23,7 @@ from .rows import (
     param_grads,
     reduction_split,
     row_score,
+    row_sums,
     rows_dense,
 )
 
@@ -39,33 +40,43 @@ def _linear_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[:, rows[p]] = x @ W[rows[p]].T + b[rows[p]] for list positions ``p < count``, and 0 for the
-    pruned rows listed after them. Grid: ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))``; axis 0 runs fastest,
-    so the programs sharing a tile of W run together and read it once."""
+    pruned rows listed after them. Grid: ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))``, ``M, K > 0``; axis 0
+    runs fastest, so the programs sharing a tile of W run together and read it once."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     count = tl.load(count_ptr)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.load(rows_ptr + offs_p, mask=offs_p < N, other=0)
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :] * stride_yn
-    m_in = offs_m < M
-    y_mask = m_in[:, None] & (offs_p < N)[None, :]
     if pid_n * BLOCK_N >= count:  # a tile of pruned rows only: zeros, no GEMM
-        tl.store(y_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=y_ptr.dtype.element_ty), mask=y_mask)
+        _store_y(y_ptr, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), offs_m, offs_p, rows, M, N,
+                 stride_ym, stride_yn)
         return
-    live = offs_p < count  # pruned rows at the tile's end load zero weights: their outputs come out 0
-    x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
-    w_rows = w_ptr + rows.to(tl.int64) * stride_wn
+    # Out-of-range batch rows wrap onto real ones and pruned rows at the tile's end are computed like
+    # the others: the loads need only the K mask, and the epilogue discards those lanes.
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + rows.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64 if ACC64 else tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_in = offs_k < K
-        a = tl.load(x_rows[:, None] + offs_k[None, :] * stride_xk, mask=m_in[:, None] & k_in[None, :], other=0.0)
-        b = tl.load(w_rows[None, :] + offs_k[:, None], mask=live[None, :] & k_in[:, None], other=0.0)
+        k_in = offs_k < K - k0
+        a = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
         acc = mma(acc, a, b, PRECISION, UPCAST)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rows, mask=live, other=0.0).to(acc.dtype)[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        acc += tl.load(b_ptr + rows).to(acc.dtype)[None, :]
+    acc = tl.where((offs_p < count)[None, :], acc, 0.0)  # pruned: exactly 0, whatever their weights hold
+    _store_y(y_ptr, acc, offs_m, offs_p, rows, M, N, stride_ym, stride_yn)
+
+
+@triton.jit
+def _store_y(y_ptr, values, offs_m, offs_p, rows, M, N, stride_ym, stride_yn):
+    """y[offs_m, rows] = values (``[BLOCK_M, BLOCK_N]``) where ``offs_m < M`` and ``offs_p < N``; the
+    pointers are formed here, after the K loop, so that they hold no registers during it."""
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :] * stride_yn
+    tl.store(y_ptrs, values.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_p < N)[None, :])
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K"])
@@ -78,40 +89,39 @@ def _linear_bwd_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx = g[:, rows[:count]] @ W[rows[:count]]: the reduction runs over the active rows only.
-    Grid: ``(cdiv(M, BLOCK_M), cdiv(K, BLOCK_K))``; BLOCK_N is the reduction step."""
+    Grid: ``(cdiv(M, BLOCK_M), cdiv(K, BLOCK_K))``, ``M, K > 0``; BLOCK_N is the reduction step."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     count = tl.load(count_ptr)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_in = offs_m < M
-    k_in = offs_k < K
-    g_rows = g_ptr + offs_m.to(tl.int64) * stride_gm
+    # Out-of-range lanes wrap onto real rows and columns; the store discards them.
+    g_rows = g_ptr + (offs_m % M).to(tl.int64) * stride_gm
+    w_cols = w_ptr + offs_k % K
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float64 if ACC64 else tl.float32)
     for p0 in range(0, count, BLOCK_N):
         offs_p = p0 + tl.arange(0, BLOCK_N)
         live = offs_p < count
         rows = tl.load(rows_ptr + offs_p, mask=live, other=0)
-        a = tl.load(g_rows[:, None] + rows[None, :] * stride_gn, mask=m_in[:, None] & live[None, :], other=0.0)
-        b = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                    mask=live[:, None] & k_in[None, :], other=0.0)
+        a = tl.load(g_rows[:, None] + rows[None, :] * stride_gn, mask=live[None, :], other=0.0)
+        b = tl.load(w_cols[None, :] + rows.to(tl.int64)[:, None] * stride_wn, mask=live[:, None], other=0.0)
         acc = mma(acc, a, b, PRECISION, UPCAST)
     dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :] * stride_dxk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_in[:, None] & k_in[None, :])
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K"])
 @triton.jit
 def _linear_bwd_dw_kernel(
-    g_ptr, x_ptr, gw_ptr, gsum_ptr, rows_ptr, count_ptr,
+    g_ptr, x_ptr, gw_ptr, rows_ptr, count_ptr,
     M, N, K, m_chunk,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_gws,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC64: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACC64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """gw[s, rows[p], :] = g[M_s, rows[p]].T @ x[M_s, :] for graded positions ``p < count``, where
-    ``M_s`` is slice ``s`` of the batch (``m_chunk`` rows); with ``HAS_BIAS`` also
-    gsum[s, rows[p]] = sum of g[M_s, rows[p]]. Grid: ``(cdiv(N, BLOCK_N), cdiv(K, BLOCK_K), slices)``."""
+    ``M_s`` is slice ``s`` of the batch (``m_chunk`` rows). Grid: ``(cdiv(N, BLOCK_N), cdiv(K, BLOCK_K),
+    slices)``, ``K > 0``."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,28 +130,23 @@ def _linear_bwd_dw_kernel(
         return
     offs_p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     live = offs_p < count
-    rows = tl.load(rows_ptr + offs_p, mask=live, other=0)
+    rows = tl.load(rows_ptr + offs_p, mask=live, other=0)  # the list's tail is unset: row 0 stands in
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_in = offs_k < K
     m_start = split * m_chunk
     m_stop = tl.minimum(m_start + m_chunk, M)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    g_ptrs = g_ptr + rows[:, None] * stride_gn + offs_m.to(tl.int64)[None, :] * stride_gm
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (offs_k % K)[None, :] * stride_xk
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float64 if ACC64 else tl.float32)
-    gsum = tl.zeros([BLOCK_N], dtype=acc.dtype)
     for m0 in range(m_start, m_stop, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_in = offs_m < m_stop
-        a = tl.load(g_ptr + rows[:, None] * stride_gn + offs_m[None, :].to(tl.int64) * stride_gm,
-                    mask=live[:, None] & m_in[None, :], other=0.0)
-        b = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_in[:, None] & k_in[None, :], other=0.0)
+        m_in = offs_m < m_stop - (m0 - m_start)
+        a = tl.load(g_ptrs, mask=m_in[None, :], other=0.0)
+        b = tl.load(x_ptrs, mask=m_in[:, None], other=0.0)
         acc = mma(acc, a, b, PRECISION, UPCAST)
-        if HAS_BIAS:
-            gsum += tl.sum(a.to(acc.dtype), 1)
+        g_ptrs += BLOCK_M * stride_gm
+        x_ptrs += BLOCK_M * stride_xm
     gw_rows = gw_ptr + split * stride_gws + rows.to(tl.int64) * K
-    tl.store(gw_rows[:, None] + offs_k[None, :], acc, mask=live[:, None] & k_in[None, :])
-    if HAS_BIAS:
-        if pid_k == 0:  # one program per row tile writes the row sums
-            tl.store(gsum_ptr + split * N + rows, gsum, mask=live)
+    tl.store(gw_rows[:, None] + offs_k[None, :], acc, mask=live[:, None] & (offs_k < K)[None, :])
 
 
 def _tf32() -> bool:
@@ -157,11 +162,12 @@ def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Ten
     score = row_score(weight, threshold)
     active, count, _, _ = compact(score, 1, None)
     y = x.new_empty(m, n)
-    torch.library.wrap_triton(_linear_fwd_kernel)[launch_grid((m, "BLOCK_M"), (n, "BLOCK_N"))](
-        x, weight, bias, y, active, count, m, n, k,
-        x.stride(0), x.stride(1), weight.stride(0), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, **dot_options(x.dtype, _tf32()),
-    )
+    if m:  # (the kernel wraps batch indices modulo M)
+        torch.library.wrap_triton(_linear_fwd_kernel)[launch_grid((m, "BLOCK_M"), (n, "BLOCK_N"))](
+            x, weight, bias, y, active, count, m, n, k,
+            x.stride(0), x.stride(1), weight.stride(0), y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, **dot_options(x.dtype, _tf32()),
+        )
     return y, score
 
 
@@ -185,20 +191,23 @@ def linear_bwd(
     dx = empty
     if need_dx:
         dx = torch.empty_like(x)
-        torch.library.wrap_triton(_linear_bwd_dx_kernel)[launch_grid((m, "BLOCK_M"), (k, "BLOCK_K"))](
-            grad_y, weight, dx, active, count, m, n, k,
-            grad_y.stride(0), grad_y.stride(1), weight.stride(0), dx.stride(0), dx.stride(1),
-            **options,
-        )
+        if dx.numel():
+            torch.library.wrap_triton(_linear_bwd_dx_kernel)[launch_grid((m, "BLOCK_M"), (k, "BLOCK_K"))](
+                grad_y, weight, dx, active, count, m, n, k,
+                grad_y.stride(0), grad_y.stride(1), weight.stride(0), dx.stride(0), dx.stride(1),
+                **options,
+            )
     if not need_params:
         return dx, empty, empty, empty
     split = reduction_split(m, n, k, x.device)
     gw = torch.empty(split, n, k, device=x.device, dtype=score.dtype)
-    gsum = torch.empty(split, n, device=x.device, dtype=score.dtype) if bias is not None else empty
-    torch.library.wrap_triton(_linear_bwd_dw_kernel)[launch_grid((n, "BLOCK_N"), (k, "BLOCK_K"), split)](
-        grad_y, x, gw, gsum, graded, graded_count, m, n, k, triton.cdiv(m, split),
-        grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), gw.stride(0),
-        HAS_BIAS=bias is not None, **options,
-    )
+    if k:
+        torch.library.wrap_triton(_linear_bwd_dw_kernel)[launch_grid((n, "BLOCK_N"), (k, "BLOCK_K"), split)](
+            grad_y, x, gw, graded, graded_count, m, n, k, triton.cdiv(m, split),
+            grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), gw.stride(0), **options,
+        )
+    gsum = empty
+    if bias is not None:
+        gsum = row_sums(grad_y[:, :, None, None], graded, graded_count)
     return (dx, *param_grads(weight, bias, score, gw, gsum, ste))
 

@@ -38,20 +38,23 @@ STE_CODES = {name: code for code, name in enumerate(STES)}
 
 
 CUDA_GEMM_TILES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    # Eight warps keep the gathered-pointer tiles in registers: compiled for sm_90, these spill
+    # little or nothing, where four-warp versions of the same tiles spill in most kernels.
     (128, 128, 32, 8, 3),
-    (128, 64, 32, 4, 4),
-    (64, 128, 32, 4, 4),
-    (64, 64, 32, 4, 4),
-    (128, 128, 64, 8, 3),
-    (64, 64, 64, 4, 3),
+    (128, 64, 32, 8, 3),
+    (64, 128, 32, 8, 3),
+    (64, 64, 32, 8, 3),
+    (64, 64, 64, 8, 3),
+    (64, 128, 64, 8, 3),
+    (32, 64, 32, 4, 3),
 ]
 
 
 def gemm_configs() -> list[triton.Config]:
     """Autotune configurations of the GEMM kernels: ``CUDA_GEMM_TILES`` on a GPU; under the interpreter
-    a single 16x16x16 tile (the smallest ``tl.dot`` takes), since the interpreter runs every program in
-    Python and there is nothing to tune."""
-    tiles = [(16, 16, 16, 1, 1)] if INTERPRET else CUDA_GEMM_TILES
+    one 32x32x32 tile: there is nothing to tune, and its cost is per operation rather than per element,
+    so fewer, larger programs run the tests faster while small shapes still span several tiles."""
+    tiles = [(32, 32, 32, 1, 1)] if INTERPRET else CUDA_GEMM_TILES
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in tiles
@@ -88,7 +91,7 @@ def reduction_split(positions: int, n_rows: int, fan_in: int, device: torch.devi
     without a split a few programs would do all the work. Chosen from shapes alone (64x64 tiles
     assumed, at least ``min_chunk`` positions per slice), never from the active count.
     """
-    min_chunk = 32 if INTERPRET else 256
+    min_chunk = 64 if INTERPRET else 256
     tiles = triton.cdiv(n_rows, 64) * triton.cdiv(fan_in, 64)
     wanted = triton.cdiv(_target_programs(device), tiles)
     return max(1, min(wanted, triton.cdiv(positions, min_chunk)))
@@ -178,6 +181,40 @@ def _compact_fwd_kernel(
 
 
 @triton.jit
+def _row_sums_bwd_kernel(
+    g_ptr, gsum_ptr, rows_ptr, count_ptr,
+    n_rows, rows_per_group, OH, OW, positions, chunk,
+    stride_gb, stride_gn, stride_gh, stride_gw,
+    BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """gsum[s, rows[p]] = sum of g[b, rows[p], oh, ow] over slice ``s`` (``chunk`` of the ``positions =
+    B*OH*OW`` flat positions) for a group's list positions ``p < count[group]``. g: ``[B, N, OH, OW]``,
+    any strides (a Linear's ``[M, N]`` as ``[M, N, 1, 1]``). Grid: ``(cdiv(rows_per_group, BLOCK_R),
+    groups, slices)``. dL/db needs these sums for the active rows and dL/dm for the graded ones; a
+    separate pass keeps the reduction out of the GEMMs' register budget, as cuBLAS/cuDNN users do."""
+    group = tl.program_id(1)
+    split = tl.program_id(2)
+    count = tl.load(count_ptr + group)
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if tl.program_id(0) * BLOCK_R >= count:
+        return
+    live = offs_r < count
+    rows = tl.load(rows_ptr + group * rows_per_group + offs_r, mask=live, other=0)
+    start = split * chunk
+    stop = tl.minimum(start + chunk, positions)
+    acc = tl.zeros([BLOCK_Q, BLOCK_R], dtype=gsum_ptr.dtype.element_ty)
+    for q0 in range(start, stop, BLOCK_Q):
+        q = q0 + tl.arange(0, BLOCK_Q)
+        ow = q % OW
+        rest = q // OW
+        offs = (rest // OH).to(tl.int64) * stride_gb + (rest % OH) * stride_gh + ow * stride_gw
+        g = tl.load(g_ptr + offs[:, None] + rows[None, :] * stride_gn, mask=(q < stop)[:, None] & live[None, :],
+                    other=0.0)
+        acc += g.to(acc.dtype)
+    tl.store(gsum_ptr + split * n_rows + rows, tl.sum(acc, 0), mask=live)
+
+
+@triton.jit
 def _summed_g(g_rows, cols, mask, n_split, stride_gs, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     """``[BLOCK_R, BLOCK]`` chunk of ``G = sum_s gw[s]`` at row starts ``g_rows`` and columns ``cols``;
     0 where ``mask`` is false (masked loads touch no memory)."""
@@ -197,7 +234,7 @@ def _store_dw(dw_rows, cols, mask, g, w, coeff):
 @triton.jit
 def _param_grads_bwd_kernel(
     w_ptr, gw_ptr, gsum_ptr, b_ptr, score_ptr, dw_ptr, db_ptr, dtau_ptr,
-    n_rows, fan_in, n_split, stride_gs, stride_wn, stride_dwn,
+    n_rows, fan_in, n_split, n_sum_split, stride_gs, stride_wn, stride_dwn,
     STE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
     ONE_CHUNK: tl.constexpr,
 ):
@@ -205,7 +242,8 @@ def _param_grads_bwd_kernel(
 
     dW[i] = m_i * G_i + gate_i * dm_i * sign(W_i) / fan_in,  db[i] = m_i * gsum_i,  dtau[i] = -gate_i * dm_i
 
-    with ``dm_i = <G_i, W_i> + b_i * gsum_i``, ``G_i = sum_s gw[s, i, :]`` and ``gsum_i = sum_s gsum[s, i]``.
+    with ``dm_i = <G_i, W_i> + b_i * gsum_i``, ``G_i = sum_s gw[s, i, :]``, ``gsum_i = sum_s gsum[s, i]``
+    (``n_sum_split`` slices).
     gw: ``[n_split, n_rows, fan_in]`` (split stride ``stride_gs``), filled for graded rows only, in W's
     in-row element order. Rows of W and dW are ``fan_in`` contiguous elements, ``stride_wn`` /
     ``stride_dwn`` apart. ``ONE_CHUNK`` (``fan_in <= BLOCK``): a row stays in registers between dm and
@@ -222,7 +260,7 @@ def _param_grads_bwd_kernel(
     dw_rows = dw_ptr + rows.to(tl.int64) * stride_dwn
     gsum = tl.zeros([BLOCK_R], dtype=acc_dtype)
     if HAS_BIAS:
-        for split in range(0, n_split):
+        for split in range(0, n_sum_split):
             gsum += tl.load(gsum_ptr + split * n_rows + rows, mask=active | gate, other=0.0)
     # dm is needed where the gate is open; G where the row is active (dense part) or dm is needed.
     if ONE_CHUNK:
@@ -304,6 +342,24 @@ def compact(score: torch.Tensor, groups: int, ste: str | None):
     return active, active_count, graded, graded_count
 
 
+def row_sums(grad: torch.Tensor, rows: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``[split, N]`` partial sums of grad ``[B, N, OH, OW]`` over batch and space, for the rows listed
+    (per group: ``rows``/``count`` as ``compact`` returns them); the other rows' entries are unset."""
+    batch, n_rows, out_h, out_w = grad.shape
+    groups = count.shape[0]
+    positions = batch * out_h * out_w
+    block_r = 16 if INTERPRET else 64
+    split = reduction_split(positions, n_rows, 1, grad.device)
+    gsum = torch.empty(split, n_rows, device=grad.device,
+                       dtype=torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    grid = (max(1, triton.cdiv(n_rows // groups, block_r)), groups, split)
+    _wrap(_row_sums_bwd_kernel)[grid](
+        grad, gsum, rows, count, n_rows, n_rows // groups, out_h, out_w, positions, triton.cdiv(positions, split),
+        *grad.stride(), BLOCK_Q=16 if INTERPRET else 64, BLOCK_R=block_r,
+    )
+    return gsum
+
+
 def param_grads(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -313,7 +369,7 @@ def param_grads(
     ste: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dweight like weight, dbias [N] or empty, dthreshold [N])`` from the dW GEMM's partial
-    results: gw ``[split, N, fan_in]`` and gsum ``[split, N]`` (accumulation dtype)."""
+    results: gw ``[split, N, fan_in]`` and, with a bias, gsum ``[sum_split, N]`` (accumulation dtype)."""
     n_rows = weight.shape[0]
     fan_in = weight.numel() // max(n_rows, 1)
     dweight = torch.empty_like(weight)
@@ -326,7 +382,7 @@ def param_grads(
     if n_rows:
         _wrap(_param_grads_bwd_kernel)[(triton.cdiv(n_rows, block_r),)](
             weight, gw, gsum, bias, score, dweight, dbias, dthreshold,
-            n_rows, fan_in, gw.shape[0], gw.stride(0), weight.stride(0), dweight.stride(0),
+            n_rows, fan_in, gw.shape[0], gsum.shape[0], gw.stride(0), weight.stride(0), dweight.stride(0),
             STE=STE_CODES[ste], HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK=block,
             ONE_CHUNK=fan_in <= block, num_warps=8 if block * block_r > 2048 else 4,
         )
