@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ...semantics import conv2d_output_hw
 from .rows import (
+    SIZE_ARGS,
     compact,
     dot_options,
     gemm_configs,
@@ -52,7 +53,7 @@ def _tap(step, n_chunks, KW: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M", "rows_per_group", "channels_per_group"])
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _conv2d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, rows_ptr, count_ptr,
     M, H, W, OH, OW, rows_per_group, channels_per_group,
@@ -119,7 +120,7 @@ def _store_nchw(out_ptr, values, offs_m, channels, channel_in, M, OH, OW, stride
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M", "rows_per_group", "channels_per_group"])
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _conv2d_bwd_dx_kernel(
     g_ptr, w_ptr, dx_ptr, rows_ptr, count_ptr,
     M, H, W, OH, OW, rows_per_group, channels_per_group,
@@ -169,7 +170,7 @@ def _conv2d_bwd_dx_kernel(
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M", "rows_per_group", "channels_per_group"])
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _conv2d_bwd_dw_kernel(
     g_ptr, x_ptr, gw_ptr, rows_ptr, count_ptr,
     M, H, W, OH, OW, rows_per_group, channels_per_group, fan_in, n_split, m_chunk,
@@ -306,7 +307,7 @@ def conv2d_bwd(
                 **geo, **_strides("g", grad_y, "bnhw"), **w_strides, **_strides("dx", dx, "bchw"), **options,
             )
     if not need_params:
-        return dx, empty, empty, empty
+        return dx, x.new_empty(0), x.new_empty(0), x.new_empty(0)  # distinct: op outputs may not alias
     n_rows, fan_in = weight.shape[0], weight[0].numel()
     m = x.shape[0] * geo["OH"] * geo["OW"]
     split = reduction_split(m, n_rows, fan_in, x.device)

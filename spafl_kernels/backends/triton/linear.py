@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .rows import (
+    SIZE_ARGS,
     compact,
     dot_options,
     gemm_configs,
@@ -31,7 +32,7 @@ GEMM_CONFIGS = gemm_configs()
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K"])
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _linear_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, rows_ptr, count_ptr,
     M, N, K,
@@ -80,7 +81,7 @@ def _store_y(y_ptr, values, offs_m, offs_p, rows, M, N, stride_ym, stride_yn):
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K"])
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _linear_bwd_dx_kernel(
     g_ptr, w_ptr, dx_ptr, rows_ptr, count_ptr,
     M, N, K,
@@ -111,7 +112,7 @@ def _linear_bwd_dx_kernel(
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K"])
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _linear_bwd_dw_kernel(
     g_ptr, x_ptr, gw_ptr, rows_ptr, count_ptr,
     M, N, K, m_chunk,
@@ -198,7 +199,7 @@ def linear_bwd(
                 **options,
             )
     if not need_params:
-        return dx, empty, empty, empty
+        return dx, x.new_empty(0), x.new_empty(0), x.new_empty(0)  # distinct: op outputs may not alias
     split = reduction_split(m, n, k, x.device)
     gw = torch.empty(split, n, k, device=x.device, dtype=score.dtype)
     if k:

@@ -39,15 +39,20 @@ STE_CODES = {name: code for code, name in enumerate(STES)}
 
 CUDA_GEMM_TILES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     # Eight warps keep the gathered-pointer tiles in registers: compiled for sm_90, these spill
-    # little or nothing, where four-warp versions of the same tiles spill in most kernels.
+    # little or nothing, where four-warp versions of the same tiles spill in most kernels. Few
+    # configurations: each one is compiled per kernel and layer shape before autotuning can time it.
     (128, 128, 32, 8, 3),
     (128, 64, 32, 8, 3),
     (64, 128, 32, 8, 3),
     (64, 64, 32, 8, 3),
     (64, 64, 64, 8, 3),
-    (64, 128, 64, 8, 3),
-    (32, 64, 32, 4, 3),
 ]
+
+SIZE_ARGS = ["M", "N", "H", "W", "OH", "OW", "rows_per_group", "pad_h", "pad_w", "dil_h", "dil_w", "m_chunk", "n_split"]
+"""Integer arguments the GEMM kernels are not specialised on (``triton.jit(do_not_specialize=...)``):
+sizes that differ from layer to layer but never decide a load's alignment, so that a new layer shape
+does not mean a new compilation. Strides, K and channel counts keep their specialisation (a stride of
+1 or a multiple of 16 lets loads vectorise)."""
 
 
 def gemm_configs() -> list[triton.Config]:

@@ -1,0 +1,357 @@
+"""The ``triton`` backend beyond the shared oracle tests: its device-side row lists, tile and split paths,
+Conv2d layouts, the op contract, and (with CUDA) half precision, full-size layers and CUDA-graph capture.
+
+On the CPU everything runs in Triton's interpreter (``TRITON_INTERPRET=1``, as ``make test`` sets for
+this file); without it the CPU tests skip, or fail where ``SPAFL_REQUIRE_BACKENDS`` lists ``triton``.
+Tests marked ``cuda`` skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import assert_matches_oracle, make_params, require_backend
+
+import spafl_kernels as sk
+from spafl_kernels.backends import get_backend
+from spafl_kernels.backends.base import CallSpec
+from spafl_kernels.semantics import STES, ste_gate
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+"""Where the device-agnostic tests run: the GPU when there is one, else the CPU (interpreter)."""
+
+
+def cuda(test):
+    """Marks a test ``cuda`` (``pytest -m cuda`` selects the GPU checks) and skips it without a GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")(test))
+
+
+def _rows():
+    """The backend's row-list module (imported lazily: it needs triton)."""
+    require_backend("triton", "linear", DEVICE)
+    from spafl_kernels.backends.triton import rows
+
+    return rows
+
+
+def _linear(ste, x, weight, threshold, bias=None, backend="triton"):
+    return sk.sparse_linear(x, weight, bias, threshold, ste=ste, backend=backend)
+
+
+def _conv(ste, geometry, x, weight, threshold, bias=None, backend="triton"):
+    stride, padding, dilation, groups = geometry
+    return sk.sparse_conv2d(x, weight, bias, threshold, stride, padding, dilation, groups, ste=ste, backend=backend)
+
+
+# ------------------------------------------------------------------------------- row bookkeeping
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("ste", STES)
+def test_compaction_lists_rows_per_group_on_the_device(ste, groups):
+    rows = _rows()
+    score = torch.tensor([0.5, -0.2, 1.5, -1.5, 0.0, 2.0, -0.7, 0.3, -3.0, 0.9, -0.1, 1.0] * 12, device=DEVICE)
+    n = score.numel()
+    active, count, graded, graded_count = rows.compact(score, groups, ste)
+    per_group = n // groups
+    gate = ste_gate(score, ste) != 0
+    for g in range(groups):
+        seg = slice(g * per_group, (g + 1) * per_group)
+        expected_active = (score[seg] > 0).nonzero().squeeze(1) + g * per_group
+        expected_graded = ((score[seg] > 0) | gate[seg]).nonzero().squeeze(1) + g * per_group
+        k, kg = int(count[g]), int(graded_count[g])
+        assert k == expected_active.numel() and kg == expected_graded.numel()
+        listed = active[seg].long()
+        assert torch.equal(listed[:k], expected_active)  # active rows first, ascending
+        assert sorted(listed.tolist()) == list(range(seg.start, seg.stop))  # then every pruned row once
+        assert torch.equal(graded[seg][:kg].long(), expected_graded)
+
+
+def test_compaction_without_graded_list_and_scores_match_semantics():
+    rows = _rows()
+    weight, _, threshold = make_params((70, 3, 2, 2), 30, False, seed=4)
+    weight, threshold = weight.float().to(DEVICE), threshold.float().to(DEVICE)
+    score = rows.row_score(weight, threshold)
+    torch.testing.assert_close(score, sk.semantics.row_score(weight, threshold))
+    active, count, graded, graded_count = rows.compact(score, 1, None)
+    assert graded is None and graded_count is None and int(count[0]) == 30
+    assert torch.equal(active[:30].long(), (score > 0).nonzero().squeeze(1))
+
+
+# ------------------------------------------------------------- tiles, splits and layouts (oracle)
+
+
+@pytest.mark.parametrize("ste", STES)
+def test_linear_many_tiles_and_split_reduction(ste):
+    """A batch long enough that the dW GEMM splits its reduction, and rows spanning several tiles."""
+    require_backend("triton", "linear")
+    weight, b, threshold = make_params((70, 45), 29, True, seed=5)
+    x = torch.randn(150, 45, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert _rows().reduction_split(150, 70, 45, torch.device("cpu")) > 1
+    assert_matches_oracle(
+        functools.partial(_linear, ste), functools.partial(_linear, ste, backend="reference"),
+        {"x": x, "weight": weight, "threshold": threshold, "bias": b},
+    )
+
+
+CONV_CASES = {
+    # name: (batch, in_channels, H, W, out_channels, kernel, stride, padding, dilation, groups)
+    "split": (4, 5, 9, 8, 11, (3, 3), 1, 1, 1, 1),
+    "strided-dilated": (2, 4, 11, 10, 6, (3, 2), (2, 3), (2, 1), (2, 1), 1),
+    "groups": (2, 6, 6, 5, 8, (1, 3), 1, (0, 1), 1, 2),
+}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channels_last_weight", "strided"])
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_conv2d_layouts(case, layout):
+    batch, cin, h, w, cout, kernel, stride, padding, dilation, groups = CONV_CASES[case]
+    require_backend("triton", "conv2d", groups=groups)
+    weight, b, threshold = make_params((cout, cin // groups, *kernel), cout // 2, True, seed=cout)
+    x = torch.randn(batch, cin, h, w + 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x = x[..., 3:] if layout == "strided" else x[..., :w].contiguous()  # "strided": a view, not dense
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last_weight":  # the kernels then read rows in (kh, kw, c) order
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    geometry = (stride, padding, dilation, groups)
+    assert_matches_oracle(
+        functools.partial(_conv, "identity", geometry), functools.partial(_conv, "identity", geometry,
+                                                                          backend="reference"),
+        {"x": x, "weight": weight, "threshold": threshold, "bias": b},
+    )
+
+
+def test_conv2d_dx_keeps_channels_last_and_weight_grad_its_layout():
+    require_backend("triton", "conv2d", DEVICE)
+    weight, b, threshold = (t.float().to(DEVICE) for t in make_params((6, 4, 3, 3), 3, True, seed=1))
+    weight = weight.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(2, 4, 7, 7, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = sk.sparse_conv2d(x, weight, b, threshold, padding=1, backend="triton")
+    assert y.is_contiguous()  # as the op's fake kernel promises
+    y.sum().backward()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    assert weight.grad.stride() == weight.stride()
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_partial_gradients(op):
+    """Only x needs a gradient (frozen layer), or only the parameters (first layer)."""
+    require_backend("triton", op, DEVICE)
+    if op == "linear":
+        weight, b, threshold = (t.float().to(DEVICE) for t in make_params((9, 6), 4, True, seed=2))
+        x = torch.randn(5, 6, device=DEVICE)
+        call = functools.partial(sk.sparse_linear, ste="clipped")
+    else:
+        weight, b, threshold = (t.float().to(DEVICE) for t in make_params((5, 3, 3, 3), 2, True, seed=2))
+        x = torch.randn(2, 3, 6, 6, device=DEVICE)
+        call = functools.partial(sk.sparse_conv2d, ste="clipped", padding=1)
+    for wants_x in (True, False):
+        grads = {}
+        for backend in ("reference", "triton"):
+            leaves = [t.clone().requires_grad_(wants_x != (i > 0)) for i, t in enumerate((x, weight, b, threshold))]
+            call(*leaves, backend=backend).square().sum().backward()
+            grads[backend] = [t.grad for t in leaves]
+        for ref, got in zip(grads["reference"], grads["triton"]):
+            assert (ref is None) == (got is None)
+            if ref is not None:
+                torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_pruned_outputs_are_exact_zeros_in_mixed_tiles():
+    require_backend("triton", "linear", DEVICE)
+    weight, b, threshold = (t.float().to(DEVICE) for t in make_params((45, 8), 20, True, seed=6))
+    y = sk.sparse_linear(torch.randn(33, 8, device=DEVICE), weight, b, threshold, backend="triton")
+    mask = sk.semantics.row_score(weight, threshold) > 0
+    assert (y[:, ~mask] == 0).all() and (y[:, mask] != 0).all()
+
+
+# --------------------------------------------------------------------------------- op contract
+
+
+def test_opcheck_linear_and_conv2d():
+    require_backend("triton", "conv2d", DEVICE)
+    weight, b, threshold = (t.float().to(DEVICE) for t in make_params((5, 4), 2, True, seed=7))
+    x = torch.randn(3, 4, device=DEVICE)
+    args = [t.clone().requires_grad_() for t in (x, weight, b, threshold)]
+    torch.library.opcheck(torch.ops.spafl.linear_fwd.default, (*args, "outer", "triton"))
+    weight, b, threshold = (t.float().to(DEVICE) for t in make_params((4, 2, 3, 3), 2, True, seed=7))
+    x = torch.randn(1, 2, 5, 5, device=DEVICE)
+    args = [t.clone().requires_grad_() for t in (x, weight, b, threshold)]
+    torch.library.opcheck(torch.ops.spafl.conv2d_fwd.default, (*args, [1, 1], [1, 1], [1, 1], 1, "identity", "triton"))
+
+
+def test_compile_fullgraph_matches_eager():
+    require_backend("triton", "conv2d", DEVICE)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        sk.SparseConv2d(2, 6, 3, padding=1, backend="triton"), torch.nn.ReLU(), torch.nn.Flatten(),
+        sk.SparseLinear(6 * 4 * 4, 5, ste="outer", backend="triton"),
+    ).to(DEVICE)
+    with torch.no_grad():
+        model[0].threshold.copy_(model[0].weight.abs().mean((1, 2, 3)) - torch.linspace(-0.5, 0.5, 6, device=DEVICE))
+    x = torch.randn(3, 2, 4, 4, device=DEVICE)
+    results = []
+    for run in (torch.compile(model, fullgraph=True, backend="aot_eager"), model):
+        model.zero_grad()
+        out = run(x)
+        out.square().sum().backward()
+        results.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
+    for compiled_value, eager_value in zip(*results):
+        torch.testing.assert_close(compiled_value, eager_value)
+
+
+def test_reasons_name_the_interpreter_and_the_device(monkeypatch):
+    backend = get_backend("triton")
+    require_backend("triton", "linear")
+    import spafl_kernels.backends.triton as triton_backend
+
+    assert backend.not_supported_reasons(CallSpec("conv2d", "cpu", torch.bfloat16, groups=4)) == []
+    monkeypatch.setattr(triton_backend, "INTERPRET", False)
+    (reason,) = backend.not_supported_reasons(CallSpec("linear", "cpu", torch.float32))
+    assert "TRITON_INTERPRET=1" in reason
+    assert "mps" in backend.not_supported_reasons(CallSpec("linear", "mps", torch.float32))[0]
+    assert backend.auto_device_types == ("cuda",) and sk.AUTO_ORDER[0] == "triton"
+
+
+# ----------------------------------------------------------------------------------- CUDA only
+
+
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """Full float32 in the kernels and the oracle, so that errors measure the kernels."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def _grads_on(device, fn, tensors: dict, dtype, grad_y=None):
+    """``(y, {name: grad})`` of ``fn(**tensors)`` in ``dtype`` on ``device`` for a fixed ``dL/dy``."""
+    leaves = {k: v.to(device, dtype).requires_grad_() for k, v in tensors.items() if v is not None}
+    y = fn(**leaves)
+    if grad_y is None:
+        grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    y.backward(grad_y.to(device, dtype))
+    return y.detach().double().cpu(), {k: v.grad.double().cpu() for k, v in leaves.items()}
+
+
+def _assert_close_to_oracle(fn, reference, tensors: dict, dtype, atol: float):
+    """flash-attention's rule on the GPU: the kernel's error in ``dtype`` against the float64 oracle is at
+    most twice the oracle's own error in ``dtype``, plus ``atol`` times the value scale."""
+    y64, g64 = _grads_on("cuda", reference, tensors, torch.float64)
+    y_ref, g_ref = _grads_on("cuda", reference, tensors, dtype)
+    y_out, g_out = _grads_on("cuda", fn, tensors, dtype)
+    for key in ("y", *g64):
+        expected, ours, theirs = (y64, y_out, y_ref) if key == "y" else (g64[key], g_out[key], g_ref[key])
+        scale = max(1.0, expected.abs().max().item())
+        error, ref_error = (ours - expected).abs().max().item(), (theirs - expected).abs().max().item()
+        assert error <= 2 * ref_error + atol * scale, f"{key}: {error:.3g} > 2 x {ref_error:.3g} + {atol * scale:.3g}"
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_half_precision_on_cuda(op, dtype):
+    if op == "linear":
+        weight, b, threshold = make_params((96, 80), 40, True, seed=8)
+        x = torch.randn(33, 80, dtype=torch.float64)
+        fn, ref = functools.partial(_linear, "identity"), functools.partial(_linear, "identity", backend="reference")
+    else:
+        weight, b, threshold = make_params((24, 16, 3, 3), 10, True, seed=8)
+        x = torch.randn(4, 16, 12, 12, dtype=torch.float64)
+        geometry = (1, 1, 1, 1)
+        fn = functools.partial(_conv, "identity", geometry)
+        ref = functools.partial(_conv, "identity", geometry, backend="reference")
+    tensors = {"x": x, "weight": weight, "threshold": threshold, "bias": b}
+    _assert_close_to_oracle(fn, ref, tensors, dtype, atol=1e-2)
+
+
+@cuda
+@pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("layer", ["linear-large", "conv-large"])
+def test_full_size_layers_on_cuda(layer, density, no_tf32):
+    """The benchmark's large layers (DESIGN §5) against the float64 oracle."""
+    from spafl_kernels.bench import make_case
+
+    case = make_case(layer, density, "identity", device="cpu")
+    tensors = {"x": case.x.double(), "weight": case.weight.double(), "threshold": case.threshold.double(),
+               "bias": torch.randn(case.weight.shape[0], dtype=torch.float64)}
+    if layer == "linear-large":
+        fn, ref = functools.partial(_linear, "identity"), functools.partial(_linear, "identity", backend="reference")
+    else:
+        fn = functools.partial(_conv, "identity", (1, 1, 1, 1))
+        ref = functools.partial(_conv, "identity", (1, 1, 1, 1), backend="reference")
+    _assert_close_to_oracle(fn, ref, tensors, torch.float32, atol=1e-5)
+
+
+def _small_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        sk.SparseConv2d(3, 16, 3, padding=1, backend="triton"), torch.nn.ReLU(),
+        sk.SparseConv2d(16, 16, 3, stride=2, padding=1, ste="outer", backend="triton"), torch.nn.ReLU(),
+        torch.nn.Flatten(), sk.SparseLinear(16 * 8 * 8, 10, ste="clipped", backend="triton"),
+    ).cuda()
+    with torch.no_grad():
+        for layer in (model[0], model[2], model[5]):
+            rows = layer.weight.shape[0]
+            layer.threshold.copy_(layer.weight.abs().flatten(1).mean(1) - torch.linspace(-0.5, 0.5, rows).cuda())
+    return model
+
+
+def _step(model, x, target):
+    loss = F.cross_entropy(model(x), target) + 1e-3 * sk.threshold_penalty(model)
+    loss.backward()
+    return loss
+
+
+@cuda
+def test_no_host_synchronisation_in_a_training_step():
+    model = _small_model()
+    x, target = torch.randn(8, 3, 16, 16, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    _step(model, x, target)  # autotuning and compilation synchronise: done before checking
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _step(model, x, target)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_training_step_captured_in_a_cuda_graph_follows_threshold_changes():
+    """Capture forward + backward once; replays must follow new inputs and new masks (the active-row
+    count lives on the device), matching eager steps."""
+    model = _small_model()
+    static_x = torch.randn(8, 3, 16, 16, device="cuda")
+    static_target = torch.randint(0, 10, (8,), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up: autotuning, compilation, allocator
+            model.zero_grad(set_to_none=True)
+            _step(model, static_x, static_target)
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = _step(model, static_x, static_target)
+
+    for prune in (0.0, 0.3):
+        with torch.no_grad():
+            model[2].threshold.add_(prune)  # changes the second conv's mask between replays
+        x, target = torch.randn_like(static_x), torch.randint(0, 10, (8,), device="cuda")
+        static_x.copy_(x)
+        static_target.copy_(target)
+        graph.replay()
+        replayed = [static_loss.detach().clone(), *(p.grad.clone() for p in model.parameters())]
+        grads = [p.grad for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = None
+        eager = [_step(model, x, target).detach(), *(p.grad for p in model.parameters())]
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g  # the graph's gradient buffers, for the next replay
+        for got, expected in zip(replayed, eager):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
