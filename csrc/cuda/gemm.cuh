@@ -47,7 +47,7 @@ SPAFL_HD bool block_extents(const P& p, int64_t m0, int64_t n0, Extents& ext) {
 template <class P, int BM, int BK, int THREADS>
 SPAFL_HD void load_tile_a(const P& p, typename P::Elem* dst, int stride_m, int stride_k, int tid, int64_t m0,
                           int64_t k0, const Extents& ext) {
-  _Pragma("unroll 4") for (int e = tid; e < BM * BK; e += THREADS) {
+  for (int e = tid; e < BM * BK; e += THREADS) {
     const int mm = P::kAFastK ? e / BK : e % BM;
     const int kk = P::kAFastK ? e % BK : e / BM;
     const int64_t m = m0 + mm, k = k0 + kk;
@@ -59,7 +59,7 @@ SPAFL_HD void load_tile_a(const P& p, typename P::Elem* dst, int stride_m, int s
 template <class P, int BK, int BN, int THREADS>
 SPAFL_HD void load_tile_b(const P& p, typename P::Elem* dst, int stride_k, int stride_n, int tid, int64_t k0,
                           int64_t n0, const Extents& ext) {
-  _Pragma("unroll 4") for (int e = tid; e < BK * BN; e += THREADS) {
+  for (int e = tid; e < BK * BN; e += THREADS) {
     const int kk = P::kBFastK ? e % BK : e / BN;
     const int nn = P::kBFastK ? e / BK : e % BN;
     const int64_t k = k0 + kk, n = n0 + nn;
@@ -167,7 +167,7 @@ struct WmmaGemm {
 
   static SPAFL_HD void store(const P& p, const float (*c)[LDC], int tid, int64_t m0, int64_t n0,
                              const Extents& ext) {
-    _Pragma("unroll 4") for (int e = tid; e < BM * BN; e += THREADS) {
+    for (int e = tid; e < BM * BN; e += THREADS) {
       const int mm = P::kCFastM ? e % BM : e / BN;
       const int nn = P::kCFastM ? e / BM : e % BN;
       const int64_t m = m0 + mm, n = n0 + nn;
@@ -183,6 +183,8 @@ struct UsesTensorCores {
 
 #ifdef __CUDACC__
 
+// minBlocksPerMultiprocessor = 1 on both kernels: without it ptxas (CUDA 13) picked register budgets low
+// enough to spill a few bytes in some sm_90 instantiations; with it none spills (csrc/cuda/check.py).
 template <class P>
 __global__ void __launch_bounds__(SimtGemm<P>::THREADS, 1) simt_gemm_kernel(const P p) {
   using G = SimtGemm<P>;
