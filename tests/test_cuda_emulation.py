@@ -19,6 +19,7 @@ from cuda_tools import ConvShape, load_emulation, require_nvcc
 from oracle import (
     assert_low_precision_matches_oracle,
     assert_matches_oracle,
+    cast,
     controlled_threshold,
     make_params,
     rows_for_density,
@@ -43,7 +44,8 @@ def _contiguous(t: torch.Tensor | None):
 
 
 class EmulatedOps:
-    """CPU kernels of the ``spafl::cuda_*`` ops: ``bindings.cpp``'s steps over the emulated launchers."""
+    """CPU kernels of the ``spafl::cuda_*`` ops: ``bindings.cpp``'s steps over the emulated launchers (a
+    fresh empty tensor for each gradient not computed, as there: outputs never alias each other)."""
 
     def __init__(self, lib):
         self.lib = lib
@@ -73,7 +75,7 @@ class EmulatedOps:
         self.call("param_grads", DTYPE_CODES[weight.dtype], _ptr(score), ste, _ptr(weight), _ptr(bias), _ptr(grad_y),
                   _ptr(dweight), _ptr(dbias), _ptr(dthreshold), rows, weight.numel() // rows if rows else 0,
                   outer, inner)
-        return (weight.new_empty(0) if dbias is None else dbias), dthreshold
+        return dbias, dthreshold
 
     # ------------------------------------------------------------------------------------- linear
 
@@ -90,18 +92,19 @@ class EmulatedOps:
     def linear_bwd(self, grad_y, x, weight, bias, score, ste, need_dx, need_params):
         grad_y, x, weight, bias, score = (_contiguous(t) for t in (grad_y, x, weight, bias, score))
         (M, K), N = x.shape, weight.shape[0]
-        code, empty = DTYPE_CODES[x.dtype], x.new_empty(0)
-        dx = empty
+        code = DTYPE_CODES[x.dtype]
+        dx = x.new_empty(0)
         if need_dx:
             active, count = self.select(score, x.dtype, SELECT_ACTIVE, complement=False)
             dx = torch.full((M, K), float("nan"), dtype=x.dtype)
             self.call("linear_dx", code, _ptr(grad_y), _ptr(weight), _ptr(active), _ptr(count), _ptr(dx), M, N, K)
         if not need_params:
-            return dx, empty, empty, empty
+            return dx, x.new_empty(0), x.new_empty(0), x.new_empty(0)
         graded, count = self.select(score, x.dtype, ste, complement=False)
         dweight = torch.full_like(weight, float("nan"))
         self.call("linear_dw", code, _ptr(grad_y), _ptr(x), _ptr(graded), _ptr(count), _ptr(dweight), M, N, K)
-        return (dx, dweight, *self.param_grads(score, ste, weight, bias, grad_y, dweight, outer=M, inner=1))
+        dbias, dthreshold = self.param_grads(score, ste, weight, bias, grad_y, dweight, outer=M, inner=1)
+        return dx, dweight, (x.new_empty(0) if dbias is None else dbias), dthreshold
 
     # ------------------------------------------------------------------------------------- conv2d
 
@@ -123,19 +126,20 @@ class EmulatedOps:
     def conv2d_bwd(self, grad_y, x, weight, bias, score, stride, padding, dilation, ste, need_dx, need_params):
         grad_y, x, weight, bias, score = (_contiguous(t) for t in (grad_y, x, weight, bias, score))
         shape = self.conv_shape(x, weight, stride, padding, dilation)
-        code, empty = DTYPE_CODES[x.dtype], x.new_empty(0)
-        dx = empty
+        code = DTYPE_CODES[x.dtype]
+        dx = x.new_empty(0)
         if need_dx:
             active, count = self.select(score, x.dtype, SELECT_ACTIVE, complement=False)
             dx = torch.full_like(x, float("nan"))
             self.call("conv2d_dx", code, _ptr(grad_y), _ptr(weight), _ptr(active), _ptr(count), _ptr(dx), shape)
         if not need_params:
-            return dx, empty, empty, empty
+            return dx, x.new_empty(0), x.new_empty(0), x.new_empty(0)
         graded, count = self.select(score, x.dtype, ste, complement=False)
         dweight = torch.full_like(weight, float("nan"))
         self.call("conv2d_dw", code, _ptr(grad_y), _ptr(x), _ptr(graded), _ptr(count), _ptr(dweight), shape)
         inner = shape.out_h * shape.out_w
-        return (dx, dweight, *self.param_grads(score, ste, weight, bias, grad_y, dweight, shape.batch, inner))
+        dbias, dthreshold = self.param_grads(score, ste, weight, bias, grad_y, dweight, shape.batch, inner)
+        return dx, dweight, (x.new_empty(0) if dbias is None else dbias), dthreshold
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +194,9 @@ def _linear(backend, ste, x, weight, threshold, bias=None):
     return sk.sparse_linear(x, weight, bias, threshold, ste=ste, backend=backend)
 
 
-def _linear_case(m, k, n, bias, density):
-    weight, b, threshold = make_params((n, k), rows_for_density(n, density), bias, seed=n)
-    x = torch.randn(m, k, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+def _linear_case(m, k, n, bias, density, seed=0):
+    weight, b, threshold = make_params((n, k), rows_for_density(n, density), bias, seed=n + seed)
+    x = torch.randn(m, k, dtype=torch.float64, generator=torch.Generator().manual_seed(m + seed))
     return {"x": x, "weight": weight, "threshold": threshold, "bias": b}
 
 
@@ -264,3 +268,56 @@ def test_conv2d_tensor_core_path_matches_reference(emulated, dtype, geometry):
         functools.partial(_conv, "cuda", "identity", conv_args),
         functools.partial(_conv, "reference", "identity", conv_args), tensors, dtype,
     )
+
+
+# ------------------------------------------------------------------------------ op contract, compile
+
+
+def opcheck_cuda_ops(device: str) -> None:
+    """``opcheck`` of the ``spafl::cuda_*`` ops on ``device``: schema, fake kernels against the real ones
+    (shapes, strides, dtypes, no aliasing between outputs), dispatch. Shared with test_cuda.py."""
+    lin = cast(_linear_case(6, 5, 9, True, 0.5), torch.float32, device)
+    x, w, b, t = (lin[k] for k in ("x", "weight", "bias", "threshold"))
+    y, score = torch.ops.spafl.cuda_linear_fwd(x, w, b, t)
+    g = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.spafl.cuda_linear_fwd.default, (x, w, b, t))
+    for bias, ste, need_dx, need_params in [(b, 1, True, True), (None, 0, False, True), (b, 2, True, False)]:
+        args = (g, x, w, bias, score, ste, need_dx, need_params)
+        torch.library.opcheck(torch.ops.spafl.cuda_linear_bwd.default, args)
+    conv, _ = _conv_case("stride-pad", 0.5)  # stride 2, padding 1, dilation 1
+    x, w, t = (conv[k].to(device, torch.float32) for k in ("x", "weight", "threshold"))
+    geometry = ([2, 2], [1, 1], [1, 1])
+    y, score = torch.ops.spafl.cuda_conv2d_fwd(x, w, None, t, *geometry)
+    torch.library.opcheck(torch.ops.spafl.cuda_conv2d_fwd.default, (x, w, None, t, *geometry))
+    g = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.spafl.cuda_conv2d_bwd.default, (g, x, w, None, score, *geometry, 2, True, True))
+
+
+def compile_matches_eager(device: str) -> None:
+    """A small conv + linear model on the cuda backend: torch.compile(fullgraph=True) equals eager, values
+    and gradients. Shared with test_cuda.py."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        sk.SparseConv2d(3, 8, 3, padding=1, backend="cuda"), torch.nn.ReLU(), torch.nn.Flatten(),
+        sk.SparseLinear(8 * 9 * 9, 16, ste="outer", backend="cuda"),
+    ).to(device)
+    with torch.no_grad():
+        model[0].threshold.copy_(model[0].weight.abs().mean((1, 2, 3)) - torch.linspace(-0.5, 0.5, 8, device=device))
+    x = torch.randn(2, 3, 9, 9, device=device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = []
+    for run in (compiled, model):
+        model.zero_grad()
+        out = run(x)
+        out.square().sum().backward()
+        results.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
+    for compiled_value, eager_value in zip(*results):
+        torch.testing.assert_close(compiled_value, eager_value)
+
+
+def test_opcheck(emulated):
+    opcheck_cuda_ops("cpu")
+
+
+def test_compile_fullgraph_matches_eager(emulated):
+    compile_matches_eager("cpu")

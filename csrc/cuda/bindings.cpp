@@ -4,6 +4,9 @@
 // memory or synchronises: row counts stay on the device, and the ops can be captured in CUDA graphs.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+// c10/cuda only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers a toolkit may lack).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -11,30 +14,11 @@
 
 #include "spafl_cuda.h"
 
-#ifdef SPAFL_CHECK_WITHOUT_C10_CUDA
-// Type-check only (csrc/cuda/check.py, with a CPU build of torch, which ships no c10/cuda headers):
-// stand-ins with the shape of the two CUDA pieces used below, so that the rest of the file is checked.
-namespace {
-struct DeviceGuard {
-  explicit DeviceGuard(const at::Tensor&) {}
-};
-cudaStream_t current_stream(const at::Tensor&) { return nullptr; }
-}  // namespace
-#else
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-namespace {
-struct DeviceGuard {
-  explicit DeviceGuard(const at::Tensor& t) : guard(t.device()) {}
-  c10::cuda::CUDAGuard guard;
-};
-cudaStream_t current_stream(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
-}  // namespace
-#endif
-
 namespace {
 
 using at::Tensor;
+
+cudaStream_t current_stream(const Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
 
 int dtype_code(at::ScalarType type, const char* op) {
   switch (type) {
@@ -131,6 +115,7 @@ RowSet select_rows(const Tensor& score, int dtype, int ste, bool complement, cud
 }
 
 // dweight holds the dense weight gradient of the rows needing one; turns it into (dweight, dbias, dthreshold).
+// dbias is undefined without a bias.
 std::tuple<Tensor, Tensor> param_grads(const Tensor& score, int ste, const Tensor& weight, const Tensor& bias,
                                        const Tensor& grad_y, const Tensor& dweight, int64_t outer, int64_t inner,
                                        int dtype, cudaStream_t stream, const char* op) {
@@ -142,7 +127,7 @@ std::tuple<Tensor, Tensor> param_grads(const Tensor& score, int ste, const Tenso
                                       dthreshold.mutable_data_ptr(), rows, rows > 0 ? weight.numel() / rows : 0,
                                       outer, inner, stream),
                op, "param_grads");
-  return {dbias.defined() ? dbias : at::empty({0}, weight.options()), dthreshold};
+  return {dbias, dthreshold};
 }
 
 // ------------------------------------------------------------------------------------------ score_mask
@@ -151,7 +136,7 @@ std::tuple<Tensor, Tensor, Tensor> score_mask_cuda(const Tensor& weight_, const 
   const char* op = "spafl::score_mask";
   TORCH_CHECK(weight_.dim() >= 1, op, ": weight must have at least 1 dimension");
   const int dtype = check_params(op, weight_, std::nullopt, threshold_);
-  DeviceGuard guard(weight_);
+  const c10::cuda::CUDAGuard guard(weight_.device());
   const cudaStream_t stream = current_stream(weight_);
   const Tensor weight = weight_.contiguous(), threshold = threshold_.contiguous();
   Tensor score = row_scores(weight, threshold, dtype, stream, op);
@@ -168,7 +153,7 @@ std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x_, const Tensor& weight_, c
               ": expected x [M, K] and weight [N, K], got ", x_.sizes(), " and ", weight_.sizes());
   const int dtype = check_params(op, weight_, bias_, threshold_);
   check_like(x_, weight_, op, "x");
-  DeviceGuard guard(weight_);
+  const c10::cuda::CUDAGuard guard(weight_.device());
   const cudaStream_t stream = current_stream(weight_);
   const Tensor x = x_.contiguous(), weight = weight_.contiguous(), threshold = threshold_.contiguous();
   const Tensor bias = contiguous_or_undefined(bias_);
@@ -202,15 +187,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y_, con
   }
   check_score(score, weight_, op);
   const int ste = ste_code(ste_, op);
-  DeviceGuard guard(weight_);
+  const c10::cuda::CUDAGuard guard(weight_.device());
   const cudaStream_t stream = current_stream(weight_);
   const Tensor grad_y = grad_y_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
   const Tensor bias = contiguous_or_undefined(bias_);
   const Tensor scores = score.contiguous();
   const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1);
-  const Tensor empty = at::empty({0}, x.options());
+  // Each gradient not computed is its own empty tensor: the schema declares no aliasing between outputs.
+  const auto none = [&] { return at::empty({0}, x.options()); };
 
-  Tensor dx = empty;
+  Tensor dx = none();
   if (need_dx) {
     const RowSet active = select_rows(scores, dtype, SPAFL_SELECT_ACTIVE, false, stream, op);
     dx = at::empty({M, K}, x.options());
@@ -219,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y_, con
                                       dx.mutable_data_ptr(), M, N, K, stream),
                  op, "linear_dx");
   }
-  if (!need_params) return {dx, empty, empty, empty};
+  if (!need_params) return {dx, none(), none(), none()};
 
   // Rows needing a weight gradient: active rows and pruned rows whose gate is open (for dL/dm).
   const RowSet graded = select_rows(scores, dtype, ste, false, stream, op);
@@ -230,7 +216,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y_, con
                op, "linear_dw");
   auto [dbias, dthreshold] =
       param_grads(scores, ste, weight, bias, grad_y, dweight, /*outer=*/M, /*inner=*/1, dtype, stream, op);
-  return {dx, dweight, dbias, dthreshold};
+  return {dx, dweight, dbias.defined() ? dbias : none(), dthreshold};
 }
 
 // ------------------------------------------------------------------------------------------ conv2d
@@ -280,7 +266,7 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x_, const Tensor& weight_, c
   const SpaflConvShape s = conv_shape(x_, weight_, stride, padding, dilation, op);
   const int dtype = check_params(op, weight_, bias_, threshold_);
   check_like(x_, weight_, op, "x");
-  DeviceGuard guard(weight_);
+  const c10::cuda::CUDAGuard guard(weight_.device());
   const cudaStream_t stream = current_stream(weight_);
   const Tensor x = x_.contiguous(), weight = weight_.contiguous(), threshold = threshold_.contiguous();
   const Tensor bias = contiguous_or_undefined(bias_);
@@ -316,14 +302,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y_, con
   }
   check_score(score, weight_, op);
   const int ste = ste_code(ste_, op);
-  DeviceGuard guard(weight_);
+  const c10::cuda::CUDAGuard guard(weight_.device());
   const cudaStream_t stream = current_stream(weight_);
   const Tensor grad_y = grad_y_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
   const Tensor bias = contiguous_or_undefined(bias_);
   const Tensor scores = score.contiguous();
-  const Tensor empty = at::empty({0}, x.options());
+  const auto none = [&] { return at::empty({0}, x.options()); };  // one per gradient not computed
 
-  Tensor dx = empty;
+  Tensor dx = none();
   if (need_dx) {
     const RowSet active = select_rows(scores, dtype, SPAFL_SELECT_ACTIVE, false, stream, op);
     dx = at::empty({s.batch, s.in_channels, s.height, s.width}, x.options());
@@ -332,7 +318,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y_, con
                                       dx.mutable_data_ptr(), &s, stream),
                  op, "conv2d_dx");
   }
-  if (!need_params) return {dx, empty, empty, empty};
+  if (!need_params) return {dx, none(), none(), none()};
 
   const RowSet graded = select_rows(scores, dtype, ste, false, stream, op);
   Tensor dweight = at::empty(weight.sizes(), weight.options());
@@ -342,7 +328,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y_, con
                op, "conv2d_dw");
   auto [dbias, dthreshold] = param_grads(scores, ste, weight, bias, grad_y, dweight, /*outer=*/s.batch,
                                          /*inner=*/s.out_h * s.out_w, dtype, stream, op);
-  return {dx, dweight, dbias, dthreshold};
+  return {dx, dweight, dbias.defined() ? dbias : none(), dthreshold};
 }
 
 }  // namespace

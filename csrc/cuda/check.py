@@ -4,8 +4,9 @@
    torch's ``CUDAExtension`` adds (``-D__CUDA_NO_HALF_CONVERSIONS__`` and friends); the check fails on a
    compile error or on any kernel with non-zero spill stores/loads.
 2. The torch bindings (``csrc/cuda/*.cpp``) are type-checked with ``g++ -fsyntax-only -Werror`` against the
-   installed torch's headers. A CPU build of torch has no c10/cuda headers, so ``SPAFL_CHECK_WITHOUT_C10_CUDA``
-   swaps in stand-ins for the two CUDA pieces (device guard, current stream); everything else is checked.
+   installed torch's headers and the CUDA headers. A CPU build of torch ships the c10/cuda headers but not
+   the one its CMake build generates (``c10/cuda/impl/cuda_cmake_macros.h``, a single define); the check
+   supplies that one in a temporary folder, so the bindings are checked against the real c10/cuda API.
 
 A passing result is cached under ``build/cuda-check/`` keyed by the sources, the flags and the tool
 versions, so that ``make cuda-check`` followed by the test suite compiles once.
@@ -116,14 +117,25 @@ def compile_cu(nvcc: str, source: Path) -> tuple[bool, str]:
     return proc.returncode == 0, proc.stdout + proc.stderr
 
 
+# What torch's CMake writes into c10/cuda/impl/cuda_cmake_macros.h for its (shared-library) CUDA builds.
+CUDA_CMAKE_MACROS = "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n"
+
+
 def check_bindings(nvcc: str, source: Path) -> tuple[bool, str]:
     from torch.utils.cpp_extension import include_paths
 
     compiler = os.environ.get("CXX", "g++")
-    includes = [flag for path in [*include_paths(), cuda_include(nvcc)] for flag in ("-isystem", path)]
-    cmd = [compiler, "-fsyntax-only", "-std=c++17", "-Wall", "-Wextra", "-Werror",
-           "-DSPAFL_CHECK_WITHOUT_C10_CUDA", *includes, f"-I{HERE}", str(source)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    paths = [*include_paths(), cuda_include(nvcc)]
+    with tempfile.TemporaryDirectory() as tmp:
+        if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in paths):
+            generated = Path(tmp) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+            generated.parent.mkdir(parents=True)
+            generated.write_text(CUDA_CMAKE_MACROS)
+            paths.append(tmp)
+        includes = [flag for path in paths for flag in ("-isystem", path)]
+        cmd = [compiler, "-fsyntax-only", "-std=c++17", "-Wall", "-Wextra", "-Werror", *includes, f"-I{HERE}",
+               str(source)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     return proc.returncode == 0, proc.stdout + proc.stderr
 
 
