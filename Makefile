@@ -7,9 +7,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 TOOLS := numpy==2.4.6 pytest==9.2.0 pytest-benchmark==5.3.1 ruff==0.17.6 triton==3.9.0
-EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h)
+EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install test lint demo info clean
+.PHONY: install test lint cuda-check demo info clean
 
 $(BIN)/.tools:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,13 @@ install: $(BIN)/.installed
 lint: $(BIN)/.tools
 	$(BIN)/ruff check .
 
-test: install lint
-	SPAFL_REQUIRE_BACKENDS=torch $(BIN)/python -m pytest -q tests
+# Compiles every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 and fails on errors or register spills;
+# type-checks the torch bindings. Needs nvcc, not a GPU (a passing result is cached in build/cuda-check).
+cuda-check: $(BIN)/.tools
+	$(BIN)/python csrc/cuda/check.py
+
+test: install lint cuda-check
+	SPAFL_REQUIRE_BACKENDS=torch SPAFL_REQUIRE_NVCC=1 $(BIN)/python -m pytest -q tests
 
 demo: install
 	$(BIN)/python -m spafl_kernels.bench --layer linear-large --densities 1 0.5 0.25 0.1
