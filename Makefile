@@ -31,8 +31,11 @@ lint: $(BIN)/.tools
 cuda-check: $(BIN)/.tools
 	$(BIN)/python csrc/cuda/check.py
 
+# Triton kernels run on the CPU only in Triton's interpreter, which must be on before import: the
+# tests that name triton get a second pytest process with TRITON_INTERPRET=1 (DESIGN §4).
 test: install lint cuda-check
-	SPAFL_REQUIRE_BACKENDS=torch SPAFL_REQUIRE_NVCC=1 $(BIN)/python -m pytest -q tests
+	SPAFL_REQUIRE_BACKENDS=torch SPAFL_REQUIRE_NVCC=1 $(BIN)/python -m pytest -q tests -k "not triton"
+	TRITON_INTERPRET=1 SPAFL_REQUIRE_BACKENDS=triton $(BIN)/python -m pytest -q tests -k triton
 
 demo: install
 	$(BIN)/python -m spafl_kernels.bench --layer linear-large --densities 1 0.5 0.25 0.1
