@@ -211,10 +211,11 @@ def test_compile_fullgraph_matches_eager():
 
 
 def test_reasons_name_the_interpreter_and_the_device(monkeypatch):
-    backend = get_backend("triton")
-    require_backend("triton", "linear")
+    require_backend("triton", "linear", DEVICE)  # the module imports (triton is installed)
     import spafl_kernels.backends.triton as triton_backend
 
+    backend = get_backend("triton")
+    monkeypatch.setattr(triton_backend, "INTERPRET", True)
     assert backend.not_supported_reasons(CallSpec("conv2d", "cpu", torch.bfloat16, groups=4)) == []
     monkeypatch.setattr(triton_backend, "INTERPRET", False)
     (reason,) = backend.not_supported_reasons(CallSpec("linear", "cpu", torch.float32))
@@ -255,7 +256,7 @@ def test_half_precision_on_cuda(op, dtype):
 @pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
 @pytest.mark.parametrize("layer", ["linear-large", "conv-large"])
 def test_full_size_layers_on_cuda(layer, density, no_tf32):
-    """The benchmark's large layers (DESIGN §5) against the float64 oracle, in float32 and float64."""
+    """The benchmark's large layers (DESIGN §5) in float32 against the float64 oracle."""
     from spafl_kernels.bench import make_case
 
     case = make_case(layer, density, "identity", device="cpu")
@@ -266,7 +267,8 @@ def test_full_size_layers_on_cuda(layer, density, no_tf32):
     else:
         fn = functools.partial(_conv, "identity", (1, 1, 1, 1))
         ref = functools.partial(_conv, "identity", (1, 1, 1, 1), backend="reference")
-    assert_matches_oracle(fn, ref, tensors, atol=1e-5, device="cuda")
+    # float32 only (the 16-bit rule with float32's epsilon): float64 would compile every kernel again.
+    assert_low_precision_matches_oracle(fn, ref, tensors, torch.float32, device="cuda")
 
 
 def _small_model():

@@ -33,6 +33,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Whether ``triton.jit`` built interpreter functions: it decides when the kernels are defined (at
 import), so this is read once here and never again."""
 
+AUTOTUNE = os.environ.get("SPAFL_TRITON_AUTOTUNE", "1") != "0"
+"""``SPAFL_TRITON_AUTOTUNE=0`` (read at import): one fixed tile per GEMM kernel instead of autotuning,
+so that correctness tests over many shapes and dtypes do not compile and time every tile for each."""
+
 STE_CODES = {name: code for code, name in enumerate(STES)}
 """``ste`` name -> the integer the kernels take as a compile-time constant."""
 
@@ -56,10 +60,14 @@ does not mean a new compilation. Strides, K and channel counts keep their specia
 
 
 def gemm_configs() -> list[triton.Config]:
-    """Autotune configurations of the GEMM kernels: ``CUDA_GEMM_TILES`` on a GPU; under the interpreter
-    one 32x32x32 tile: there is nothing to tune, and its cost is per operation rather than per element,
-    so fewer, larger programs run the tests faster while small shapes still span several tiles."""
-    tiles = [(32, 32, 32, 1, 1)] if INTERPRET else CUDA_GEMM_TILES
+    """Autotune configurations of the GEMM kernels: ``CUDA_GEMM_TILES`` on a GPU (only the spill-free
+    64x64x32 one without ``AUTOTUNE``); under the interpreter one 32x32x32 tile: there is nothing to tune,
+    and its cost is per operation rather than per element, so fewer, larger programs run the tests
+    faster while small shapes still span several tiles."""
+    if INTERPRET:
+        tiles = [(32, 32, 32, 1, 1)]
+    else:
+        tiles = CUDA_GEMM_TILES if AUTOTUNE else [(64, 64, 32, 8, 3)]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in tiles
