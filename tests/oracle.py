@@ -113,3 +113,16 @@ def assert_low_precision_matches_oracle(fn_backend, fn_reference, tensors64: dic
     ref_low = outputs_and_grads(fn_reference, cast(tensors64, dtype))
     out = outputs_and_grads(fn_backend, cast(tensors64, dtype))
     _assert_within_oracle_error(out, ref_low, ref64, dtype, torch.finfo(dtype).eps)
+
+
+def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, backend: str = "aot_eager") -> None:
+    """``torch.compile(model, fullgraph=True, backend=backend)`` gives eager's output and parameter
+    gradients (of ``sum(out**2)``) on ``x``."""
+    results = []
+    for run in (torch.compile(model, fullgraph=True, backend=backend), model):
+        model.zero_grad()
+        out = run(x)
+        out.square().sum().backward()
+        results.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
+    for compiled_value, eager_value in zip(*results):
+        torch.testing.assert_close(compiled_value, eager_value)

@@ -13,7 +13,13 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import assert_low_precision_matches_oracle, assert_matches_oracle, make_params, require_backend
+from oracle import (
+    assert_compiled_matches_eager,
+    assert_low_precision_matches_oracle,
+    assert_matches_oracle,
+    make_params,
+    require_backend,
+)
 
 import spafl_kernels as sk
 from spafl_kernels.backends import get_backend
@@ -28,6 +34,22 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 def cuda(test):
     """Marks a test ``cuda`` (``pytest -m cuda`` selects the GPU checks) and skips it without a GPU."""
     return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")(test))
+
+
+def _set_tf32(matmul: bool, cudnn: bool) -> tuple[bool, bool]:
+    """Set torch's tf32 switches (properties monkeypatch cannot see); returns the previous values."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    return previous
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Full float32 in the kernels and the oracle (on CUDA both follow torch's tf32 switches, and cuDNN's
+    is on by default), so that float32 errors measure the kernels; test_tf32_on_cuda turns them on."""
+    previous = _set_tf32(False, False)
+    yield
+    _set_tf32(*previous)
 
 
 def _rows():
@@ -199,15 +221,7 @@ def test_compile_fullgraph_matches_eager():
     ).to(DEVICE)
     with torch.no_grad():
         model[0].threshold.copy_(model[0].weight.abs().mean((1, 2, 3)) - torch.linspace(-0.5, 0.5, 6, device=DEVICE))
-    x = torch.randn(3, 2, 4, 4, device=DEVICE)
-    results = []
-    for run in (torch.compile(model, fullgraph=True, backend="aot_eager"), model):
-        model.zero_grad()
-        out = run(x)
-        out.square().sum().backward()
-        results.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
-    for compiled_value, eager_value in zip(*results):
-        torch.testing.assert_close(compiled_value, eager_value)
+    assert_compiled_matches_eager(model, torch.randn(3, 2, 4, 4, device=DEVICE))
 
 
 def test_reasons_name_the_interpreter_and_the_device(monkeypatch):
@@ -225,13 +239,6 @@ def test_reasons_name_the_interpreter_and_the_device(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- CUDA only
-
-
-@pytest.fixture
-def no_tf32(monkeypatch):
-    """Full float32 in the kernels and the oracle, so that errors measure the kernels."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 @cuda
@@ -253,9 +260,28 @@ def test_half_precision_on_cuda(op, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_tf32_on_cuda(op):
+    """With torch's tf32 switches on, the kernels use tf32 too: as close to the float64 oracle as the
+    oracle (cuBLAS / cuDNN in tf32) is. (The autouse fixture restores the switches afterwards.)"""
+    _set_tf32(True, True)
+    if op == "linear":
+        weight, b, threshold = make_params((256, 512), 100, True, seed=9)
+        x = torch.randn(128, 512, dtype=torch.float64)
+        fn, ref = functools.partial(_linear, "identity"), functools.partial(_linear, "identity", backend="reference")
+    else:
+        weight, b, threshold = make_params((64, 32, 3, 3), 30, True, seed=9)
+        x = torch.randn(8, 32, 16, 16, dtype=torch.float64)
+        fn = functools.partial(_conv, "identity", (1, 1, 1, 1))
+        ref = functools.partial(_conv, "identity", (1, 1, 1, 1), backend="reference")
+    tensors = {"x": x, "weight": weight, "threshold": threshold, "bias": b}
+    assert_low_precision_matches_oracle(fn, ref, tensors, torch.float32, device="cuda")
+
+
+@cuda
 @pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
 @pytest.mark.parametrize("layer", ["linear-large", "conv-large"])
-def test_full_size_layers_on_cuda(layer, density, no_tf32):
+def test_full_size_layers_on_cuda(layer, density):
     """The benchmark's large layers (DESIGN §5) in float32 against the float64 oracle."""
     from spafl_kernels.bench import make_case
 
