@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TOOLS := numpy==2.4.6 pytest==9.2.0 pytest-benchmark==5.3.1 ruff==0.17.6 triton==3.9.0
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install test lint cuda-check demo info clean
+.PHONY: install test lint cuda-check triton-check demo info clean
 
 $(BIN)/.tools:
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,16 @@ lint: $(BIN)/.tools
 cuda-check: $(BIN)/.tools
 	$(BIN)/python csrc/cuda/check.py
 
+# Compiles every Triton kernel of the triton backend for sm_90 (ptxas ships with triton; no GPU needed)
+# and fails on compile errors, which the interpreter that runs the Triton tests cannot see.
+triton-check: install
+	mkdir -p build
+	$(BIN)/python benchmarks/triton_compile_check.py --arch 90 >build/triton-check.md || (tail -n 40 build/triton-check.md; exit 1)
+	tail -n 1 build/triton-check.md
+
 # Triton kernels run on the CPU only in Triton's interpreter, which must be on before import: the
 # tests that name triton get a second pytest process with TRITON_INTERPRET=1 (DESIGN §4).
-test: install lint cuda-check
+test: install lint cuda-check triton-check
 	SPAFL_REQUIRE_BACKENDS=torch SPAFL_REQUIRE_NVCC=1 $(BIN)/python -m pytest -q tests -k "not triton"
 	TRITON_INTERPRET=1 SPAFL_REQUIRE_BACKENDS=triton $(BIN)/python -m pytest -q tests -k triton
 
