@@ -263,22 +263,28 @@ def test_reasons_name_the_interpreter_and_the_device(monkeypatch):
 # ----------------------------------------------------------------------------------- CUDA only
 
 
+def _identity_ops(op: str):
+    """``(triton, reference)`` callables of ``op`` with the identity STE; Conv2d: 3x3, padding 1."""
+    if op == "linear":
+        return functools.partial(_linear, "identity"), functools.partial(_linear, "identity", backend="reference")
+    geometry = (1, 1, 1, 1)
+    return functools.partial(_conv, "identity", geometry), functools.partial(_conv, "identity", geometry,
+                                                                             backend="reference")
+
+
+def _inputs(x_shape, w_shape, n_active: int, seed: int) -> dict:
+    """float64 inputs with a bias and ``n_active`` active rows."""
+    weight, b, threshold = make_params(w_shape, n_active, True, seed=seed)
+    x = torch.randn(x_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return {"x": x, "weight": weight, "threshold": threshold, "bias": b}
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("op", ["linear", "conv2d"])
 def test_half_precision_on_cuda(op, dtype):
-    if op == "linear":
-        weight, b, threshold = make_params((96, 80), 40, True, seed=8)
-        x = torch.randn(33, 80, dtype=torch.float64)
-        fn, ref = functools.partial(_linear, "identity"), functools.partial(_linear, "identity", backend="reference")
-    else:
-        weight, b, threshold = make_params((24, 16, 3, 3), 10, True, seed=8)
-        x = torch.randn(4, 16, 12, 12, dtype=torch.float64)
-        geometry = (1, 1, 1, 1)
-        fn = functools.partial(_conv, "identity", geometry)
-        ref = functools.partial(_conv, "identity", geometry, backend="reference")
-    tensors = {"x": x, "weight": weight, "threshold": threshold, "bias": b}
-    assert_low_precision_matches_oracle(fn, ref, tensors, dtype, device="cuda")
+    shapes = {"linear": ((33, 80), (96, 80), 40), "conv2d": ((4, 16, 12, 12), (24, 16, 3, 3), 10)}[op]
+    assert_low_precision_matches_oracle(*_identity_ops(op), _inputs(*shapes, seed=8), dtype, device="cuda")
 
 
 @cuda
@@ -287,17 +293,8 @@ def test_tf32_on_cuda(op):
     """With torch's tf32 switches on, the kernels use tf32 too: as close to the float64 oracle as the
     oracle (cuBLAS / cuDNN in tf32) is. (The autouse fixture restores the switches afterwards.)"""
     _set_tf32(True, True)
-    if op == "linear":
-        weight, b, threshold = make_params((256, 512), 100, True, seed=9)
-        x = torch.randn(128, 512, dtype=torch.float64)
-        fn, ref = functools.partial(_linear, "identity"), functools.partial(_linear, "identity", backend="reference")
-    else:
-        weight, b, threshold = make_params((64, 32, 3, 3), 30, True, seed=9)
-        x = torch.randn(8, 32, 16, 16, dtype=torch.float64)
-        fn = functools.partial(_conv, "identity", (1, 1, 1, 1))
-        ref = functools.partial(_conv, "identity", (1, 1, 1, 1), backend="reference")
-    tensors = {"x": x, "weight": weight, "threshold": threshold, "bias": b}
-    assert_low_precision_matches_oracle(fn, ref, tensors, torch.float32, device="cuda")
+    shapes = {"linear": ((128, 512), (256, 512), 100), "conv2d": ((8, 32, 16, 16), (64, 32, 3, 3), 30)}[op]
+    assert_low_precision_matches_oracle(*_identity_ops(op), _inputs(*shapes, seed=9), torch.float32, device="cuda")
 
 
 @cuda
@@ -310,11 +307,7 @@ def test_full_size_layers_on_cuda(layer, density):
     case = make_case(layer, density, "identity", device="cpu")
     tensors = {"x": case.x.double(), "weight": case.weight.double(), "threshold": case.threshold.double(),
                "bias": torch.randn(case.weight.shape[0], dtype=torch.float64)}
-    if layer == "linear-large":
-        fn, ref = functools.partial(_linear, "identity"), functools.partial(_linear, "identity", backend="reference")
-    else:
-        fn = functools.partial(_conv, "identity", (1, 1, 1, 1))
-        ref = functools.partial(_conv, "identity", (1, 1, 1, 1), backend="reference")
+    fn, ref = _identity_ops("linear" if layer == "linear-large" else "conv2d")
     # float32 only (the 16-bit rule with float32's epsilon): float64 would compile every kernel again.
     assert_low_precision_matches_oracle(fn, ref, tensors, torch.float32, device="cuda")
 
