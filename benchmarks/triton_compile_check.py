@@ -3,7 +3,7 @@
 Triton's interpreter (how CI runs the kernels) executes the Python of a kernel, not its compilation:
 type errors in loop-carried values, constexpr misuse and shared-memory overruns show only when a GPU
 compiles the kernel. This compiles each kernel ahead of time (``triton.compile`` for a ``GPUTarget``;
-ptxas ships with triton) and reports registers, local memory (spills) and shared memory per kernel,
+ptxas ships with triton) and reports registers, stack (spills) and shared memory per kernel,
 autotune tile and dtype, in two argument variants, as Triton specialises them at launch: ``generic``
 (pointers 16-byte aligned, as torch allocates them; integers unknown) and ``aligned`` (contiguous
 tensors of a large layer: innermost strides and unit conv strides are 1, the other integers that
@@ -79,13 +79,14 @@ def _signature(fn, dtype: str, constants: dict) -> dict:
 
 
 def _resources(cubin: bytes) -> tuple[int, int]:
-    """``(registers, local bytes)`` of the one function in ``cubin``, from cuobjdump."""
+    """``(registers, stack bytes)`` of the one function in ``cubin``, from cuobjdump: a stack frame in
+    these kernels (no calls, no local arrays) holds register spills."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
-    match = re.search(r"REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", out)
+    match = re.search(r"REG:(\d+) STACK:(\d+)", out)
     return int(match.group(1)), int(match.group(2))
 
 
@@ -122,9 +123,10 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities (default: 90)")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args(argv)
-    header = "| arch | kernel | tile | dtype | variant | registers | spill bytes | shared KiB | note |"
+    header = "| arch | kernel | tile | dtype | variant | registers | stack (spill) bytes | shared KiB | note |"
     lines = [header, "|" + "---|" * 9]
     failures = 0
+    spilling: dict[str, int] = {}  # tile -> compilations with a stack frame (within shared memory)
     start = time.perf_counter()
     for arch in args.arch:
         for label, fn, dtype, constants, warps, stages in cases(args.all_tiles):
@@ -141,19 +143,22 @@ def main(argv=None) -> int:
                     message = str(error).strip().splitlines()[-1][:150]
                     lines.append(f"| {arch} | {fn.__name__} | {label} | {dtype} | {variant} | | | | ERROR: {message} |")
                     continue
-                registers, local = _resources(kernel.asm["cubin"])
+                registers, stack = _resources(kernel.asm["cubin"])
                 shared = kernel.metadata.shared
                 note = "over shared memory: autotune skips it" if shared > SHARED_LIMIT.get(arch, 1 << 30) else ""
-                lines.append(f"| {arch} | {fn.__name__} | {label} | {dtype} | {variant} | {registers} | {local} "
+                if stack and not note:
+                    key = f"sm_{arch} {label or fn.__name__}"
+                    spilling[key] = spilling.get(key, 0) + 1
+                lines.append(f"| {arch} | {fn.__name__} | {label} | {dtype} | {variant} | {registers} | {stack} "
                              f"| {shared / 1024:.0f} | {note} |")
     table = "\n".join(lines)
-    summary = (f"triton {triton.__version__}: {len(lines) - 2} compilations, {failures} failed, "
-               f"{time.perf_counter() - start:.0f} s")
-    print(table + "\n\n" + summary)
+    summary = f"triton {triton.__version__}: {len(lines) - 2} compilations, {failures} failed"
+    spills = "; ".join(f"{tile}: {count}" for tile, count in spilling.items()) or "none"
+    print(f"{table}\n\nspilling compilations per tile: {spills}\n{summary}, {time.perf_counter() - start:.0f} s")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(f"# Triton kernels compiled ahead of time\n\n`{' '.join(['python', *sys.argv])}`\n\n"
-                    f"{summary}\n\n{table}\n")
+                    f"{summary}. Spilling compilations (stack frame > 0) per tile: {spills}.\n\n{table}\n")
     return 1 if failures else 0
 
 

@@ -42,8 +42,9 @@ STE_CODES = {name: code for code, name in enumerate(STES)}
 
 
 CUDA_GEMM_TILES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-    # Eight warps keep the gathered-pointer tiles in registers: compiled for sm_90, these spill
-    # little or nothing, where four-warp versions of the same tiles spill in most kernels. Few
+    # Eight warps keep the gathered-pointer tiles in registers: four-warp versions of these tiles
+    # spill in most kernels; with eight, 64x64x32 spills in none and the larger ones in some
+    # (benchmarks/results/triton-compile.md), which autotuning weighs against their reuse. Few
     # configurations: each one is compiled per kernel and layer shape before autotuning can time it.
     (128, 128, 32, 8, 3),
     (128, 64, 32, 8, 3),
