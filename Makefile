@@ -6,18 +6,21 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-TOOLS := numpy==2.4.6 pytest==9.2.0 pytest-benchmark==5.3.1 ruff==0.17.6 triton==3.9.0
+TOOLS := numpy==2.4.6 pytest==9.2.0 pytest-benchmark==5.3.1 ruff==0.17.6 triton==3.9.0 \
+	safetensors==0.8.0 tqdm==4.70.1 matplotlib==3.11.2 mlxtend==0.25.0 scikit-learn==1.9.1
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h)
 
 .PHONY: install test lint demo info clean
 
-$(BIN)/.tools:
+# Re-run when the pins above change (pip skips what is already there); the package build below does
+# not depend on it, so a new tool pin does not recompile the extension.
+$(BIN)/.tools: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==$(TORCH_VERSION)
 	$(BIN)/pip install -q --disable-pip-version-check $(TOOLS)
 	touch $@
 
-$(BIN)/.installed: $(BIN)/.tools $(EXT_SOURCES)
+$(BIN)/.installed: $(EXT_SOURCES) | $(BIN)/.tools
 	MAX_JOBS=2 $(BIN)/pip install -q --disable-pip-version-check --no-build-isolation -e .
 	touch $@
 
