@@ -73,7 +73,8 @@ def make_step(case: Case, candidate: str, train: bool) -> Callable[[], None]:
     """A no-argument function running one forward (and backward when ``train``) of ``candidate``:
     ``dense``, ``masked`` or a backend name."""
     op, _, _, conv_kwargs = LAYERS[case.layer]
-    weight, bias, threshold = (t.detach().clone().requires_grad_(train) for t in (case.weight, case.bias, case.threshold))
+    params = (case.weight, case.bias, case.threshold)
+    weight, bias, threshold = (t.detach().clone().requires_grad_(train) for t in params)
     x = case.x.detach().clone().requires_grad_(train)
     backend = "reference" if candidate == "masked" else candidate
 
@@ -132,7 +133,8 @@ def run(layer: str, densities, candidates, ste: str, train: bool, reps: int) -> 
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'layer':<14}{'mode':<9}{'density':>8}  {'backend':<10}{'median ms':>10}{'vs dense':>10}{'ideal':>8}{'of ideal':>10}"
+    header = (f"{'layer':<14}{'mode':<9}{'density':>8}  {'backend':<10}{'median ms':>10}"
+              f"{'vs dense':>10}{'ideal':>8}{'of ideal':>10}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(

@@ -5,6 +5,7 @@ Layers are keyed by their qualified module name (``model.named_modules()``), e.g
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -25,6 +26,10 @@ def sparsify(
 ) -> nn.Module:
     """Replace every ``nn.Linear``/``nn.Conv2d`` of ``model`` in place by its sparse twin, keeping
     weights; modules named in ``skip`` (qualified names) and everything under them stay dense.
+
+    ``nn.MultiheadAttention`` stays dense with a warning: it reads its ``out_proj.weight`` directly
+    and never calls the submodule, so a sparse ``out_proj`` would be ignored. Build attention from
+    ``nn.Linear`` layers to make it sparse.
 
     Returns ``model`` (a new module when ``model`` itself is a Linear or Conv2d).
     """
@@ -49,6 +54,13 @@ def sparsify(
             return replaced
     for name, parent in list(model.named_modules()):
         if any(name == s or name.startswith(s + ".") for s in skip if s):
+            continue
+        if isinstance(parent, nn.MultiheadAttention):
+            skip.add(name)
+            warnings.warn(
+                f"sparsify: {name or 'model'} is an nn.MultiheadAttention, which uses its projection "
+                "weights directly; it stays dense", stacklevel=2,
+            )
             continue
         for child_name, child in list(parent.named_children()):
             qualified = f"{name}.{child_name}" if name else child_name
@@ -107,10 +119,7 @@ def apply_threshold_update(model: nn.Module, delta: Mapping[str, torch.Tensor]) 
 
 def threshold_penalty(model: nn.Module) -> torch.Tensor:
     """``sum_i exp(-tau_i)`` over every sparse layer's thresholds (a differentiable scalar)."""
-    terms = [layer.threshold.neg().exp().sum() for _, layer in sparse_layers(model)]
-    if not terms:
-        return torch.zeros(())
-    return torch.stack([t.float() for t in terms]).sum()
+    return sum((layer.threshold.neg().exp().sum() for _, layer in sparse_layers(model)), torch.zeros(()))
 
 
 @torch.no_grad()

@@ -20,7 +20,19 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
+from .backends.base import Backend
 from .semantics import acc_dtype, conv2d_output_hw
+
+
+def kernels(name: str, function: str) -> Backend:
+    """The backend ``name``, checked to provide ``function`` (e.g. ``"linear_fwd"``)."""
+    backend = get_backend(name)
+    if not hasattr(backend, function):
+        raise ValueError(
+            f"backend {name!r} provides no {function} kernel ({backend.description}); the ops take a kernel "
+            "backend, and sparse_linear/sparse_conv2d(..., backend='reference') runs the oracle"
+        )
+    return backend
 
 # ---------------------------------------------------------------------------------------- linear
 
@@ -30,7 +42,7 @@ def linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, ste: str, backend: str
 ) -> tuple[Tensor, Tensor]:
     """``ste`` is unused in the forward pass; it is an input so that autograd can save it."""
-    return get_backend(backend).linear_fwd(x, weight, bias, threshold)
+    return kernels(backend, "linear_fwd").linear_fwd(x, weight, bias, threshold)
 
 
 @linear_fwd.register_fake
@@ -51,7 +63,7 @@ def linear_bwd(
     need_params: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return get_backend(backend).linear_bwd(
+    return kernels(backend, "linear_bwd").linear_bwd(
         grad_y, x, weight, bias, score, ste, need_dx, need_params
     )
 
@@ -87,7 +99,7 @@ def conv2d_fwd(
     ste: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return get_backend(backend).conv2d_fwd(
+    return kernels(backend, "conv2d_fwd").conv2d_fwd(
         x, weight, bias, threshold, tuple(stride), tuple(padding), tuple(dilation), groups
     )
 
@@ -115,7 +127,7 @@ def conv2d_bwd(
     need_params: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return get_backend(backend).conv2d_bwd(
+    return kernels(backend, "conv2d_bwd").conv2d_bwd(
         grad_y, x, weight, bias, score, tuple(stride), tuple(padding), tuple(dilation), groups,
         ste, need_dx, need_params,
     )

@@ -1,0 +1,44 @@
+"""FLOP accounting: exact counts of what a skipping kernel does, dense, and the paper's formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import spafl_kernels as sk
+from spafl_kernels.flops import FlopCounter, LayerFlops, layer_flops
+
+
+def test_layer_flops_counts():
+    f = layer_flops(positions=10, fan_in=4, rows=8, active=2, open_pruned=3, need_dx=True)
+    unit = 2 * 10 * 4
+    assert f.forward == unit * 2 and f.dense_forward == unit * 8
+    assert f.backward == unit * (2 + 3) + unit * 2 and f.dense_backward == 2 * unit * 8
+    assert f.paper_forward == pytest.approx(0.25 * unit * 8) and f.paper_backward == pytest.approx(2 * f.paper_forward)
+    g = layer_flops(10, 4, 8, 2, 0, need_dx=False)
+    assert g.backward == unit * 2 and g.dense_backward == unit * 8
+    assert (f + g).forward == 2 * unit * 2 and isinstance(f + g, LayerFlops)
+    with pytest.raises(ValueError):
+        layer_flops(10, 4, 8, 6, 3)
+
+
+def test_flop_counter_on_a_model():
+    torch.manual_seed(0)
+    model = sk.sparsify(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 5 * 5, 6)),
+                        ste="outer")
+    with torch.no_grad():  # conv: rows 0,1 active (|s|<1: gate closed), rows 2,3 pruned, one gate open
+        s = torch.tensor([0.5, 0.5, -0.5, -1.5])
+        model[0].threshold.copy_(model[0].weight.abs().mean((1, 2, 3)) - s)
+    x = torch.randn(3, 2, 5, 5)
+    with FlopCounter(model) as counter:
+        model(x).sum().backward()
+    conv = counter.per_layer["0"]
+    positions, fan_in = 3 * 5 * 5, 2 * 9
+    assert conv == layer_flops(positions, fan_in, 4, active=2, open_pruned=1, need_dx=False)
+    assert counter.per_layer["2"] == layer_flops(3, 100, 6, active=6, open_pruned=0, need_dx=True)
+    assert counter.total.train == conv.train + counter.per_layer["2"].train
+    assert counter.total.train < counter.total.dense_train
+    with FlopCounter(model) as again:
+        pass
+    assert again.total.train == 0 and not model[0]._forward_hooks

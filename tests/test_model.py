@@ -1,0 +1,105 @@
+"""Whole-model helpers: sparsify, thresholds round trip, the paper's update, penalty, collapse, density."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import spafl_kernels as sk
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(),
+        nn.Sequential(nn.Linear(4 * 4 * 4, 8), nn.ReLU()), nn.Linear(8, 3),
+    )
+
+
+def test_sparsify_replaces_in_place_and_keeps_weights():
+    model = small_net()
+    x = torch.randn(2, 1, 6, 6)
+    before = model(x)
+    out = sk.sparsify(model, ste="outer", backend="torch", skip=["4"])
+    assert out is model
+    assert isinstance(model[0], sk.SparseConv2d) and isinstance(model[3][0], sk.SparseLinear)
+    assert type(model[4]) is nn.Linear  # skipped
+    assert [name for name, _ in sk.sparse_layers(model)] == ["0", "3.0"]
+    assert model[0].ste == "outer" and model[3][0].backend == "torch"
+    torch.testing.assert_close(model(x), before)
+
+
+def test_sparsify_skip_covers_children_and_checks_names():
+    model = small_net()
+    sk.sparsify(model, skip=["3"])
+    assert type(model[3][0]) is nn.Linear
+    with pytest.raises(ValueError, match=r"skip names not found in the model: \['nope'\]"):
+        sk.sparsify(small_net(), skip=["nope"])
+    assert isinstance(sk.sparsify(nn.Linear(2, 3)), sk.SparseLinear)
+
+
+def test_thresholds_round_trip_and_checks():
+    model = sk.sparsify(small_net())
+    taus = sk.thresholds(model)
+    assert set(taus) == {"0", "3.0", "4"} and taus["3.0"].shape == (8,)
+    taus["3.0"] += 0.5
+    assert (model[3][0].threshold == 0).all()  # thresholds() returns copies
+    sk.load_thresholds(model, taus)
+    assert (model[3][0].threshold == 0.5).all()
+    with pytest.raises(ValueError, match=r"missing layers \['4'\]"):
+        sk.load_thresholds(model, {k: v for k, v in taus.items() if k != "4"})
+    with pytest.raises(ValueError, match=r"unknown layers \['5'\]"):
+        sk.load_thresholds(model, {**taus, "5": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"3.0: expected shape \(8,\), got \(7,\)"):
+        sk.load_thresholds(model, {**taus, "3.0": torch.zeros(7)})
+    with pytest.raises(ValueError, match="4: values must be finite"):
+        sk.load_thresholds(model, {**taus, "4": torch.full((3,), float("nan"))})
+
+
+def test_apply_threshold_update_is_the_papers_rule():
+    model = sk.sparsify(small_net())
+    w_conv, w_fc = model[0].weight.detach().clone(), model[4].weight.detach().clone()
+    delta = {name: torch.randn(t.shape) for name, t in sk.thresholds(model).items()}
+    sk.apply_threshold_update(model, delta)
+    # Conv2d: n = kh * kw = 9; Linear: n = in_features = 8. Sign of each row's sum.
+    expected_conv = w_conv - (delta["0"] * w_conv.sum((1, 2, 3)).sign() / 9).view(-1, 1, 1, 1)
+    expected_fc = w_fc - (delta["4"] * w_fc.sum(1).sign() / 8).view(-1, 1)
+    torch.testing.assert_close(model[0].weight.detach(), expected_conv)
+    torch.testing.assert_close(model[4].weight.detach(), expected_fc)
+
+
+def test_threshold_penalty():
+    model = sk.sparsify(small_net())
+    with torch.no_grad():
+        model[4].threshold.fill_(1.0)
+    expected = 4 * 1 + 8 * 1 + 3 * math.exp(-1.0)
+    penalty = sk.threshold_penalty(model)
+    assert penalty.item() == pytest.approx(expected)
+    penalty.backward()
+    torch.testing.assert_close(model[4].threshold.grad, torch.full((3,), -math.exp(-1.0)))
+    assert sk.threshold_penalty(nn.Linear(2, 2)).item() == 0.0
+
+
+def test_reset_collapsed_and_density():
+    model = sk.sparsify(small_net())
+    with torch.no_grad():
+        model[3][0].threshold.fill_(100.0)  # every row pruned
+        model[4].threshold.copy_(model[4].weight.abs().mean(1) + torch.tensor([1.0, -1.0, -1.0]))
+    dens = sk.density(model)
+    assert dens["0"] == 1.0 and dens["3.0"] == 0.0 and dens["4"] == pytest.approx(2 / 3)
+    rows_weights = {"0": (4, 9), "3.0": (8, 64), "4": (3, 8)}
+    total = sum(r * k for r, k in rows_weights.values())
+    assert dens["total"] == pytest.approx((4 * 9 + 0 + 2 * 8) / total)
+    assert sk.reset_collapsed(model, min_density=0.01) == ["3.0"]
+    assert (model[3][0].threshold == 0).all() and sk.density(model)["3.0"] == 1.0
+    assert sk.density(nn.Linear(2, 2)) == {"total": 1.0}
+
+
+def test_sparsify_leaves_multihead_attention_dense():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match="0 is an nn.MultiheadAttention"):
+        sk.sparsify(model)
+    assert type(model[0].out_proj) is not sk.SparseLinear and isinstance(model[1], sk.SparseLinear)

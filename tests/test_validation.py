@@ -1,0 +1,82 @@
+"""Bad input: a clear error naming the argument, raised before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spafl_kernels as sk
+
+
+def linear_args(**override):
+    args = {"x": torch.randn(3, 5), "weight": torch.randn(4, 5), "bias": torch.randn(4), "threshold": torch.zeros(4)}
+    args.update(override)
+    return args
+
+
+def conv_args(**override):
+    args = {"x": torch.randn(2, 4, 6, 6), "weight": torch.randn(6, 2, 3, 3), "bias": None,
+            "threshold": torch.zeros(6), "groups": 2}
+    args.update(override)
+    return args
+
+
+@pytest.mark.parametrize(
+    "override, error, match",
+    [
+        ({"x": torch.randn(3, 6)}, ValueError, r"x must have shape \(\*, 5\)"),
+        ({"x": torch.randn(())}, ValueError, "x must have shape"),
+        ({"weight": torch.randn(4, 5, 1)}, ValueError, "weight must be 2-D"),
+        ({"threshold": torch.zeros(5)}, ValueError, r"threshold must have shape \(4,\)"),
+        ({"threshold": torch.zeros(4, 1)}, ValueError, "threshold must have shape"),
+        ({"bias": torch.zeros(3)}, ValueError, r"bias must have shape \(4,\)"),
+        ({"x": torch.randn(3, 5, dtype=torch.float64)}, TypeError, "x has dtype torch.float64"),
+        ({"threshold": torch.zeros(4, dtype=torch.float64)}, TypeError, "threshold has dtype"),
+        ({"weight": torch.randint(0, 3, (4, 5))}, TypeError, "weight must be a floating tensor"),
+        ({"x": torch.randn(3, 5, device="meta")}, ValueError, "x is on meta but weight is on cpu"),
+        ({"bias": [0.0] * 4}, TypeError, "bias must be a torch.Tensor"),
+        ({"threshold": torch.tensor([0.0, float("nan"), 0.0, 0.0])}, RuntimeError, "threshold has non-finite"),
+        ({"threshold": torch.tensor([0.0, 0.0, float("inf"), 0.0])}, RuntimeError, "threshold has non-finite"),
+    ],
+)
+def test_linear_bad_input(override, error, match):
+    args = linear_args(**override)
+    with pytest.raises(error, match=match):
+        sk.sparse_linear(args["x"], args["weight"], args["bias"], args["threshold"])
+
+
+@pytest.mark.parametrize(
+    "override, error, match",
+    [
+        ({"x": torch.randn(4, 6, 6)}, ValueError, r"x must have shape \(B, 4, H, W\)"),
+        ({"x": torch.randn(2, 3, 6, 6)}, ValueError, "weight.shape.1. \\* groups channels"),
+        ({"groups": 4}, ValueError, r"out_channels \(6\) must be divisible by groups \(4\)"),
+        ({"groups": 0}, ValueError, "groups must be a positive int"),
+        ({"stride": 0}, ValueError, "stride must be an int or a pair of ints >= 1"),
+        ({"stride": (1, 2, 3)}, ValueError, "stride must be"),
+        ({"padding": -1}, ValueError, "padding must be an int or a pair of ints >= 0"),
+        ({"padding": "full"}, ValueError, "padding must be an int, a pair, 'same' or 'valid'"),
+        ({"padding": "same", "stride": 2}, ValueError, "padding='same' needs stride 1"),
+        ({"dilation": (1, 0)}, ValueError, "dilation must be"),
+        ({"x": torch.randn(2, 4, 2, 6)}, ValueError, r"padded input height .* smaller than the dilated kernel"),
+        ({"weight": torch.randn(6, 2, 3)}, ValueError, "weight must be 4-D"),
+        ({"threshold": torch.zeros(5)}, ValueError, r"threshold must have shape \(6,\)"),
+    ],
+)
+def test_conv2d_bad_input(override, error, match):
+    args = conv_args(**override)
+    kwargs = {k: args[k] for k in ("stride", "padding", "dilation") if k in args}
+    with pytest.raises(error, match=match):
+        sk.sparse_conv2d(args["x"], args["weight"], args["bias"], args["threshold"], groups=args["groups"], **kwargs)
+
+
+def test_unknown_ste_and_backend():
+    args = linear_args()
+    with pytest.raises(ValueError, match="ste must be one of"):
+        sk.sparse_linear(*args.values(), ste="sigmoid")
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        sk.sparse_linear(*args.values(), backend="fast")
+    with pytest.raises(ValueError, match="ste must be one of"):
+        sk.SparseLinear(3, 4, ste="nope")
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        sk.SparseConv2d(3, 4, 3, backend="nope")
