@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,14 +29,15 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new content, never a mix."""
+def _atomic_replace(path: str, write: Callable[[str], None]) -> None:
+    """Let ``write(tmp)`` create a temporary file next to ``path``, make it durable, then rename it
+    over ``path``: readers see the old file or the new one, never a mix."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -45,22 +47,23 @@ def atomic_write_text(path: str, text: str) -> None:
     _fsync_dir(folder)
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic_replace(path, write)
+
+
 def save_checkpoint(folder: str, round_done: int, tensors: dict[str, torch.Tensor], meta: dict) -> str:
-    """Save ``tensors`` (name -> CPU tensor) and ``meta`` (JSON-able) as the checkpoint after
+    """Save ``tensors`` (name -> tensor) and ``meta`` (JSON-able) as the checkpoint after
     ``round_done`` completed rounds. Returns the tensor file's path."""
     name = f"checkpoint-{round_done:06d}.safetensors"
     path = os.path.join(folder, name)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic_replace(path, lambda tmp: save_file(cpu, tmp))
     atomic_write_text(os.path.join(folder, POINTER),
                       json.dumps({"round": round_done, "tensors": name, "meta": meta}, indent=1))
     for other in os.listdir(folder):
