@@ -10,6 +10,12 @@ FLAGS = ["--dataset", "synthetic", "--model", "mlp", "--clients", "4", "--sample
          "--local-epochs", "1", "--batch-size", "64", "--lr", "0.05", "--alpha", "0.5", "--no-progress"]
 
 
+def _with(flags, name, value):
+    """``flags`` with the value after ``name`` replaced."""
+    i = flags.index(name)
+    return [*flags[:i + 1], value, *flags[i + 2:]]
+
+
 def test_run_then_compare(tmp_path, capsys):
     spafl, fedavg = str(tmp_path / "spafl"), str(tmp_path / "fedavg")
     assert main(["run", *FLAGS, "--out", spafl]) == 0
@@ -36,8 +42,7 @@ def test_run_then_compare(tmp_path, capsys):
 
 def test_resume_flag_continues_a_run(tmp_path, capsys):
     out = str(tmp_path / "run")
-    flags = [f if f != "2" or i != FLAGS.index("--rounds") + 1 else "1" for i, f in enumerate(FLAGS)]
-    assert main(["run", *flags, "--out", out, "--no-baseline"]) == 0
+    assert main(["run", *_with(FLAGS, "--rounds", "1"), "--out", out, "--no-baseline"]) == 0
     assert main(["run", *FLAGS, "--out", out, "--no-baseline", "--resume"]) == 0
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert [json.loads(line)["round"] for line in f] == [1, 2]
