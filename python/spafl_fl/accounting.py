@@ -3,7 +3,9 @@
 Bits: every tensor counts ``numel * dtype width`` (thresholds at their dtype; FedAvg's full state,
 buffers included). FLOPs: ``spafl_kernels.flops.layer_flops`` per Linear/Conv2d call, with the rows a
 skipping kernel executes, the dense count and the paper's formula; dense layers count in all three
-as fully active. Only those matrix products are counted (as in ``spafl_kernels.flops``).
+as fully active, and so do sparse layers on the ``reference`` backend in the executed count (masked
+dense skips nothing; the paper's formula still applies the density). Only those matrix products are
+counted (as in ``spafl_kernels.flops``).
 
 Counting never runs inside a timed training step: ``FlopPlan`` learns once, by one probe forward with
 hooks, each layer's output positions per sample and whether its input needs a gradient; a step then
@@ -14,12 +16,13 @@ the very weights and thresholds that forward uses.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from spafl_kernels import sparse_layers
+from spafl_kernels.backends import resolve_backend
 from spafl_kernels.flops import LayerFlops, layer_flops
 from spafl_kernels.modules import SparseLayer
 from spafl_kernels.semantics import row_score, ste_gate
@@ -44,6 +47,7 @@ def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
 @dataclass
 class _Call:
     name: str
+    op: str  # "linear" or "conv2d"
     sparse: bool
     positions_per_sample: int
     fan_in: int
@@ -69,7 +73,8 @@ class FlopPlan:
         def hook(name):
             def record(layer, inputs, output):
                 rows = layer.weight.shape[0]
-                self.calls.append(_Call(name, isinstance(layer, SparseLayer), output.numel() // rows // batch,
+                op = "linear" if isinstance(layer, nn.Linear) else "conv2d"
+                self.calls.append(_Call(name, op, isinstance(layer, SparseLayer), output.numel() // rows // batch,
                                         layer.weight[0].numel(), rows, bool(inputs[0].requires_grad)))
             return record
 
@@ -92,19 +97,31 @@ class FlopPlan:
         counts: dict[str, tuple[int, int]] = {}
         result: dict[str, LayerFlops] = {}
         for call in self.calls:
-            active, open_pruned = call.rows, 0
+            positions = call.positions_per_sample * batch_size
+            dense = layer_flops(positions, call.fan_in, call.rows, call.rows, 0, need_dx=call.need_dx)
+            flops = dense
             if call.sparse:
+                layer = modules[call.name]
                 if call.name not in counts:
-                    layer = modules[call.name]
                     score = row_score(layer.weight, layer.threshold)
                     mask = score > 0
                     open_gate = ste_gate(score, layer.ste) != 0
                     counts[call.name] = int(mask.sum()), int((open_gate & ~mask).sum())
-                active, open_pruned = counts[call.name]
-            flops = layer_flops(call.positions_per_sample * batch_size, call.fan_in, call.rows, active, open_pruned,
-                                need_dx=call.need_dx)
+                flops = layer_flops(positions, call.fan_in, call.rows, *counts[call.name], need_dx=call.need_dx)
+                if _masked_dense(layer, call.op):
+                    # The masked-dense compute multiplies by the mask and skips nothing: it executes the
+                    # dense count; only the paper's formula sees the density.
+                    flops = replace(dense, paper_forward=flops.paper_forward, paper_backward=flops.paper_backward)
             result[call.name] = result.get(call.name, LayerFlops()) + flops
         return result
+
+
+def _masked_dense(layer: SparseLayer, op: str) -> bool:
+    """Whether ``layer`` runs on the ``reference`` backend (masked dense), ``auto`` and
+    ``SPAFL_BACKEND`` resolved as its forward resolves them."""
+    w = layer.weight
+    groups = getattr(layer, "groups", 1)
+    return resolve_backend(layer.backend, op, w.device.type, w.dtype, groups) == "reference"
 
 
 def total_flops(per_layer: Mapping[str, LayerFlops]) -> LayerFlops:

@@ -82,17 +82,19 @@ def _si(value: float | None, unit: str = "") -> str:
 
 def savings_report(summary: dict, config: dict) -> str:
     """The run's savings in a few lines: accuracy, density, bits vs FedAvg, FLOPs vs dense, time vs masked dense."""
+    compute = f"backend {config['resolved_backend']}" if config.get("resolved_backend") else "dense layers"
     lines = [f"{summary['algorithm']} on {config['dataset']} with {config['model']}: {summary['rounds']} rounds, "
-             f"{config['clients']} clients ({config['sample']} per round), backend {config.get('resolved_backend')}"]
+             f"{config['clients']} clients ({config['sample']} per round), {compute}"]
     if summary["accuracy"] is None:
         return lines[0] + "\n  (no rounds run)"
     lines.append(f"  accuracy        {summary['accuracy']:.2f} % (mean of the clients' own test splits)")
     lines.append(f"  density         {summary['density']:.3f} (fraction of sparse-layer weights in active rows)")
     wire = summary["uplink_bits"] + summary["downlink_bits"]
     fedavg = 2 * summary["dense_uplink_bits"]  # FedAvg: the full state down to and up from each sampled client
-    lines.append(f"  bits on wire    up {_si(summary['uplink_bits'], 'b')} + down {_si(summary['downlink_bits'], 'b')}"
-                 f" vs FedAvg (same model and rounds) {_si(fedavg, 'b')}: {fedavg / wire:.3g}x fewer"
-                 if wire else "  bits on wire    0")
+    bits = f"  bits on wire    up {_si(summary['uplink_bits'], 'b')} + down {_si(summary['downlink_bits'], 'b')}"
+    if summary["algorithm"] != "fedavg" and wire:
+        bits += f" vs FedAvg (same model and rounds) {_si(fedavg, 'b')}: {fedavg / wire:.3g}x fewer"
+    lines.append(bits)
     lines.append(f"  train FLOPs     executed {_si(summary['train_flops'])} vs dense "
                  f"{_si(summary['dense_train_flops'])} ({summary['train_flops'] / summary['dense_train_flops']:.3f}x);"
                  " paper formula "

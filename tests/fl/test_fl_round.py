@@ -9,7 +9,7 @@ from helpers_fl import tiny_config
 import spafl_kernels as sk
 from spafl_fl import SUMMARY_KEYS, Simulation, build_model, summarize
 from spafl_fl.accounting import FlopPlan, dense_state, tensor_bits, total_flops
-from spafl_fl.client import SpaFLClient
+from spafl_fl.client import SpaFLClient, set_backend
 from spafl_kernels.flops import FlopCounter
 
 
@@ -78,6 +78,11 @@ def test_flop_plan_matches_the_library_counter():
         model(x)
     assert total_flops(plan.step(model, 4)) == counter.total
     assert counter.total.train < counter.total.dense_train
+    # masked dense (reference) skips nothing: it executes the dense count; the paper's formula is unchanged
+    set_backend(model, "reference")
+    masked = total_flops(plan.step(model, 4))
+    assert masked.train == masked.dense_train == counter.total.dense_train
+    assert masked.paper_train == counter.total.paper_train
 
 
 def test_client_replay_times_the_reference_backend(monkeypatch):
