@@ -102,8 +102,9 @@ def savings_report(summary: dict, config: dict) -> str:
     base = summary["baseline_train_seconds"]
     time_line = f"  train time      {summary['train_seconds']:.2f} s"
     if base:
-        time_line += (f" vs {base:.2f} s masked dense (reference) on the same batches: "
-                      f"{base / summary['train_seconds']:.2f}x faster (measured)")
+        speedup = base / summary["train_seconds"]
+        verdict = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+        time_line += f" vs {base:.2f} s masked dense (reference) on the same batches: {verdict} (measured)"
     lines.append(time_line)
     return "\n".join(lines)
 
