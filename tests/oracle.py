@@ -68,30 +68,48 @@ def outputs_and_grads(fn, tensors: dict, grad_seed: int = 7) -> dict:
     inputs = {k: leaves.get(k) for k in tensors}
     y = fn(**inputs)
     g = torch.Generator().manual_seed(grad_seed)
-    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype)
     y.backward(grad_y)
     result = {"y": y.detach()}
     result.update({f"d{k}": v.grad for k, v in leaves.items()})
     return result
 
 
-def cast(tensors: dict, dtype) -> dict:
-    return {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()}
+def cast(tensors: dict, dtype, device=None) -> dict:
+    return {k: (v.to(device, dtype) if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()}
 
 
-def assert_matches_oracle(fn_backend, fn_reference, tensors64: dict, atol: float = 1e-6) -> None:
-    """Compare ``fn_backend`` in float32 and float64 with ``fn_reference`` (the oracle)."""
+def _assert_within_oracle_error(out: dict, ref_low: dict, ref64: dict, dtype, atol: float) -> None:
+    """Every output/gradient of ``out`` (in ``dtype``) is at most twice as far from the float64 oracle
+    ``ref64`` as the oracle run in ``dtype`` (``ref_low``), plus ``atol`` times the value's scale."""
+    assert out.keys() == ref64.keys()
+    for key, expected in ref64.items():
+        assert out[key] is not None and out[key].dtype == dtype, key
+        scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+        ref_error = (ref_low[key].double() - expected).abs().max().item() if expected.numel() else 0.0
+        error = (out[key].double() - expected).abs().max().item() if expected.numel() else 0.0
+        assert error <= 2 * ref_error + atol * scale, (
+            f"{key}: {dtype} error {error:.3g} > 2 x oracle's own {ref_error:.3g} + {atol * scale:.3g}"
+        )
+
+
+def assert_matches_oracle(fn_backend, fn_reference, tensors64: dict, atol: float = 1e-6, device="cpu") -> None:
+    """Compare ``fn_backend`` in float32 and float64 with ``fn_reference`` (the oracle), on ``device``."""
+    tensors64 = cast(tensors64, torch.float64, device)
     ref64 = outputs_and_grads(fn_reference, tensors64)
     ref32 = outputs_and_grads(fn_reference, cast(tensors64, torch.float32))
     out32 = outputs_and_grads(fn_backend, cast(tensors64, torch.float32))
     out64 = outputs_and_grads(fn_backend, tensors64)
-    assert out32.keys() == ref64.keys()
+    _assert_within_oracle_error(out32, ref32, ref64, torch.float32, atol)
     for key, expected in ref64.items():
-        assert out32[key] is not None and out32[key].dtype == torch.float32, key
-        scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-        ref_error = (ref32[key].double() - expected).abs().max().item() if expected.numel() else 0.0
-        error = (out32[key].double() - expected).abs().max().item() if expected.numel() else 0.0
-        assert error <= 2 * ref_error + atol * scale, (
-            f"{key}: float32 error {error:.3g} > 2 x oracle's own {ref_error:.3g} + {atol * scale:.3g}"
-        )
         torch.testing.assert_close(out64[key], expected, rtol=1e-9, atol=1e-10, msg=key)
+
+
+def assert_low_precision_matches_oracle(fn_backend, fn_reference, tensors64: dict, dtype, device="cpu") -> None:
+    """16-bit version of ``assert_matches_oracle``: ``fn_backend`` in ``dtype`` against the float64 oracle,
+    allowed twice the oracle's own error in ``dtype`` plus one epsilon of ``dtype`` times the scale."""
+    tensors64 = cast(tensors64, torch.float64, device)
+    ref64 = outputs_and_grads(fn_reference, tensors64)
+    ref_low = outputs_and_grads(fn_reference, cast(tensors64, dtype))
+    out = outputs_and_grads(fn_backend, cast(tensors64, dtype))
+    _assert_within_oracle_error(out, ref_low, ref64, dtype, torch.finfo(dtype).eps)

@@ -81,6 +81,18 @@ def test_opcheck():
             torch.library.opcheck(torch.ops.spafl.linear_fwd.default, (*args, "outer", "torch"))
 
 
+@pytest.mark.parametrize("need_dx, need_params", [(True, False), (False, True), (True, True)])
+def test_backward_opcheck(need_dx, need_params):
+    weight, bias, threshold = _params()
+    x, grad_y = torch.randn(6, 5), torch.randn(6, 9)
+    _, score = torch.ops.spafl.linear_fwd(x, weight, bias, threshold, "identity", "torch")
+    for b in (bias, None):
+        torch.library.opcheck(
+            torch.ops.spafl.linear_bwd.default,
+            (grad_y, x, weight, b, score, "identity", need_dx, need_params, "torch"),
+        )
+
+
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compile_fullgraph_matches_eager(compiler):
     torch.manual_seed(0)

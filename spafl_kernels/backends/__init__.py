@@ -15,11 +15,12 @@ import torch
 
 from .base import Backend, CallSpec
 
-BACKEND_NAMES = ("reference", "torch")
+BACKEND_NAMES = ("reference", "torch", "cuda")
 """Every backend, in the order ``info`` lists them."""
 
 AUTO_ORDER = ("torch",)
-"""Preference of ``backend="auto"``: fastest first. ``reference`` is never chosen."""
+"""Preference of ``backend="auto"``: fastest first. ``reference`` is never chosen. ``cuda`` joins only
+once its GPU tests (tests/test_cuda.py) have passed on a real GPU."""
 
 
 class BackendNotSupportedError(RuntimeError):

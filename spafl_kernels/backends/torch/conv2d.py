@@ -135,14 +135,14 @@ def conv2d_bwd(
     """Gradients of ``conv2d_fwd`` (see ``Backend``); grad_y: ``[B, N, H', W']``."""
     geometry = (stride, padding, dilation, groups)
     rows = RowSets.from_score(score, ste if need_params else None)
-    empty = x.new_empty(0)
-    dx = empty
+    dx = x.new_empty(0)
     if need_dx:
         everything = rows.all_active
         g_active = take(grad_y, 1, rows.active, everything)
         dx, _ = _conv_rows_backward(g_active, x, weight, rows.active, everything, *geometry, True, False)
     if not need_params:
-        return dx, empty, empty, empty
+        # Distinct empty tensors: op outputs must not alias each other.
+        return dx, x.new_empty(0), x.new_empty(0), x.new_empty(0)
     everything = rows.all_graded
     g_graded = take(grad_y, 1, rows.graded, everything)
     _, dweight_graded = _conv_rows_backward(

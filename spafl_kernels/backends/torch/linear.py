@@ -34,13 +34,13 @@ def linear_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``linear_fwd`` (see ``Backend``); grad_y: ``[M, N]``."""
     rows = RowSets.from_score(score, ste if need_params else None)
-    empty = x.new_empty(0)
-    dx = empty
+    dx = x.new_empty(0)
     if need_dx:
         everything = rows.all_active
         dx = take(grad_y, 1, rows.active, everything) @ take(weight, 0, rows.active, everything)
     if not need_params:
-        return dx, empty, empty, empty
+        # Distinct empty tensors: op outputs must not alias each other.
+        return dx, x.new_empty(0), x.new_empty(0), x.new_empty(0)
     g_graded = take(grad_y, 1, rows.graded, rows.all_graded)  # [M, R]
     grad_sum = grad_y.sum(0, dtype=acc_dtype(weight.dtype))
     return (dx, *param_grads(weight, bias, rows, g_graded.t() @ x, grad_sum))
