@@ -164,12 +164,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from .simulation import Simulation
 
-    config = config_from_args(args)
-    os.makedirs(args.out, exist_ok=True)
-    handler = logging.FileHandler(os.path.join(args.out, "run.log"))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("spafl_fl").addHandler(handler)
-    simulation = Simulation(config, args.out, resume=args.resume)
+    try:
+        config = config_from_args(args)
+        os.makedirs(args.out, exist_ok=True)
+        handler = logging.FileHandler(os.path.join(args.out, "run.log"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("spafl_fl").addHandler(handler)
+        simulation = Simulation(config, args.out, resume=args.resume)
+    except (ValueError, OSError, RuntimeError) as error:
+        # A setup problem (flags, missing data files, an occupied --out) is the user's to fix: no traceback.
+        parser.error(str(error))
     summary = simulation.run(progress=not args.no_progress)
     print(savings_report(summary, simulation.describe()))
     print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, accuracy/density/bits/time .png")

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from spafl_fl import SUMMARY_KEYS
 from spafl_fl.cli import main
 
@@ -46,3 +48,10 @@ def test_resume_flag_continues_a_run(tmp_path, capsys):
     assert main(["run", *FLAGS, "--out", out, "--no-baseline", "--resume"]) == 0
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert [json.loads(line)["round"] for line in f] == [1, 2]
+
+
+def test_setup_errors_are_reported_without_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--dataset", "fmnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x"), "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "t10k-images-idx3-ubyte" in capsys.readouterr().err
