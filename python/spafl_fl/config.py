@@ -1,0 +1,96 @@
+"""A run's configuration (the CLI flags) and the per-round schedules derived from it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from spafl_kernels import STES
+
+from .client import LocalTraining
+from .data import DATASETS
+from .models import MODELS
+
+ALGORITHMS = ("spafl", "fedavg")
+
+
+@dataclass
+class RunConfig:
+    """Every knob of a run. Defaults suit ``mnist5k`` on a small CPU; the paper's FMNIST run is
+    ``clients=100, sample=10, rounds=500, local_epochs=5, batch_size=64, lr=0.001, th_coeff=0.002,
+    alpha=0.2`` (README of the authors' code)."""
+
+    algorithm: str = "spafl"
+    dataset: str = "mnist5k"
+    data_dir: str | None = None
+    model: str = "lenet5"
+    clients: int = 10
+    sample: int = 5
+    rounds: int = 40
+    local_epochs: int = 3
+    batch_size: int = 32
+    lr: float = 0.01
+    lr_decay: float = 1.0  # lr of round r: lr * lr_decay**r
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    clip: float = 0.0  # max gradient norm; 0: no clipping
+    th_coeff: float = 0.002
+    th_warmup: int = 0  # rounds of the sigmoid warm-up of th_coeff; 0: constant
+    alpha: float = 0.2  # Dirichlet concentration of the non-IID split
+    test_fraction: float = 0.2  # per-client test share, for datasets without an official test set
+    ste: str = "identity"
+    backend: str = "auto"
+    min_density: float = 0.01
+    seed: int = 1
+    device: str = "cpu"
+    threads: int = 0  # torch.set_num_threads; 0: leave as is
+    measure_baseline: bool = True  # replay each client's batches with backend="reference" to time it
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.algorithm in ALGORITHMS, f"algorithm must be one of {ALGORITHMS}"),
+            (self.dataset in DATASETS, f"dataset must be one of {DATASETS}"),
+            (self.model in MODELS, f"model must be one of {MODELS}"),
+            (self.ste in STES, f"ste must be one of {STES}"),
+            (self.clients >= 1 and 1 <= self.sample <= self.clients, "need 1 <= sample <= clients"),
+            (self.rounds >= 0 and self.local_epochs >= 1 and self.batch_size >= 1, "need rounds >= 0, "
+             "local_epochs >= 1, batch_size >= 1"),
+            (self.lr > 0 and self.lr_decay > 0 and self.momentum >= 0, "need lr > 0, lr_decay > 0, momentum >= 0"),
+            (self.clip >= 0 and self.th_coeff >= 0 and self.th_warmup >= 0, "need clip, th_coeff, th_warmup >= 0"),
+            (self.alpha > 0 and 0 < self.test_fraction < 1, "need alpha > 0 and 0 < test_fraction < 1"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration keys {unknown}")
+        return cls(**values)
+
+    def th_coeff_at(self, round_index: int) -> float:
+        """``th_coeff``, times the paper's sigmoid warm-up ``1 / (1 + exp(5 - 10 r / th_warmup))``
+        when ``th_warmup > 0`` (the FMNIST code's ``penalty_scheduler``)."""
+        if self.th_warmup <= 0:
+            return self.th_coeff
+        return self.th_coeff / (1.0 + math.exp(5.0 - 10.0 * round_index / self.th_warmup))
+
+    def local_training(self, round_index: int) -> LocalTraining:
+        """Round ``round_index``'s local hyperparameters (0-based rounds; lr decays once per round)."""
+        sparse = self.algorithm == "spafl"
+        return LocalTraining(
+            epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr * self.lr_decay ** round_index,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            clip=self.clip,
+            th_coeff=self.th_coeff_at(round_index) if sparse else 0.0,
+            min_density=self.min_density,
+        )

@@ -1,0 +1,69 @@
+"""PNG plots of runs: accuracy, density, cumulative bits on the wire, and training time per round.
+
+Each figure draws every run given; a run's baselines measured in the same run are drawn dashed in the
+same colour: FedAvg's bits for the same architecture, and the ``reference`` (masked dense) time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a server
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_runs(runs: list[tuple[str, list[dict]]], out_dir: str) -> list[str]:
+    """Write accuracy.png, density.png, bits.png and time.png for ``runs`` (label, metrics records)
+    into ``out_dir``; returns their paths."""
+    plt = _pyplot()
+    paths = []
+
+    def figure(name: str, ylabel: str, draw) -> None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, (label, records) in enumerate(runs):
+            if records:
+                draw(ax, f"C{i}", label, np.array([rec["round"] for rec in records]), records)
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    def accuracy(ax, color, label, x, records):
+        ax.plot(x, [rec["accuracy"] for rec in records], color=color, label=label)
+
+    def density(ax, color, label, x, records):
+        ax.plot(x, [rec["density"]["total"] for rec in records], color=color, label=label)
+
+    def bits(ax, color, label, x, records):
+        wire = np.cumsum([rec["uplink_bits"] + rec["downlink_bits"] for rec in records])
+        ax.plot(x, wire, color=color, label=f"{label} (up + down)")
+        if any(rec["dense_uplink_bits"] != rec["uplink_bits"] for rec in records):
+            # FedAvg sends the full state both ways to the sampled clients.
+            dense = np.cumsum([2 * rec["dense_uplink_bits"] for rec in records])
+            ax.plot(x, dense, color=color, linestyle="--", label=f"{label}: FedAvg, same model")
+        ax.set_yscale("log")
+
+    def seconds(ax, color, label, x, records):
+        ax.plot(x, [rec["train_seconds"] for rec in records], color=color, label=label)
+        if all(rec["baseline_train_seconds"] is not None for rec in records):
+            ax.plot(x, [rec["baseline_train_seconds"] for rec in records], color=color, linestyle="--",
+                    label=f"{label}: same batches, masked dense")
+
+    figure("accuracy.png", "mean client test accuracy (%)", accuracy)
+    figure("density.png", "density (fraction of weights in active rows)", density)
+    figure("bits.png", "cumulative bits on the wire", bits)
+    figure("time.png", "client training seconds per round", seconds)
+    return paths

@@ -1,0 +1,274 @@
+"""The federated loop in one process: SpaFL or FedAvg, round by round, with accounting,
+checkpoints and resume.
+
+SpaFL round ``r`` (DESIGN §2, the paper's code): the server samples clients; each sampled client
+loads the global thresholds it holds, trains weights and thresholds, and uploads its thresholds; the
+server averages them and broadcasts the new global thresholds to every client, which applies
+``apply_threshold_update`` with the difference to the previous ones; every client is then evaluated
+on its own test split with its own model. FedAvg round ``r``: the sampled clients receive the global
+dense state, train it and upload it; the server averages (weighted by samples); the global model is
+evaluated on every client's test split.
+
+Wire accounting per round. SpaFL: uplink = the sampled clients' thresholds; downlink = the new
+global thresholds to every client. FedAvg: uplink = the sampled clients' full state; downlink = the
+global state to the sampled clients. ``dense_uplink_bits`` is FedAvg's uplink for the same
+architecture (full dense state, buffers included, per sampled client).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from spafl_kernels import density, thresholds
+from spafl_kernels.backends import resolve_backend
+from spafl_kernels.flops import LayerFlops
+
+from .accounting import FlopPlan, dense_state, tensor_bits, threshold_count
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .client import ClientUpdate, FedAvgClient, SpaFLClient, evaluate, has_batchnorm, make_batches
+from .config import RunConfig
+from .data import load_dataset, split_dirichlet
+from .models import build_model
+from .server import Server
+
+log = logging.getLogger("spafl_fl")
+
+SUMMARY_KEYS = ("algorithm", "rounds", "accuracy", "density", "uplink_bits", "downlink_bits", "dense_uplink_bits",
+                "train_flops", "dense_train_flops", "paper_train_flops", "train_seconds", "baseline_train_seconds")
+TIMING_KEYS = ("train_seconds", "baseline_train_seconds", "wall_seconds")
+"""Record keys that measure time: they differ between any two runs; everything else is reproducible."""
+
+
+def batch_seed(seed: int, round_index: int, client: int) -> int:
+    """Seed of a client's batch order in a round: a function of (seed, round, client) alone."""
+    return int(np.random.SeedSequence([seed, round_index, client]).generate_state(1)[0])
+
+
+class Simulation:
+    """A run of ``config``; with ``out_dir``, it writes config.json, metrics.jsonl and a checkpoint
+    after every round there, and ``resume=True`` continues from the checkpoint found there."""
+
+    def __init__(self, config: RunConfig, out_dir: str | None = None, resume: bool = False):
+        self.config = config
+        self.out_dir = out_dir
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        self.device = torch.device(config.device)
+        self.sparse = config.algorithm == "spafl"
+        # The backend "auto" (or SPAFL_BACKEND) picks for this device; None for the dense FedAvg model.
+        self.backend = (resolve_backend(config.backend, "linear", self.device.type, torch.float32, 1)
+                        if self.sparse else None)
+        dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+        self.client_data = split_dirichlet(dataset, config.clients, config.alpha, config.seed,
+                                           test_fraction=config.test_fraction, min_train=2)
+        init = build_model(config.model, dataset.input_shape, dataset.num_classes, sparse=self.sparse,
+                           ste=config.ste, backend=config.backend, seed=config.seed).to(self.device)
+        self.plan = FlopPlan(init, self.client_data[0].x_train[:2].to(self.device))
+        self.batchnorm = has_batchnorm(init)
+        self.dense_state_bits = tensor_bits(dense_state(init))
+        self.num_thresholds = threshold_count(init)
+        if self.sparse:
+            self.clients = [SpaFLClient(k, copy.deepcopy(init), d) for k, d in enumerate(self.client_data)]
+            self.server = Server(thresholds(init), config.clients, config.sample, config.seed, "uniform")
+        else:
+            self.fedavg_clients = [FedAvgClient(k, d) for k, d in enumerate(self.client_data)]
+            self.global_model = init
+            self.scratch = copy.deepcopy(init)
+            state = {k: v.detach().clone() for k, v in init.state_dict().items()}
+            self.server = Server(state, config.clients, config.sample, config.seed, "samples")
+        self.records: list[dict] = []
+        self.rounds_done = 0
+        if out_dir is not None:
+            os.makedirs(out_dir, exist_ok=True)
+            if resume:
+                self._resume()
+            elif os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+                raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it, or another --out")
+            atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(self.describe(), indent=1))
+
+    def describe(self) -> dict:
+        """config.json: the flags plus what they resolved to on this machine."""
+        return {
+            **self.config.to_dict(),
+            "resolved_backend": self.backend,
+            "torch_version": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "thresholds": self.num_thresholds,
+            "dense_state_bits": self.dense_state_bits,
+            "client_train_samples": [d.num_train for d in self.client_data],
+            "client_test_samples": [int(d.y_test.shape[0]) for d in self.client_data],
+        }
+
+    # -- one round -----------------------------------------------------------------------------
+
+    def run_round(self, r: int) -> dict:
+        """Run round ``r`` (0-based), return its metrics record (also appended to ``self.records``)."""
+        cfg = self.config
+        wall = time.perf_counter()
+        hp = cfg.local_training(r)
+        sampled = self.server.sample_clients(r)
+        broadcast_bits = tensor_bits(self.server.tensors)
+        updates: list[ClientUpdate] = []
+        for j, k in enumerate(sampled):
+            gen = torch.Generator().manual_seed(batch_seed(cfg.seed, r, k))
+            batches = make_batches(self.client_data[k].num_train, hp.epochs, hp.batch_size, gen,
+                                   drop_single=self.batchnorm)
+            if self.sparse:
+                # With reference chosen, the replay would time the same thing twice.
+                measure = cfg.measure_baseline and self.backend != "reference"
+                updates.append(self.clients[k].fit(hp, batches, plan=self.plan, measure_baseline=measure,
+                                                   baseline_first=(r + j) % 2 == 1))
+            else:
+                updates.append(self.fedavg_clients[k].fit(self.scratch, self.server.tensors, hp, batches,
+                                                          plan=self.plan))
+        result = self.server.aggregate(updates, round_index=r)
+        if self.sparse:
+            for client in self.clients:
+                client.receive_global(result.tensors)
+            downlink = tensor_bits(result.tensors) * len(self.clients)
+        else:
+            self.global_model.load_state_dict(result.tensors)
+            downlink = broadcast_bits * len(sampled)
+        accuracy, loss, dens = self._evaluate()
+        baselines = [u.baseline_seconds for u in updates]
+        flops = sum((u.flops for u in updates), LayerFlops())
+        record = {
+            "round": r + 1,
+            "sampled": sampled,
+            "lr": hp.lr,
+            "th_coeff": hp.th_coeff,
+            "accuracy": accuracy,
+            "loss": loss,
+            "train_loss": float(np.mean([u.train_loss for u in updates])),
+            "density": dens,
+            "uplink_bits": sum(tensor_bits(u.tensors) for u in updates),
+            "downlink_bits": downlink,
+            "dense_uplink_bits": self.dense_state_bits * len(sampled),
+            "train_flops": flops.train,
+            "dense_train_flops": flops.dense_train,
+            "paper_train_flops": flops.paper_train,
+            "train_seconds": sum(u.train_seconds for u in updates),
+            "baseline_train_seconds": None if None in baselines else sum(baselines),
+            "rejected": [{"client": k, "reason": reason} for k, reason in result.rejected],
+        }
+        record["wall_seconds"] = time.perf_counter() - wall
+        self.records.append(record)
+        self.rounds_done = r + 1
+        return record
+
+    def _evaluate(self) -> tuple[float, float, dict[str, float]]:
+        """Mean over clients of test accuracy (%) and loss, and of density per layer and total."""
+        accs, losses, densities = [], [], []
+        for k, data in enumerate(self.client_data):
+            if self.sparse:
+                model = self.clients[k].model
+                acc, loss = self.clients[k].evaluate()
+                densities.append(density(model))
+            else:
+                acc, loss = evaluate(self.global_model, data)
+            accs.append(acc)
+            losses.append(loss)
+        if not densities:
+            return float(np.mean(accs)), float(np.mean(losses)), {"total": 1.0}
+        mean_density = {name: float(np.mean([d[name] for d in densities])) for name in densities[0]}
+        return float(np.mean(accs)), float(np.mean(losses)), mean_density
+
+    # -- whole run, checkpoints ------------------------------------------------------------------
+
+    def run(self, progress: bool = False) -> dict:
+        """Run the remaining rounds (checkpointing each), write summary.json and plots; returns the summary."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.config.rounds, initial=self.rounds_done, disable=not progress, unit="round",
+                   desc=f"{self.config.algorithm} {self.config.model}/{self.config.dataset}")
+        for r in range(self.rounds_done, self.config.rounds):
+            record = self.run_round(r)
+            if self.out_dir is not None:
+                with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                self.save()
+            bar.set_postfix(acc=f"{record['accuracy']:.1f}", density=f"{record['density']['total']:.3f}")
+            bar.update(1)
+        bar.close()
+        summary = summarize(self.records, self.config.algorithm)
+        if self.out_dir is not None:
+            atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=1))
+            from .plots import plot_runs
+
+            label = self.config.algorithm if not self.sparse else f"spafl ({self.backend})"
+            plot_runs([(label, self.records)], self.out_dir)
+        return summary
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything a resumed run needs that is not a function of the config: models and server."""
+        tensors = {f"server.{name}": t for name, t in self.server.tensors.items()}
+        if self.sparse:
+            for client in self.clients:
+                tensors.update({f"client.{client.cid}.{k}": v for k, v in client.model.state_dict().items()})
+        return tensors
+
+    def save(self) -> None:
+        save_checkpoint(self.out_dir, self.rounds_done, self.state_tensors(), {"config": self.config.to_dict()})
+
+    def _resume(self) -> None:
+        found = load_checkpoint(self.out_dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.out_dir}")
+        rounds_done, tensors, meta = found
+        saved = dict(meta["config"])
+        mine = self.config.to_dict()
+        differ = sorted(k for k in mine if k != "rounds" and saved.get(k) != mine[k])
+        if differ:
+            raise ValueError("--resume: the run in {} was made with other settings: {}".format(
+                self.out_dir, ", ".join(f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in differ)))
+        self.server.tensors = {name[len("server."):]: t.to(self.device) for name, t in tensors.items()
+                               if name.startswith("server.")}
+        if self.sparse:
+            for client in self.clients:
+                prefix = f"client.{client.cid}."
+                client.model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+                # Every client received every broadcast, so the last global thresholds it holds are the server's.
+                client.global_thresholds = {k: v.clone() for k, v in self.server.tensors.items()}
+        else:
+            self.global_model.load_state_dict(self.server.tensors)
+        metrics = os.path.join(self.out_dir, "metrics.jsonl")
+        records = []
+        if os.path.exists(metrics):
+            with open(metrics) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+        # A crash between a round's metrics line and its checkpoint leaves a line the checkpoint lacks.
+        self.records = [rec for rec in records if rec["round"] <= rounds_done]
+        if len(self.records) != rounds_done:
+            raise ValueError(f"--resume: metrics.jsonl holds {len(self.records)} of {rounds_done} checkpointed rounds")
+        atomic_write_text(metrics, "".join(json.dumps(rec) + "\n" for rec in self.records))
+        self.rounds_done = rounds_done
+        log.info("resuming %s after round %d", self.out_dir, rounds_done)
+
+
+def summarize(records: list[dict], algorithm: str) -> dict:
+    """summary.json: final accuracy (%) and density, totals of bits, FLOPs and training seconds."""
+    last = records[-1] if records else None
+    baselines = [rec["baseline_train_seconds"] for rec in records]
+    return {
+        "algorithm": algorithm,
+        "rounds": len(records),
+        "accuracy": last["accuracy"] if last else None,
+        "density": last["density"]["total"] if last else None,
+        "uplink_bits": sum(rec["uplink_bits"] for rec in records),
+        "downlink_bits": sum(rec["downlink_bits"] for rec in records),
+        "dense_uplink_bits": sum(rec["dense_uplink_bits"] for rec in records),
+        "train_flops": sum(rec["train_flops"] for rec in records),
+        "dense_train_flops": sum(rec["dense_train_flops"] for rec in records),
+        "paper_train_flops": sum(rec["paper_train_flops"] for rec in records),
+        "train_seconds": sum(rec["train_seconds"] for rec in records),
+        "baseline_train_seconds": None if not records or None in baselines else sum(baselines),
+    }

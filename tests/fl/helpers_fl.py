@@ -1,0 +1,11 @@
+"""Small, fast configurations shared by the federated-loop tests."""
+
+from spafl_fl import RunConfig
+
+
+def tiny_config(**overrides) -> RunConfig:
+    """A run that takes well under a second a round on 2 cores: synthetic data, the MLP, 4 clients."""
+    values = dict(dataset="synthetic", model="mlp", clients=4, sample=2, rounds=2, local_epochs=1, batch_size=64,
+                  lr=0.05, th_coeff=0.002, alpha=0.5, threads=0, seed=3)
+    values.update(overrides)
+    return RunConfig(**values)

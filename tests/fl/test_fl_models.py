@@ -1,0 +1,49 @@
+"""Every model: forward and backward shapes, sparse and dense variants."""
+
+import pytest
+import torch
+
+import spafl_kernels as sk
+from spafl_fl import MODELS, build_model
+
+SHAPES = {"lenet5": (1, 28, 28), "conv4": (3, 32, 32), "resnet18": (3, 32, 32), "vit": (3, 32, 32), "mlp": (1, 28, 28)}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_backward_shapes(name):
+    shape = SHAPES[name]
+    model = build_model(name, shape, 10, seed=0)
+    layers = dict(sk.sparse_layers(model))
+    assert layers, "every model has sparse layers"
+    x = torch.randn(3, *shape)
+    out = model(x)
+    assert out.shape == (3, 10)
+    out.square().mean().backward()
+    for layer in layers.values():
+        assert layer.threshold.grad is not None and layer.threshold.grad.shape == layer.threshold.shape
+        assert layer.weight.grad.shape == layer.weight.shape
+
+
+@pytest.mark.parametrize("name", ["lenet5", "mlp", "vit"])
+def test_dense_twin_has_the_same_init_and_output(name):
+    shape = SHAPES[name]
+    sparse = build_model(name, shape, 10, seed=4)
+    dense = build_model(name, shape, 10, sparse=False, seed=4)
+    assert not list(sk.sparse_layers(dense))
+    x = torch.randn(2, *shape)
+    # Thresholds start at 0 and every row has weight, so the sparse model starts dense.
+    torch.testing.assert_close(sparse(x), dense(x))
+
+
+def test_vit_sparsifies_every_attention_and_mlp_linear():
+    model = build_model("vit", (3, 32, 32), 10)
+    names = [name for name, _ in sk.sparse_layers(model)]
+    assert len(names) == 6 * 4
+    assert all(n.split(".")[-1] in ("to_qkv", "to_out", "0", "2") for n in names)
+
+
+def test_lenet5_pads_small_inputs():
+    model = build_model("lenet5", (1, 8, 8), 10)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="28x28"):
+        build_model("conv4", (1, 8, 8), 10)
