@@ -220,6 +220,7 @@ class SpaFLStrategy(Strategy):
         self.records: list[dict] = []
         self.nodes: dict[int, int] = {}  # client (partition-id) -> node id
         self._round: _Round | None = None
+        self.finish_summary: dict | None = None  # summary.json, once finish() ran
         if out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)
             if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
@@ -375,6 +376,7 @@ class SpaFLStrategy(Strategy):
     def finish(self) -> dict:
         """summary.json (same keys as ``spafl-fl run``) and the plots, in ``out_dir`` if given."""
         summary = summarize(self.records, self.config.algorithm)
+        self.finish_summary = summary
         if self.out_dir is not None:
             atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=1))
             from .plots import plot_runs
