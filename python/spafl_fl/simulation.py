@@ -22,9 +22,11 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from spafl_kernels import density, thresholds
 from spafl_kernels.backends import resolve_backend
@@ -34,7 +36,7 @@ from .accounting import FlopPlan, dense_state, tensor_bits, threshold_count
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .client import ClientUpdate, FedAvgClient, SpaFLClient, evaluate, has_batchnorm, make_batches
 from .config import RunConfig
-from .data import load_dataset, split_dirichlet
+from .data import ClientData, load_dataset, split_dirichlet
 from .models import build_model
 from .server import Server
 
@@ -51,6 +53,56 @@ def batch_seed(seed: int, round_index: int, client: int) -> int:
     return int(np.random.SeedSequence([seed, round_index, client]).generate_state(1)[0])
 
 
+@dataclass
+class RunSetup:
+    """What every participant of a run derives from its config alone: the backend ``auto`` resolves to
+    (None for the dense FedAvg model), the clients' data, the initial model, its FLOP plan."""
+
+    backend: str | None
+    client_data: list[ClientData]
+    init: nn.Module
+    plan: FlopPlan
+
+
+def prepare_run(config: RunConfig, device: torch.device) -> RunSetup:
+    """Load and split the data and build the initial model of ``config`` on ``device``. Deterministic in
+    the config, so separate processes (a Flower server and its clients) build the very same run."""
+    sparse = config.algorithm == "spafl"
+    backend = resolve_backend(config.backend, "linear", device.type, torch.float32, 1) if sparse else None
+    dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
+    client_data = split_dirichlet(dataset, config.clients, config.alpha, config.seed,
+                                  test_fraction=config.test_fraction, min_train=2)
+    init = build_model(config.model, dataset.input_shape, dataset.num_classes, sparse=sparse,
+                       ste=config.ste, backend=config.backend, seed=config.seed).to(device)
+    plan = FlopPlan(init, client_data[0].x_train[:2].to(device))
+    return RunSetup(backend, client_data, init, plan)
+
+
+def describe_run(config: RunConfig, backend: str | None, client_data: list[ClientData], num_thresholds: int,
+                 dense_state_bits: int) -> dict:
+    """config.json: the flags plus what they resolved to on this machine."""
+    return {
+        **config.to_dict(),
+        "resolved_backend": backend,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "thresholds": num_thresholds,
+        "dense_state_bits": dense_state_bits,
+        "client_train_samples": [d.num_train for d in client_data],
+        "client_test_samples": [int(d.y_test.shape[0]) for d in client_data],
+    }
+
+
+def average_evaluation(accs: list[float], losses: list[float],
+                       densities: list[dict[str, float]]) -> tuple[float, float, dict[str, float]]:
+    """A round's evaluation: the mean over clients of test accuracy (%), loss, and density per layer
+    and total (``{"total": 1.0}`` without densities, i.e. for a dense model)."""
+    if not densities:
+        return float(np.mean(accs)), float(np.mean(losses)), {"total": 1.0}
+    mean_density = {name: float(np.mean([d[name] for d in densities])) for name in densities[0]}
+    return float(np.mean(accs)), float(np.mean(losses)), mean_density
+
+
 class Simulation:
     """A run of ``config``; with ``out_dir``, it writes config.json, metrics.jsonl and a checkpoint
     after every round there, and ``resume=True`` continues from the checkpoint found there."""
@@ -62,15 +114,8 @@ class Simulation:
             torch.set_num_threads(config.threads)
         self.device = torch.device(config.device)
         self.sparse = config.algorithm == "spafl"
-        # The backend "auto" (or SPAFL_BACKEND) picks for this device; None for the dense FedAvg model.
-        self.backend = (resolve_backend(config.backend, "linear", self.device.type, torch.float32, 1)
-                        if self.sparse else None)
-        dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
-        self.client_data = split_dirichlet(dataset, config.clients, config.alpha, config.seed,
-                                           test_fraction=config.test_fraction, min_train=2)
-        init = build_model(config.model, dataset.input_shape, dataset.num_classes, sparse=self.sparse,
-                           ste=config.ste, backend=config.backend, seed=config.seed).to(self.device)
-        self.plan = FlopPlan(init, self.client_data[0].x_train[:2].to(self.device))
+        setup = prepare_run(config, self.device)
+        self.backend, self.client_data, init, self.plan = setup.backend, setup.client_data, setup.init, setup.plan
         self.batchnorm = has_batchnorm(init)
         self.dense_state_bits = tensor_bits(dense_state(init))
         self.num_thresholds = threshold_count(init)
@@ -95,16 +140,7 @@ class Simulation:
 
     def describe(self) -> dict:
         """config.json: the flags plus what they resolved to on this machine."""
-        return {
-            **self.config.to_dict(),
-            "resolved_backend": self.backend,
-            "torch_version": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "thresholds": self.num_thresholds,
-            "dense_state_bits": self.dense_state_bits,
-            "client_train_samples": [d.num_train for d in self.client_data],
-            "client_test_samples": [int(d.y_test.shape[0]) for d in self.client_data],
-        }
+        return describe_run(self.config, self.backend, self.client_data, self.num_thresholds, self.dense_state_bits)
 
     # -- one round -----------------------------------------------------------------------------
 
@@ -175,10 +211,7 @@ class Simulation:
                 acc, loss = evaluate(self.global_model, data)
             accs.append(acc)
             losses.append(loss)
-        if not densities:
-            return float(np.mean(accs)), float(np.mean(losses)), {"total": 1.0}
-        mean_density = {name: float(np.mean([d[name] for d in densities])) for name in densities[0]}
-        return float(np.mean(accs)), float(np.mean(losses)), mean_density
+        return average_evaluation(accs, losses, densities)
 
     # -- whole run, checkpoints ------------------------------------------------------------------
 

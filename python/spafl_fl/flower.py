@@ -1,0 +1,416 @@
+"""SpaFL on Flower (``flwr``, Message API): a ``ClientApp`` factory, a strategy and a ``ServerApp``.
+
+The algorithm is the one ``spafl-fl run`` runs (``Simulation``), on the same building blocks: the
+client side is a ``SpaFLClient`` (training, update, ``receive_global``, evaluation), the server side a
+``Server`` (sampling by (seed, round), update checks, uniform threshold average). Flower only carries
+the messages. A round, as ``Strategy.start`` drives it:
+
+- ``train`` to the sampled clients: a ``ConfigRecord`` (round, which global broadcast the client must
+  hold, whether to time the masked-dense replay). The client trains and replies with its thresholds
+  only (``ArrayRecord`` "thresholds") and a ``MetricRecord`` (samples, loss, seconds, FLOPs).
+- ``evaluate`` to every client: the new global thresholds (``ArrayRecord`` "thresholds"). The client
+  derives the global difference from the previous broadcast it holds, applies the paper's threshold
+  update to its weights, and replies with accuracy, loss and density (``MetricRecord``).
+
+Which node is which client: a ``query`` message at the start asks every node for its
+``partition-id``, so the clients a round samples, their data and batch orders match ``spafl-fl run``.
+A client's model lives in its node's ``Context.state`` between rounds (its weights are personal and
+never leave the node).
+
+Arrays travel as raw little-endian bytes (``stype`` "raw") rather than Flower's default ``.npy``
+serialisation, so the bytes a message carries per threshold array are exactly ``numel * itemsize``:
+the bits on the wire reported here are the lengths of the ``Array.data`` Flower sent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+# Flower and Ray report usage to their servers unless told not to; read when they are imported.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import Strategy  # noqa: E402
+
+from spafl_kernels import density, thresholds  # noqa: E402
+from spafl_kernels.flops import LayerFlops  # noqa: E402
+
+from .accounting import dense_state, tensor_bits, threshold_count  # noqa: E402
+from .checkpoint import atomic_write_text  # noqa: E402
+from .client import ClientUpdate, SpaFLClient, has_batchnorm, make_batches  # noqa: E402
+from .config import RunConfig  # noqa: E402
+from .server import Server  # noqa: E402
+from .simulation import RunSetup, average_evaluation, batch_seed, describe_run, prepare_run, summarize  # noqa: E402
+
+log = logging.getLogger("spafl_fl")
+
+RAW = "raw"
+"""``Array.stype`` of a C-contiguous little-endian buffer: ``data`` holds the elements and nothing else."""
+
+THRESHOLDS = "thresholds"
+METRICS = "metrics"
+CONFIG = "config"
+FLOP_FIELDS = ("forward", "backward", "dense_forward", "dense_backward", "paper_forward", "paper_backward")
+
+
+# -- tensors <-> records ---------------------------------------------------------------------------
+
+def to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Tensors as an ``ArrayRecord`` of raw little-endian buffers (no header, no pickle)."""
+    record = ArrayRecord()
+    for name, tensor in tensors.items():
+        array = tensor.detach().cpu().numpy()
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        record[name] = Array(dtype=array.dtype.name, shape=tuple(array.shape), stype=RAW, data=array.tobytes())
+    return record
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The tensors of ``to_array_record``; an array of another ``stype`` goes through Flower's numpy path."""
+    tensors = {}
+    for name, array in record.items():
+        if array.stype == RAW:
+            values = np.frombuffer(array.data, dtype=np.dtype(array.dtype).newbyteorder("<")).reshape(array.shape)
+        else:
+            values = array.numpy()
+        tensors[name] = torch.from_numpy(values.astype(values.dtype.newbyteorder("="), copy=True))
+    return tensors
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Bytes of array data a record carries (``sum len(Array.data)``; names and shapes not counted)."""
+    return sum(len(array.data) for array in record.values())
+
+
+# -- client side -----------------------------------------------------------------------------------
+
+_SETUPS: dict[str, RunSetup] = {}
+
+
+def _setup(config: RunConfig) -> RunSetup:
+    """The run's data and initial model, built once per process (a Ray actor serves many nodes)."""
+    key = json.dumps(config.to_dict(), sort_keys=True)
+    if key not in _SETUPS:
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        _SETUPS[key] = prepare_run(config, torch.device(config.device))
+    return _SETUPS[key]
+
+
+def _load_client(config: RunConfig, context: Context) -> tuple[SpaFLClient, int]:
+    """This node's ``SpaFLClient`` as the last message left it (``Context.state``), or fresh from the
+    run's initial model; and the number of global broadcasts it has received."""
+    setup = _setup(config)
+    cid = int(context.node_config["partition-id"])
+    model = copy.deepcopy(setup.init)
+    client = SpaFLClient(cid, model, setup.client_data[cid])
+    received = 0
+    if "model" in context.state:
+        model.load_state_dict(from_array_record(context.state["model"]))
+        client.global_thresholds = from_array_record(context.state["global"])
+        received = int(context.state["client"]["received"])
+    return client, received
+
+
+def _save_client(client: SpaFLClient, received: int, context: Context) -> None:
+    context.state["model"] = to_array_record(client.model.state_dict())
+    context.state["global"] = to_array_record(client.global_thresholds)
+    context.state["client"] = ConfigRecord({"received": received})
+
+
+def client_app(config: RunConfig) -> ClientApp:
+    """A ``ClientApp`` running SpaFL clients of ``config``; node ``partition-id`` k is client k."""
+    if config.algorithm != "spafl":
+        raise ValueError(f"the Flower apps run SpaFL; got algorithm={config.algorithm!r}")
+    app = ClientApp()
+
+    @app.query()
+    def identify(message: Message, context: Context) -> Message:
+        """Tell the server which client (data partition) this node is."""
+        pid = int(context.node_config["partition-id"])
+        return Message(RecordDict({METRICS: MetricRecord({"partition-id": pid})}), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        """Train on this round's batches; reply with the thresholds and the round's bookkeeping."""
+        cfg = message.content[CONFIG]
+        r = int(cfg["round"])
+        client, received = _load_client(config, context)
+        if received != int(cfg["received"]):
+            # Training on stale global thresholds would corrupt the average: refuse instead.
+            raise RuntimeError(f"client {client.cid} holds {received} global broadcasts, the server sent "
+                               f"{int(cfg['received'])}")
+        setup = _setup(config)
+        hp = config.local_training(r)
+        gen = torch.Generator().manual_seed(batch_seed(config.seed, r, client.cid))
+        batches = make_batches(client.data.num_train, hp.epochs, hp.batch_size, gen,
+                               drop_single=has_batchnorm(setup.init))
+        update = client.fit(hp, batches, plan=setup.plan, measure_baseline=bool(cfg["measure-baseline"]),
+                            baseline_first=bool(cfg["baseline-first"]))
+        _save_client(client, received, context)
+        metrics = {"num-examples": update.num_samples, "train-loss": update.train_loss,
+                   "train-seconds": update.train_seconds,
+                   **{f"flops.{name}": getattr(update.flops, name) for name in FLOP_FIELDS}}
+        if update.baseline_seconds is not None:
+            metrics["baseline-seconds"] = update.baseline_seconds
+        return Message(RecordDict({THRESHOLDS: to_array_record(update.tensors), METRICS: MetricRecord(metrics)}),
+                       reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        """Apply the global broadcast (threshold update with the difference), then test the own model."""
+        client, received = _load_client(config, context)
+        client.receive_global(from_array_record(message.content[THRESHOLDS]))
+        accuracy, loss = client.evaluate()
+        dens = density(client.model)
+        _save_client(client, received + 1, context)
+        metrics = {"num-examples": int(client.data.y_test.shape[0]), "accuracy": accuracy, "loss": loss,
+                   **{f"density.{name}": value for name, value in dens.items()}}
+        return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)
+
+    return app
+
+
+# -- server side -----------------------------------------------------------------------------------
+
+@dataclass
+class _Round:
+    """A round's bookkeeping between ``configure_train`` and ``aggregate_evaluate``."""
+
+    started: float
+    sampled: list[int]
+    updates: list[ClientUpdate] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    uplink_bits: int = 0
+    downlink_bits: int = 0
+    uplink_bytes_per_client: dict[int, int] = field(default_factory=dict)
+
+
+class SpaFLStrategy(Strategy):
+    """SpaFL's server as a Flower strategy: samples like ``Server.sample_clients``, aggregates with
+    ``Server.aggregate``, broadcasts the new global thresholds to every client, and keeps the same
+    per-round records as ``Simulation`` (metrics.jsonl, summary.json) in ``out_dir`` if given.
+
+    Bits on the wire are the array bytes of the messages built here (downlink) and of the replies
+    received (uplink), times 8.
+    """
+
+    def __init__(self, config: RunConfig, out_dir: str | None = None):
+        if config.algorithm != "spafl":
+            raise ValueError(f"the Flower apps run SpaFL; got algorithm={config.algorithm!r}")
+        self.config = config
+        self.out_dir = out_dir
+        setup = prepare_run(config, torch.device(config.device))
+        self.backend = setup.backend
+        self.server = Server(thresholds(setup.init), config.clients, config.sample, config.seed, "uniform")
+        self.dense_state_bits = tensor_bits(dense_state(setup.init))
+        self.description = describe_run(config, setup.backend, setup.client_data, threshold_count(setup.init),
+                                        self.dense_state_bits)
+        self.records: list[dict] = []
+        self.nodes: dict[int, int] = {}  # client (partition-id) -> node id
+        self._round: _Round | None = None
+        self.finish_summary: dict | None = None  # summary.json, once finish() ran
+        if out_dir is not None:
+            os.makedirs(out_dir, exist_ok=True)
+            if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+                raise FileExistsError(f"{out_dir} already holds a run; choose another --out")
+            atomic_write_text(os.path.join(out_dir, "config.json"),
+                              json.dumps({**self.description, "engine": "flower"}, indent=1))
+
+    def initial_arrays(self) -> ArrayRecord:
+        return to_array_record(self.server.tensors)
+
+    def summary(self) -> None:
+        log.info("SpaFLStrategy: %d clients, %d sampled per round, thresholds only on the wire",
+                 self.config.clients, self.config.sample)
+
+    def _discover(self, grid: Grid, timeout: float = 600.0) -> None:
+        """Map partition ids to node ids by asking every node (once)."""
+        # Nodes connect on their own schedule: wait for all of them, as Flower's strategies do.
+        deadline = time.monotonic() + timeout
+        node_ids = list(grid.get_node_ids())
+        while len(node_ids) < self.config.clients and time.monotonic() < deadline:
+            time.sleep(0.2)
+            node_ids = list(grid.get_node_ids())
+        if len(node_ids) != self.config.clients:
+            raise RuntimeError(f"the run has {self.config.clients} clients but the grid {len(node_ids)} nodes")
+        queries = [Message(RecordDict(), dst_node_id=nid, message_type="query") for nid in node_ids]
+        for reply in grid.send_and_receive(queries, timeout=timeout):
+            if reply.has_error():
+                raise RuntimeError(f"node {reply.metadata.src_node_id} did not say which client it is: "
+                                   f"{reply.error.reason}")
+            self.nodes[int(reply.content[METRICS]["partition-id"])] = reply.metadata.src_node_id
+        if sorted(self.nodes) != list(range(self.config.clients)):
+            raise RuntimeError(f"nodes answered partition ids {sorted(self.nodes)}, "
+                               f"expected 0..{self.config.clients - 1}")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Round ``server_round`` (1-based): a train instruction to each sampled client. No arrays: every
+        client already holds the global thresholds from the last evaluate broadcast."""
+        if not self.nodes:
+            self._discover(grid)
+        r = server_round - 1
+        sampled = self.server.sample_clients(r)
+        self._round = _Round(time.perf_counter(), sampled)
+        # With reference chosen, the replay would time the same thing twice.
+        measure = self.config.measure_baseline and self.backend != "reference"
+        messages = []
+        for j, k in enumerate(sampled):
+            cfg = ConfigRecord({"round": r, "received": r, "measure-baseline": measure,
+                                "baseline-first": (r + j) % 2 == 1})
+            messages.append(Message(RecordDict({CONFIG: cfg}), dst_node_id=self.nodes[k], message_type="train",
+                                    group_id=str(server_round)))
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check and average the thresholds the clients sent (``Server.aggregate``)."""
+        state = self._round
+        client_of = {node: k for k, node in self.nodes.items()}
+        answered = set()
+        for reply in replies:
+            k = client_of.get(reply.metadata.src_node_id)
+            if k is None:
+                continue
+            answered.add(k)
+            if reply.has_error():
+                state.rejected.append((k, f"error reply: {reply.error.reason}"))
+                log.warning("round %d: client %d failed: %s", server_round - 1, k, reply.error.reason)
+                continue
+            record = reply.content.array_records.get(THRESHOLDS, ArrayRecord())
+            sent = payload_bytes(record)
+            state.uplink_bits += 8 * sent
+            state.uplink_bytes_per_client[k] = sent
+            metrics = reply.content.metric_records.get(METRICS, MetricRecord())
+            flops = LayerFlops(**{name: metrics.get(f"flops.{name}", 0) for name in FLOP_FIELDS})
+            state.updates.append(ClientUpdate(
+                k, from_array_record(record), int(metrics.get("num-examples", 0)),
+                float(metrics.get("train-loss", float("nan"))), float(metrics.get("train-seconds", 0.0)),
+                metrics.get("baseline-seconds"), flops))
+        for k in sorted(set(state.sampled) - answered):
+            state.rejected.append((k, "no reply"))
+        # Server.aggregate sums in list order: sort as the in-process loop does.
+        state.updates.sort(key=lambda u: u.client)
+        result = self.server.aggregate(state.updates, round_index=server_round - 1)
+        state.rejected.extend(result.rejected)
+        metrics = MetricRecord({"accepted": len(result.accepted), "uplink-bits": state.uplink_bits})
+        return to_array_record(result.tensors), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """The new global thresholds to every client (they apply the update, then evaluate)."""
+        messages = []
+        for k in range(self.config.clients):
+            record = to_array_record(self.server.tensors)
+            self._round.downlink_bits += 8 * payload_bytes(record)
+            messages.append(Message(RecordDict({THRESHOLDS: record}), dst_node_id=self.nodes[k],
+                                    message_type="evaluate", group_id=str(server_round)))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Average the clients' accuracy, loss and density; write the round's record."""
+        state = self._round
+        client_of = {node: k for k, node in self.nodes.items()}
+        evaluations: dict[int, MetricRecord] = {}
+        for reply in replies:
+            k = client_of.get(reply.metadata.src_node_id)
+            if k is None:
+                continue
+            if reply.has_error():
+                log.warning("round %d: client %d failed to evaluate: %s", server_round - 1, k, reply.error.reason)
+                continue
+            evaluations[k] = reply.content.metric_records[METRICS]
+        if len(evaluations) != self.config.clients:
+            # A client that missed the broadcast no longer holds the global thresholds; the run cannot go on.
+            missing = sorted(set(range(self.config.clients)) - set(evaluations))
+            raise RuntimeError(f"round {server_round - 1}: clients {missing} did not apply the global thresholds")
+        ordered = [evaluations[k] for k in sorted(evaluations)]
+        accs = [float(m["accuracy"]) for m in ordered]
+        losses = [float(m["loss"]) for m in ordered]
+        densities = [{key[len("density."):]: float(v) for key, v in m.items() if key.startswith("density.")}
+                     for m in ordered]
+        accuracy, loss, dens = average_evaluation(accs, losses, densities)
+        updates = state.updates
+        baselines = [u.baseline_seconds for u in updates]
+        flops = sum((u.flops for u in updates), LayerFlops())
+        hp = self.config.local_training(server_round - 1)
+        record = {
+            "round": server_round,
+            "sampled": state.sampled,
+            "lr": hp.lr,
+            "th_coeff": hp.th_coeff,
+            "accuracy": accuracy,
+            "loss": loss,
+            "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else float("nan"),
+            "density": dens,
+            "uplink_bits": state.uplink_bits,
+            "downlink_bits": state.downlink_bits,
+            "dense_uplink_bits": self.dense_state_bits * len(state.sampled),
+            "train_flops": flops.train,
+            "dense_train_flops": flops.dense_train,
+            "paper_train_flops": flops.paper_train,
+            "train_seconds": sum(u.train_seconds for u in updates),
+            "baseline_train_seconds": None if not updates or None in baselines else float(sum(baselines)),
+            "rejected": [{"client": k, "reason": reason} for k, reason in state.rejected],
+            "uplink_bytes_per_client": {str(k): v for k, v in sorted(state.uplink_bytes_per_client.items())},
+        }
+        record["wall_seconds"] = time.perf_counter() - state.started
+        self.records.append(record)
+        if self.out_dir is not None:
+            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return MetricRecord({"accuracy": accuracy, "loss": loss, "density": dens["total"]})
+
+    def finish(self) -> dict:
+        """summary.json (same keys as ``spafl-fl run``) and the plots, in ``out_dir`` if given."""
+        summary = summarize(self.records, self.config.algorithm)
+        self.finish_summary = summary
+        if self.out_dir is not None:
+            atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=1))
+            from .plots import plot_runs
+
+            plot_runs([(f"spafl on flower ({self.backend})", self.records)], self.out_dir)
+        return summary
+
+
+def server_app(strategy: SpaFLStrategy, timeout: float = 3600.0) -> ServerApp:
+    """A ``ServerApp`` that runs ``strategy`` for its config's rounds and writes the summary."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy.start(grid, strategy.initial_arrays(), num_rounds=strategy.config.rounds, timeout=timeout)
+        strategy.finish()
+
+    return app
+
+
+def run_flower_simulation(config: RunConfig, out_dir: str | None = None, *, num_cpus: int | None = None,
+                          client_cpus: float = 1.0, object_store_mb: int = 128) -> SpaFLStrategy:
+    """Run ``config`` on Flower's simulation engine (Ray) in this machine: ``config.clients`` virtual
+    SuperNodes. Ray gets ``num_cpus`` (default: all), a small object store, no dashboard; every client
+    app asks for ``client_cpus``. Returns the strategy (its ``records``; summary in ``out_dir``)."""
+    from flwr.simulation import run_simulation
+
+    strategy = SpaFLStrategy(config, out_dir)
+    init_args = {"num_cpus": num_cpus or os.cpu_count() or 1, "object_store_memory": object_store_mb * 2**20,
+                 "include_dashboard": False, "configure_logging": False}
+    backend_config = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}, "init_args": init_args}
+    run_simulation(server_app=server_app(strategy), client_app=client_app(config), num_supernodes=config.clients,
+                   backend_config=backend_config)
+    if len(strategy.records) != config.rounds:
+        raise RuntimeError(f"the Flower run stopped after {len(strategy.records)} of {config.rounds} rounds "
+                           "(see the log above)")
+    return strategy
