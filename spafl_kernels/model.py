@@ -74,24 +74,38 @@ def thresholds(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: layer.threshold.detach().clone() for name, layer in sparse_layers(model)}
 
 
-def _check_mapping(model: nn.Module, mapping: Mapping[str, torch.Tensor], what: str) -> dict[str, SparseLayer]:
-    """The model's sparse layers, after checking that ``mapping`` has exactly their names, one
-    finite ``[out]`` tensor each; raises ``ValueError`` listing every problem."""
-    layers = dict(sparse_layers(model))
+def mapping_problems(tensors, spec: Mapping[str, torch.Tensor], *, same_dtype: bool = True) -> list[str]:
+    """Why ``tensors`` does not match ``spec`` (expected tensors by name): one string per problem, empty
+    when it matches. Checks names, shapes, dtypes (with ``same_dtype=False``, only floating vs not) and
+    that floating values are finite. Used for thresholds here and for client updates in ``spafl_fl``."""
+    if not isinstance(tensors, Mapping):
+        return [f"expected a mapping of name -> tensor, got {type(tensors).__name__}"]
     problems = []
-    missing, unexpected = sorted(set(layers) - set(mapping)), sorted(set(mapping) - set(layers))
+    missing, unknown = sorted(set(spec) - set(tensors)), sorted(set(tensors) - set(spec))
     if missing:
-        problems.append(f"missing layers {missing}")
-    if unexpected:
-        problems.append(f"unknown layers {unexpected}")
-    for name in sorted(set(layers) & set(mapping)):
-        value, rows = mapping[name], layers[name].threshold.shape[0]
+        problems.append(f"missing {missing}")
+    if unknown:
+        problems.append(f"unknown names {unknown}")
+    for name in sorted(set(spec) & set(tensors)):
+        value, expected = tensors[name], spec[name]
         if not isinstance(value, torch.Tensor):
-            problems.append(f"{name}: expected a tensor, got {type(value).__name__}")
-        elif tuple(value.shape) != (rows,):
-            problems.append(f"{name}: expected shape ({rows},), got {tuple(value.shape)}")
-        elif not value.is_floating_point() or not bool(torch.isfinite(value).all()):
-            problems.append(f"{name}: values must be finite floats")
+            problems.append(f"{name}: not a tensor ({type(value).__name__})")
+        elif value.shape != expected.shape:
+            problems.append(f"{name}: shape {tuple(value.shape)}, expected {tuple(expected.shape)}")
+        elif value.dtype != expected.dtype and (
+            same_dtype or value.is_floating_point() != expected.is_floating_point()
+        ):
+            problems.append(f"{name}: dtype {value.dtype}, expected {expected.dtype}")
+        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            problems.append(f"{name}: non-finite values")
+    return problems
+
+
+def _check_mapping(model: nn.Module, mapping: Mapping[str, torch.Tensor], what: str) -> dict[str, SparseLayer]:
+    """The model's sparse layers, after checking that ``mapping`` holds exactly their names, one finite
+    floating ``[out]`` tensor each; raises ``ValueError`` listing every problem."""
+    layers = dict(sparse_layers(model))
+    problems = mapping_problems(mapping, {name: layer.threshold for name, layer in layers.items()}, same_dtype=False)
     if problems:
         raise ValueError(f"{what}: " + "; ".join(problems))
     return layers

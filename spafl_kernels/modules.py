@@ -49,6 +49,14 @@ class SparseLayer:
         rows = self.weight.shape[0]
         return float(self.mask().sum().item()) / rows if rows else 1.0
 
+    @torch.no_grad()
+    def _copy_dense(self, module: nn.Module):
+        """Copy ``module``'s weight and bias into this layer; returns ``self``."""
+        self.weight.copy_(module.weight)
+        if module.bias is not None:
+            self.bias.copy_(module.bias)
+        return self
+
     def _sparse_repr(self) -> str:
         text = f"ste={self.ste!r}, backend={self.backend!r}"
         if self.weight.device.type != "meta":
@@ -90,11 +98,7 @@ class SparseLinear(SparseLayer, nn.Linear):
         w = module.weight
         layer = cls(module.in_features, module.out_features, module.bias is not None,
                     device=w.device, dtype=w.dtype, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            if module.bias is not None:
-                layer.bias.copy_(module.bias)
-        return layer
+        return layer._copy_dense(module)
 
 
 class SparseConv2d(SparseLayer, nn.Conv2d):
@@ -145,8 +149,4 @@ class SparseConv2d(SparseLayer, nn.Conv2d):
         layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                     module.padding, module.dilation, module.groups, module.bias is not None,
                     device=w.device, dtype=w.dtype, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            if module.bias is not None:
-                layer.bias.copy_(module.bias)
-        return layer
+        return layer._copy_dense(module)

@@ -49,14 +49,18 @@ def test_thresholds_round_trip_and_checks():
     assert (model[3][0].threshold == 0).all()  # thresholds() returns copies
     sk.load_thresholds(model, taus)
     assert (model[3][0].threshold == 0.5).all()
-    with pytest.raises(ValueError, match=r"missing layers \['4'\]"):
+    with pytest.raises(ValueError, match=r"missing \['4'\]"):
         sk.load_thresholds(model, {k: v for k, v in taus.items() if k != "4"})
-    with pytest.raises(ValueError, match=r"unknown layers \['5'\]"):
+    with pytest.raises(ValueError, match=r"unknown names \['5'\]"):
         sk.load_thresholds(model, {**taus, "5": torch.zeros(1)})
-    with pytest.raises(ValueError, match=r"3.0: expected shape \(8,\), got \(7,\)"):
+    with pytest.raises(ValueError, match=r"3.0: shape \(7,\), expected \(8,\)"):
         sk.load_thresholds(model, {**taus, "3.0": torch.zeros(7)})
-    with pytest.raises(ValueError, match="4: values must be finite"):
+    with pytest.raises(ValueError, match="4: non-finite values"):
         sk.load_thresholds(model, {**taus, "4": torch.full((3,), float("nan"))})
+    with pytest.raises(ValueError, match="4: dtype torch.int64, expected torch.float32"):
+        sk.load_thresholds(model, {**taus, "4": torch.zeros(3, dtype=torch.long)})
+    sk.load_thresholds(model, {**taus, "4": torch.full((3,), 0.25, dtype=torch.float64)})  # converted
+    assert model[4].threshold.dtype == torch.float32 and (model[4].threshold == 0.25).all()
 
 
 def test_apply_threshold_update_is_the_papers_rule():

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from spafl_kernels.model import mapping_problems
+
 from .client import ClientUpdate
 
 log = logging.getLogger("spafl_fl")
@@ -22,26 +24,8 @@ log = logging.getLogger("spafl_fl")
 
 def update_problems(tensors, spec: Mapping[str, torch.Tensor]) -> list[str]:
     """Why ``tensors`` is not a valid update against ``spec`` (the expected tensors, by name): one
-    string per problem, empty when valid."""
-    if not isinstance(tensors, Mapping):
-        return [f"expected a mapping of name -> tensor, got {type(tensors).__name__}"]
-    problems = []
-    missing, unknown = sorted(set(spec) - set(tensors)), sorted(set(tensors) - set(spec))
-    if missing:
-        problems.append(f"missing {missing}")
-    if unknown:
-        problems.append(f"unknown names {unknown}")
-    for name in sorted(set(spec) & set(tensors)):
-        value, expected = tensors[name], spec[name]
-        if not isinstance(value, torch.Tensor):
-            problems.append(f"{name}: not a tensor ({type(value).__name__})")
-        elif value.shape != expected.shape:
-            problems.append(f"{name}: shape {tuple(value.shape)}, expected {tuple(expected.shape)}")
-        elif value.dtype != expected.dtype:
-            problems.append(f"{name}: dtype {value.dtype}, expected {expected.dtype}")
-        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            problems.append(f"{name}: non-finite values")
-    return problems
+    string per problem (names, shapes, exact dtypes, finite values), empty when valid."""
+    return mapping_problems(tensors, spec, same_dtype=True)
 
 
 @dataclass
