@@ -27,7 +27,7 @@ lint: $(BIN)/.tools
 	$(BIN)/ruff check .
 
 test: install lint
-	SPAFL_REQUIRE_BACKENDS=torch $(BIN)/python -m pytest -q tests
+	SPAFL_REQUIRE_BACKENDS=torch,cpp $(BIN)/python -m pytest -q tests
 
 demo: install
 	$(BIN)/python -m spafl_kernels.bench --layer linear-large --densities 1 0.5 0.25 0.1

@@ -15,10 +15,10 @@ import torch
 
 from .base import Backend, CallSpec
 
-BACKEND_NAMES = ("reference", "torch")
+BACKEND_NAMES = ("reference", "torch", "cpp")
 """Every backend, in the order ``info`` lists them."""
 
-AUTO_ORDER = ("torch",)
+AUTO_ORDER = ("cpp", "torch")
 """Preference of ``backend="auto"``: fastest first. ``reference`` is never chosen."""
 
 
