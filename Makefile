@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-TOOLS := numpy==2.4.6 pytest==9.2.0 pytest-benchmark==5.3.1 ruff==0.17.6 triton==3.9.0
+TOOLS := numpy==2.4.6 pytest==9.2.0 pytest-benchmark==5.3.1 ruff==0.17.6 triton==3.9.0 matplotlib==3.10.8
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h)
 
 .PHONY: install test lint demo info clean
@@ -30,7 +30,7 @@ test: install lint
 	SPAFL_REQUIRE_BACKENDS=torch,cpp $(BIN)/python -m pytest -q tests
 
 demo: install
-	$(BIN)/python -m spafl_kernels.bench --layer linear-large --densities 1 0.5 0.25 0.1
+	$(BIN)/python -m spafl_kernels.bench --layers linear-large --densities 1 0.5 0.25 0.1 --modes fwd+bwd --ste outer
 
 info: install
 	$(BIN)/python -m spafl_kernels.info

@@ -39,8 +39,8 @@ setup(
     package_dir={"spafl_fl": "python/spafl_fl"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton"]},
+    extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton"], "bench": ["matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["spafl-bench = spafl_kernels.bench:main"]},
 )
