@@ -151,21 +151,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_conv2d_bwd", [&] {
     const RowSets rows(s.const_data_ptr<scalar_t>(), N, gate_kind, need_params);
     const int64_t A = rows.num_active(), R = rows.num_graded(), per = N / groups;
-    Tensor gsum, b;
+    // dbias holds gsum (dL/dy summed over batch and space) until the rows are finished, then is
+    // masked: dL/db_i = m_i * gsum_i.
+    Tensor b;
     if (need_params) {
-      gsum = g.sum({0, 2, 3});  // [N]: dL/dy summed over batch and space
       if (bias) {
         b = bias->contiguous();
-        dbias = gsum * s.gt(0);
+        dbias = at::empty({N}, w.options());
+        plane_sums(g.const_data_ptr<scalar_t>(), g.size(0), N, g.size(2) * g.size(3), dbias.mutable_data_ptr<scalar_t>());
       }
-      dthreshold = at::zeros({N}, w.options());
+      dthreshold = at::empty({N}, w.options());
+      std::fill_n(dthreshold.mutable_data_ptr<scalar_t>(), N, scalar_t(0));
     }
     // dW rows and dtau of graded positions [p0, p1), from their compact dense gradient, or in place.
     auto finish = [&](int64_t p0, int64_t p1, const Tensor& compact) {
       finish_graded<scalar_t>(rows, p0, p1, compact.defined() ? compact.const_data_ptr<scalar_t>() : nullptr,
                               w.const_data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                              gsum.const_data_ptr<scalar_t>(), fan, dweight.mutable_data_ptr<scalar_t>(),
-                              dthreshold.mutable_data_ptr<scalar_t>());
+                              b.defined() ? dbias.const_data_ptr<scalar_t>() : nullptr, fan,
+                              dweight.mutable_data_ptr<scalar_t>(), dthreshold.mutable_data_ptr<scalar_t>());
     };
     const bool all_graded = need_params && R == N;
     bool dweight_done = false;
@@ -198,20 +201,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
       }
       dweight_done = joint;
     }
-    if (!need_params || dweight_done) return;
-    if (R == N) {
+    if (need_params && !dweight_done && R == N) {
       dweight = std::get<1>(conv_backward(g, x, w, geo, groups, false, true)).contiguous();
       finish(0, N, Tensor());
-      return;
+    } else if (need_params && !dweight_done) {
+      dweight = zeros_untouched(w.sizes(), w.options());
+      for (const GroupPart& part : group_parts(rows.graded, per)) {
+        const Tensor dweight_part =
+            std::get<1>(conv_backward(take_planes<scalar_t>(g, rows.graded, part.begin, part.end),
+                                      group_input(x, geo, part),
+                                      take_rows<scalar_t>(w, rows.graded, part.begin, part.end), geo, 1, false, true));
+        finish(part.begin, part.end, dweight_part.contiguous());
+      }
     }
-    dweight = zeros_untouched(w.sizes(), w.options());
-    for (const GroupPart& part : group_parts(rows.graded, per)) {
-      const Tensor dweight_part = std::get<1>(conv_backward(take_planes<scalar_t>(g, rows.graded, part.begin, part.end),
-                                                            group_input(x, geo, part),
-                                                            take_rows<scalar_t>(w, rows.graded, part.begin, part.end),
-                                                            geo, 1, false, true));
-      finish(part.begin, part.end, dweight_part.contiguous());
-    }
+    if (b.defined()) rows.zero_pruned(dbias.mutable_data_ptr<scalar_t>());
   });
   return {dx, dweight, dbias, dthreshold};
 }

@@ -71,7 +71,7 @@ std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight, con
     const scalar_t* bp = bias ? bias->contiguous().const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const int64_t* idx = rows.active.data();
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, M, grain(N), [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m) {
         scalar_t* yr = yp + m * N;
         const scalar_t* zr = zp + m * A;
@@ -154,24 +154,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, cons
     }
     if (!need_params) return;
 
-    const Tensor gsum = g.sum(0);  // [N]: dL/dy summed over the batch
-    const scalar_t* gsum_p = gsum.const_data_ptr<scalar_t>();
+    // dL/db_i = m_i * gsum_i, with gsum = dL/dy summed over the batch: dbias holds gsum until the
+    // rows are finished (dL/dm of a pruned row with an open gate needs its gsum), then is masked.
+    const scalar_t* gsum_p = nullptr;
     const scalar_t* bp = nullptr;
     Tensor b;
     if (bias) {
       b = bias->contiguous();
       bp = b.const_data_ptr<scalar_t>();
-      dbias = gsum * s.gt(0);
+      dbias = at::empty({N}, w.options());
+      plane_sums(gp, M, N, 1, dbias.mutable_data_ptr<scalar_t>());
+      gsum_p = dbias.const_data_ptr<scalar_t>();
     }
-    dthreshold = at::zeros({N}, w.options());
+    dthreshold = at::empty({N}, w.options());
     scalar_t* dthr = dthreshold.mutable_data_ptr<scalar_t>();
+    std::fill(dthr, dthr + N, scalar_t(0));
     const int64_t R = rows.num_graded();
-    if (R == N) {  // every row needs G: the dense weight gradient, finished in place
-      dweight = at::mm(g.t(), x);
-      finish_graded<scalar_t>(rows, 0, R, nullptr, wp, bp, gsum_p, K, dweight.mutable_data_ptr<scalar_t>(), dthr);
-      return;
-    }
-    dweight = zeros_untouched({N, K}, w.options());
+    // Every row graded: one run, the dense weight gradient finished in place; else rows never
+    // written stay zero pages.
+    dweight = R == N ? at::empty({N, K}, w.options()) : zeros_untouched({N, K}, w.options());
     scalar_t* dwp = dweight.mutable_data_ptr<scalar_t>();
     for (const Segment& seg : segments(rows.graded.data(), R, chunk, kMinRun)) {
       const Tensor cols = grad_columns(rows.graded.data(), seg);
@@ -186,6 +187,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, cons
                                 dthr);
       }
     }
+    if (bias) rows.zero_pruned(dbias.mutable_data_ptr<scalar_t>());
   });
   return {dx, dweight, dbias, dthreshold};
 }

@@ -112,7 +112,7 @@ at::Tensor row_scores(const at::Tensor& weight, const at::Tensor& threshold) {
     const scalar_t* tau = t.const_data_ptr<scalar_t>();
     acc_t* s = score.mutable_data_ptr<acc_t>();
     const acc_t inv = acc_t(1) / static_cast<acc_t>(std::max<int64_t>(fan, 1));
-    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(fan, 1)), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, rows, grain(fan), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         s[i] = row_abs_sum(w + i * fan, fan) * inv - static_cast<acc_t>(tau[i]);
       }
@@ -128,7 +128,7 @@ std::vector<Segment> segments(const int64_t* idx, int64_t n, int64_t chunk, int6
   while (p < n) {
     int64_t q = p + 1;
     while (q < n && idx[q] == idx[q - 1] + 1) ++q;
-    if (q - p >= min_run) {
+    if (q - p >= min_run || q - p == n) {
       if (pending < p) out.push_back({pending, p, false});
       out.push_back({p, q, true});
       pending = q;

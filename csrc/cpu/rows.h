@@ -66,6 +66,12 @@ struct RowSets {
     }
   }
   int64_t num_active() const { return static_cast<int64_t>(active.size()); }
+  // v[i] = 0 for every pruned row i. v: [N].
+  template <typename T>
+  void zero_pruned(T* v) const {
+    for (int64_t i = 0; i < n; ++i)
+      if (!mask[i]) v[i] = T(0);
+  }
   int64_t num_graded() const { return static_cast<int64_t>(graded.size()); }
 };
 
@@ -78,8 +84,8 @@ struct Segment {
   int64_t size() const { return end - begin; }
 };
 
-// Splits idx[0:n) into runs of at least `min_run` consecutive indices and gathered chunks of at most
-// `chunk` positions, in order.
+// Splits idx[0:n) into runs of at least `min_run` consecutive indices (or one run when all of them
+// are consecutive) and gathered chunks of at most `chunk` positions, in order.
 std::vector<Segment> segments(const int64_t* idx, int64_t n, int64_t chunk, int64_t min_run);
 
 // Rows per gathered panel: a panel of [rows, row_size] stays at most ~8 MiB, small enough that the
@@ -96,6 +102,16 @@ constexpr int64_t kMinRun = 64;
 // zero-filled nor page-faulted here. Small blocks come from at::zeros.
 at::Tensor zeros_untouched(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// ---------------------------------------------------------------------------------- parallel
+
+// Grain of at::parallel_for for items of `item_size` elements each: a thread gets at least ~128K
+// elements (tens of microseconds of memory traffic), so small layers run inline instead of paying
+// for a parallel region that costs more than the work it splits.
+inline int64_t grain(int64_t item_size) {
+  constexpr int64_t kParallelWork = int64_t(1) << 17;
+  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(item_size, 1));
+}
+
 // ---------------------------------------------------------------------------------- gathers
 
 // dst[o, j, :] = src[o, idx[j], :] for o < outer, j < n; src: [outer, rows, inner], dst: [outer, n,
@@ -104,7 +120,7 @@ template <typename T>
 void gather_planes(const T* src, int64_t outer, int64_t rows, int64_t inner, const int64_t* idx,
                    int64_t n, T* dst) {
   if (inner == 1) {  // columns of a matrix: one element per index, parallel over the outer rows
-    at::parallel_for(0, outer, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, outer, grain(n), [&](int64_t b, int64_t e) {
       for (int64_t o = b; o < e; ++o) {
         const T* s = src + o * rows;
         T* d = dst + o * n;
@@ -113,7 +129,7 @@ void gather_planes(const T* src, int64_t outer, int64_t rows, int64_t inner, con
     });
     return;
   }
-  at::parallel_for(0, outer * n, std::max<int64_t>(1, 16384 / inner), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, outer * n, grain(inner), [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const int64_t o = p / n, j = p % n;
       std::memcpy(dst + p * inner, src + (o * rows + idx[j]) * inner, inner * sizeof(T));
@@ -126,7 +142,7 @@ void gather_planes(const T* src, int64_t outer, int64_t rows, int64_t inner, con
 template <typename T>
 void scatter_planes(const T* src, int64_t outer, int64_t n, int64_t inner, const int64_t* idx, int64_t rows,
                     const T* bias, T* dst) {
-  at::parallel_for(0, outer * n, std::max<int64_t>(1, 16384 / std::max<int64_t>(inner, 1)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, outer * n, grain(inner), [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const int64_t o = p / n, j = p % n;
       const T* s = src + p * inner;
@@ -137,6 +153,35 @@ void scatter_planes(const T* src, int64_t outer, int64_t n, int64_t inner, const
       } else {
         std::memcpy(d, s, inner * sizeof(T));
       }
+    }
+  });
+}
+
+// out[r] = sum over o < outer, k < inner of src[o, r, k]: dL/dy summed over batch (and space) per
+// row. src: [outer, rows, inner] contiguous; accumulated in double, like a pairwise sum accurate
+// enough for the 10^5-element sums of a convolution.
+template <typename T>
+void plane_sums(const T* src, int64_t outer, int64_t rows, int64_t inner, T* out) {
+  at::parallel_for(0, rows, grain(outer * inner), [&](int64_t b, int64_t e) {
+    if (inner == 1) {  // columns of a matrix: stream its rows, one accumulator per column
+      std::vector<double> acc(e - b, 0.0);
+      for (int64_t o = 0; o < outer; ++o) {
+        const T* s = src + o * rows + b;
+        for (int64_t r = 0; r < e - b; ++r) acc[r] += static_cast<double>(s[r]);
+      }
+      for (int64_t r = b; r < e; ++r) out[r] = static_cast<T>(acc[r - b]);
+      return;
+    }
+    for (int64_t r = b; r < e; ++r) {
+      double acc = 0;
+      for (int64_t o = 0; o < outer; ++o) {
+        const T* s = src + (o * rows + r) * inner;
+        double part = 0;
+#pragma omp simd reduction(+ : part)
+        for (int64_t k = 0; k < inner; ++k) part += static_cast<double>(s[k]);
+        acc += part;
+      }
+      out[r] = static_cast<T>(acc);
     }
   });
 }
@@ -152,7 +197,7 @@ void scatter_planes(const T* src, int64_t outer, int64_t n, int64_t inner, const
 template <typename T>
 void finish_graded(const RowSets& rows, int64_t p0, int64_t p1, const T* compact, const T* weight,
                    const T* bias, const T* gsum, int64_t fan, T* dweight, T* dthreshold) {
-  at::parallel_for(p0, p1, std::max<int64_t>(1, 16384 / std::max<int64_t>(fan, 1)), [&](int64_t b, int64_t e) {
+  at::parallel_for(p0, p1, grain(fan), [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const int64_t i = rows.graded[p];
       T* dst = dweight + i * fan;
