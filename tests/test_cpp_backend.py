@@ -1,5 +1,5 @@
 """The ``cpp`` backend's own checks: the fused score op, the paths its kernels take (runs of
-consecutive rows, gathered chunks, zero-page outputs, groups), its ops' contract, its dispatch."""
+consecutive rows, gathered chunks, outputs on fresh zero pages, groups), its ops' contract, its dispatch."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _linear(backend, ste, x, weight, threshold, bias=None):
 
 
 # Rows of 16384 float64 (128 KiB): a gathered panel holds 64 of them, so 200 rows exercise every
-# path: runs used in place, chunks gathered and flushed, the zero-page dW.
+# path: runs used in place, chunks gathered and flushed, dW on fresh zero pages.
 _WIDE = (200, 16384)
 _PATTERNS = {
     "long run": lambda n: torch.arange(n) < 150,
@@ -127,13 +127,15 @@ def test_conv2d_matches_reference(ste, density, case, bias):
 
 @pytest.mark.parametrize("ste", ["identity", "outer"])
 def test_conv2d_large_output(ste):
-    """An output over 1 MiB comes from the zero-page allocator; pruned planes must still read as 0."""
+    """An output of 2 MiB or more comes from freshly mapped pages; pruned planes must still read as 0."""
     require_backend("cpp", "conv2d")
     g = torch.Generator().manual_seed(5)
-    weight = torch.randn(16, 8, 3, 3, generator=g, dtype=torch.float64) * 0.5
-    threshold = threshold_for_rows(weight, torch.arange(16) % 3 == 1)
-    x = torch.randn(8, 8, 40, 40, generator=g, dtype=torch.float64)
-    tensors = {"x": x, "weight": weight, "threshold": threshold, "bias": torch.randn(16, generator=g).double()}
+    # Many filters, few positions: the output is large, the per-filter reductions stay short enough
+    # that float32 roundings of the oneDNN backward on a compact filter set stay near the oracle's.
+    weight = torch.randn(256, 4, 3, 3, generator=g, dtype=torch.float64) * 0.5
+    threshold = threshold_for_rows(weight, torch.arange(256) % 3 == 1)
+    x = torch.randn(2, 4, 32, 32, generator=g, dtype=torch.float64)
+    tensors = {"x": x, "weight": weight, "threshold": threshold, "bias": torch.randn(256, generator=g).double()}
     geometry = {"padding": 1}
     assert_matches_oracle(
         functools.partial(_conv, "cpp", ste, geometry), functools.partial(_conv, "reference", ste, geometry), tensors

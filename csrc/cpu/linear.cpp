@@ -170,9 +170,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, cons
     scalar_t* dthr = dthreshold.mutable_data_ptr<scalar_t>();
     std::fill(dthr, dthr + N, scalar_t(0));
     const int64_t R = rows.num_graded();
-    // Every row graded: one run, the dense weight gradient finished in place; else rows never
-    // written stay zero pages.
-    dweight = R == N ? at::empty({N, K}, w.options()) : zeros_untouched({N, K}, w.options());
+    // Rows never written (not graded) stay untouched zero pages; with every row graded the list is one
+    // run and the dense weight gradient lands in place.
+    dweight = fresh_zeros({N, K}, w.options());
     scalar_t* dwp = dweight.mutable_data_ptr<scalar_t>();
     for (const Segment& seg : segments(rows.graded.data(), R, chunk, kMinRun)) {
       const Tensor cols = grad_columns(rows.graded.data(), seg);

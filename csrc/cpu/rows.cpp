@@ -4,7 +4,12 @@
 #include <ATen/OpMathType.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace spafl::cpu {
 
@@ -152,14 +157,25 @@ int64_t panel_rows(int64_t row_size, int64_t elem_size, int64_t total_rows) {
 
 // ---------------------------------------------------------------------------------- memory
 
-at::Tensor zeros_untouched(at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor fresh_zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
-  // Below this size the allocator reuses freed heap memory, which calloc would have to clear anyway.
-  constexpr size_t kCallocBytes = size_t(1) << 20;
-  if (bytes < kCallocBytes) return at::zeros(sizes, options);
-  void* data = std::calloc(bytes, 1);
+  constexpr size_t kHuge = size_t(2) << 20;  // x86-64 transparent huge page
+  if (bytes < kHuge) return at::zeros(sizes, options);  // reused heap memory: a memset is cheap
+#ifdef __linux__
+  // Over-map by one huge page so that the block can start on a huge-page boundary.
+  const size_t span = (bytes + kHuge - 1) / kHuge * kHuge;
+  const size_t length = span + kHuge;
+  void* base = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base != MAP_FAILED) {
+    void* data = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(base) + kHuge - 1) / kHuge * kHuge);
+    // Advice only: where THP is off the pages are 4 KiB ones, still zero and still untouched.
+    madvise(data, span, MADV_HUGEPAGE);
+    return at::from_blob(data, sizes, [base, length](void*) { munmap(base, length); }, options);
+  }
+#endif
+  void* data = std::calloc(bytes, 1);  // large calloc blocks are fresh zero pages too
   TORCH_CHECK(data != nullptr, "out of memory allocating ", bytes, " bytes");
   return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
 }
