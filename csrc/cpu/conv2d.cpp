@@ -115,7 +115,7 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x, const Tensor& weight, con
       out_sizes[2 + d] =
           (x.size(2 + d) + 2 * geo.padding[d] - geo.dilation[d] * (w.size(2 + d) - 1) - 1) / geo.stride[d] + 1;
     }
-    y = fresh_zeros(out_sizes, x.options());
+    y = fresh_pages(out_sizes, x.options(), /*zero=*/true);
     const Tensor b = bias ? bias->contiguous() : Tensor();
     for (const GroupPart& part : group_parts(rows.active, N / groups)) {
       const Tensor z = at::convolution(group_input(x, geo, part), take_rows<scalar_t>(w, rows.active, part.begin, part.end),
@@ -185,7 +185,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
     } else if (need_dx) {
       // When no pruned row has an open gate, graded == active and dW's rows come with dx.
       const bool joint = need_params && rows.graded == rows.active;
-      if (joint) dweight = fresh_zeros(w.sizes(), w.options());
+      if (joint) dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);
       if (groups > 1) dx = at::zeros_like(x);
       for (const GroupPart& part : group_parts(rows.active, per)) {
         const Tensor xg = group_input(x, geo, part);
@@ -205,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
       dweight = std::get<1>(conv_backward(g, x, w, geo, groups, false, true)).contiguous();
       finish(0, N, Tensor());
     } else if (need_params && !dweight_done) {
-      dweight = fresh_zeros(w.sizes(), w.options());
+      dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);
       for (const GroupPart& part : group_parts(rows.graded, per)) {
         const Tensor dweight_part =
             std::get<1>(conv_backward(take_planes<scalar_t>(g, rows.graded, part.begin, part.end),

@@ -172,7 +172,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, cons
     const int64_t R = rows.num_graded();
     // Rows never written (not graded) stay untouched zero pages; with every row graded the list is one
     // run and the dense weight gradient lands in place.
-    dweight = fresh_zeros({N, K}, w.options());
+    dweight = fresh_pages({N, K}, w.options(), /*zero=*/R < N);
     scalar_t* dwp = dweight.mutable_data_ptr<scalar_t>();
     for (const Segment& seg : segments(rows.graded.data(), R, chunk, kMinRun)) {
       const Tensor cols = grad_columns(rows.graded.data(), seg);

@@ -157,12 +157,12 @@ int64_t panel_rows(int64_t row_size, int64_t elem_size, int64_t total_rows) {
 
 // ---------------------------------------------------------------------------------- memory
 
-at::Tensor fresh_zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor fresh_pages(at::IntArrayRef sizes, const at::TensorOptions& options, bool zero) {
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
   constexpr size_t kHuge = size_t(2) << 20;  // x86-64 transparent huge page
-  if (bytes < kHuge) return at::zeros(sizes, options);  // reused heap memory: a memset is cheap
+  if (bytes < kHuge) return zero ? at::zeros(sizes, options) : at::empty(sizes, options);  // reused heap memory
 #ifdef __linux__
   // Over-map by one huge page so that the block can start on a huge-page boundary.
   const size_t span = (bytes + kHuge - 1) / kHuge * kHuge;

@@ -97,13 +97,13 @@ constexpr int64_t kMinRun = 64;
 
 // ---------------------------------------------------------------------------------- memory
 
-// A zero tensor on freshly mapped pages, for the large outputs the kernels write (dW, a Conv2d's y).
+// A tensor on freshly mapped pages, for the large outputs the kernels write (dW, a Conv2d's y).
 // Fresh anonymous pages read as zero until written, so rows a kernel never writes (pruned rows of
 // dW, pruned planes of y) are neither zero-filled nor page-faulted in the op. The block is advised
 // to use transparent huge pages, which makes the page faults of the rows it does write ~3x cheaper
 // than the 4 KiB faults of a fresh allocation from the default allocator (measured on 64 MiB).
-// Small tensors come from at::zeros.
-at::Tensor fresh_zeros(at::IntArrayRef sizes, const at::TensorOptions& options);
+// Tensors under 2 MiB come from the default allocator: at::zeros if `zero`, else at::empty.
+at::Tensor fresh_pages(at::IntArrayRef sizes, const at::TensorOptions& options, bool zero);
 
 // ---------------------------------------------------------------------------------- parallel
 
