@@ -7,7 +7,14 @@ import functools
 
 import pytest
 import torch
-from oracle import assert_matches_oracle, controlled_threshold, make_params, require_backend, rows_for_density
+from oracle import (
+    assert_matches_oracle,
+    controlled_threshold,
+    make_params,
+    outputs_and_grads,
+    require_backend,
+    rows_for_density,
+)
 
 import spafl_kernels as sk
 from spafl_kernels import _ext
@@ -184,3 +191,24 @@ def test_not_supported_reasons():
     assert any("CPU only" in r for r in reasons) and any("float16" in r for r in reasons)
     with pytest.raises(sk.BackendNotSupportedError, match="float32 and float64"):
         sk.sparse_linear(torch.randn(2, 3).half(), torch.randn(4, 3).half(), None, torch.zeros(4).half(), backend="cpp")
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_compile_matches_eager(op):
+    """Under torch.compile the layers trace the spafl ops (fake kernels, registered autograd); eager
+    calls take the equivalent autograd.Function. Both give the same outputs and gradients."""
+    require_backend("cpp", op)
+    shape = (7, 5) if op == "linear" else (6, 3, 3, 3)
+    weight, bias, threshold = (t.float() for t in make_params(shape, 3, True, seed=6))
+    x = torch.randn(4, 5) if op == "linear" else torch.randn(2, 3, 8, 8)
+
+    def layer(x, weight, bias, threshold):
+        if op == "linear":
+            return sk.sparse_linear(x, weight, bias, threshold, ste="clipped", backend="cpp")
+        return sk.sparse_conv2d(x, weight, bias, threshold, padding=1, ste="clipped", backend="cpp")
+
+    tensors = {"x": x, "weight": weight, "bias": bias, "threshold": threshold}
+    eager = outputs_and_grads(layer, tensors)
+    compiled = outputs_and_grads(torch.compile(layer, fullgraph=True, backend="aot_eager"), tensors)
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, msg=key)
