@@ -27,16 +27,22 @@ namespace {
 template <typename T>
 constexpr int kLanes = 256 / sizeof(T);  // four 512-bit registers' worth
 
+// Sums the lane array pairwise: vector adds, where a running scalar sum would wait on each add.
+template <typename T>
+inline T reduce_lanes(T* acc) {
+  for (int width = kLanes<T> / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+  return acc[0];
+}
+
 template <typename T>
 inline T abs_sum_impl(const T* p, int64_t n) {
   T acc[kLanes<T>] = {};
   int64_t j = 0;
   for (; j + kLanes<T> <= n; j += kLanes<T>)
     for (int l = 0; l < kLanes<T>; ++l) acc[l] += std::abs(p[j + l]);
-  T s = 0;
-  for (; j < n; ++j) s += std::abs(p[j]);
-  for (int l = 0; l < kLanes<T>; ++l) s += acc[l];
-  return s;
+  for (int l = 0; j + l < n; ++l) acc[l] += std::abs(p[j + l]);
+  return reduce_lanes(acc);
 }
 
 template <typename T>
@@ -45,10 +51,8 @@ inline T dot_impl(const T* a, const T* b, int64_t n) {
   int64_t j = 0;
   for (; j + kLanes<T> <= n; j += kLanes<T>)
     for (int l = 0; l < kLanes<T>; ++l) acc[l] += a[j + l] * b[j + l];
-  T s = 0;
-  for (; j < n; ++j) s += a[j] * b[j];
-  for (int l = 0; l < kLanes<T>; ++l) s += acc[l];
-  return s;
+  for (int l = 0; j + l < n; ++l) acc[l] += a[j + l] * b[j + l];
+  return reduce_lanes(acc);
 }
 
 template <typename T>
