@@ -188,10 +188,13 @@ def time_interleaved(
 
 def peak_rss_delta(layer: str, density: float, ste: str, candidate: str) -> int:
     """Peak resident memory (bytes) one forward+backward of ``candidate`` adds over the memory it
-    starts from, after two warm-up steps; measured in a fresh process (Linux ``VmHWM``) so that
-    candidates do not share an allocator's free lists."""
+    starts from (median of 5 steps after two warm-up steps), measured in a fresh process (Linux
+    ``VmHWM``)."""
     command = [sys.executable, "-m", "spafl_kernels.bench", "--memory-probe", layer, str(density), ste, candidate]
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ})
+    # glibc maps every block of 64 KiB or more afresh and unmaps it when freed, so the resident size
+    # follows the live tensors instead of the heap's history (which varies by tens of MiB).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -203,11 +206,14 @@ def _memory_probe(layer: str, density: float, ste: str, candidate: str) -> None:
     step = make_step(make_case(layer, density, ste), candidate, train=True)
     step()
     step()
-    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current resident size
-        f.write("5")
-    before = status("VmRSS:")
-    step()
-    print(status("VmHWM:") - before)
+    peaks = []
+    for _ in range(5):
+        with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current resident size
+            f.write("5")
+        before = status("VmRSS:")
+        step()
+        peaks.append(status("VmHWM:") - before)
+    print(int(statistics.median(peaks)))
 
 
 def default_candidates(device: str) -> list[str]:

@@ -64,26 +64,31 @@ def _linear(backend, ste, x, weight, threshold, bias=None):
     return sk.sparse_linear(x, weight, bias, threshold, ste=ste, backend=backend)
 
 
-# Rows of 16384 float64 (128 KiB): a gathered panel holds 64 of them, so 200 rows exercise every
-# path: runs used in place, chunks gathered and flushed, dW on fresh zero pages.
-_WIDE = (200, 16384)
+# (batch, in_features, out_features). "wide": rows of 16384 float64 (128 KiB), so a gathered panel
+# holds 64 of them and 200 rows exercise every path: runs used in place, chunks gathered and flushed,
+# dW on fresh zero pages. "tall": 300 batch rows, so the gathered grad columns of a chunk need more dW
+# rows as scratch than a nearly full chunk has gaps (the buffer fallback).
+_SHAPES = {"wide": (3, 16384, 200), "tall": (300, 2048, 600)}
 _PATTERNS = {
     "long run": lambda n: torch.arange(n) < 150,
     "run and scattered": lambda n: (torch.arange(n) >= 30) & (torch.arange(n) < 110) | (torch.arange(n) % 7 == 0),
     "every other": lambda n: torch.arange(n) % 2 == 0,
     "all but one": lambda n: torch.arange(n) != 77,
+    "all but every 50th": lambda n: torch.arange(n) % 50 != 49,
 }
 
 
 @pytest.mark.parametrize("ste", sk.STES)
 @pytest.mark.parametrize("pattern", sorted(_PATTERNS))
-def test_linear_row_patterns(ste, pattern):
+@pytest.mark.parametrize("shape", sorted(_SHAPES))
+def test_linear_row_patterns(ste, pattern, shape):
     require_backend("cpp", "linear")
+    batch, in_features, out_features = _SHAPES[shape]
     g = torch.Generator().manual_seed(3)
-    weight = torch.randn(_WIDE, generator=g, dtype=torch.float64) * 0.5
-    bias = torch.randn(_WIDE[0], generator=g, dtype=torch.float64)
-    threshold = threshold_for_rows(weight, _PATTERNS[pattern](_WIDE[0]))
-    x = torch.randn(3, _WIDE[1], generator=g, dtype=torch.float64)
+    weight = torch.randn(out_features, in_features, generator=g, dtype=torch.float64) * 0.5
+    bias = torch.randn(out_features, generator=g, dtype=torch.float64)
+    threshold = threshold_for_rows(weight, _PATTERNS[pattern](out_features))
+    x = torch.randn(batch, in_features, generator=g, dtype=torch.float64)
     tensors = {"x": x, "weight": weight, "threshold": threshold, "bias": bias}
     assert_matches_oracle(functools.partial(_linear, "cpp", ste), functools.partial(_linear, "reference", ste), tensors)
 

@@ -165,10 +165,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
     }
     // dW rows and dtau of graded positions [p0, p1), from their compact dense gradient, or in place.
     auto finish = [&](int64_t p0, int64_t p1, const Tensor& compact) {
-      finish_graded<scalar_t>(rows, p0, p1, compact.defined() ? compact.const_data_ptr<scalar_t>() : nullptr,
-                              w.const_data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                              b.defined() ? dbias.const_data_ptr<scalar_t>() : nullptr, fan,
-                              dweight.mutable_data_ptr<scalar_t>(), dthreshold.mutable_data_ptr<scalar_t>());
+      const GradRows<scalar_t> grads{rows,
+                                     w.const_data_ptr<scalar_t>(),
+                                     b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                                     b.defined() ? dbias.const_data_ptr<scalar_t>() : nullptr,
+                                     fan,
+                                     dweight.mutable_data_ptr<scalar_t>(),
+                                     dthreshold.mutable_data_ptr<scalar_t>()};
+      if (compact.defined()) {
+        grads.finish_compact(p0, p1, compact.const_data_ptr<scalar_t>());
+      } else {
+        grads.finish_block(p0, p1);
+      }
     };
     const bool all_graded = need_params && R == N;
     bool dweight_done = false;

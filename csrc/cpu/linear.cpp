@@ -109,10 +109,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, cons
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const int64_t chunk = panel_rows(K, w.element_size(), N);
-    Tensor panel, g_cols;  // reused buffers: [chunk, K] weight rows or G rows; M * chunk grad columns
+    Tensor panel, g_cols;  // reused buffers: [chunk, K] weight rows; M * chunk grad columns
 
-    // One product per segment of the index list idx[0:n): grad columns (g.narrow or gathered) and
-    // the matching weight rows (W.narrow or gathered) or an output panel.
+    // dx: one product per segment of the active rows: grad columns (g.narrow or gathered) times the
+    // matching weight rows (W.narrow or gathered).
     auto grad_columns = [&](const int64_t* idx, const Segment& seg) -> Tensor {
       if (seg.run) return g.narrow(1, idx[seg.begin], seg.size());
       if (!g_cols.defined()) g_cols = at::empty({M * chunk}, g.options());
@@ -170,22 +170,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, cons
     scalar_t* dthr = dthreshold.mutable_data_ptr<scalar_t>();
     std::fill(dthr, dthr + N, scalar_t(0));
     const int64_t R = rows.num_graded();
-    // Rows never written (not graded) stay untouched zero pages; with every row graded the list is one
-    // run and the dense weight gradient lands in place.
+    panel.reset();  // the dx phase's buffers are not kept alive beside dW
+    g_cols.reset();
+    // Rows never written (not graded) stay untouched zero pages. Each segment's G lands in dW's own
+    // rows (its run, or a block at its first row that finish_block spreads out), so no buffer beside
+    // dW holds weight rows and the peak memory stays dense's.
     dweight = fresh_pages({N, K}, w.options(), /*zero=*/R < N);
     scalar_t* dwp = dweight.mutable_data_ptr<scalar_t>();
+    const GradRows<scalar_t> grads{rows, wp, bp, gsum_p, K, dwp, dthr};
     for (const Segment& seg : segments(rows.graded.data(), R, chunk, kMinRun)) {
-      const Tensor cols = grad_columns(rows.graded.data(), seg);
-      if (seg.run) {  // G rows land in place in dW
-        Tensor out = dweight.narrow(0, rows.graded[seg.begin], seg.size());
-        at::mm_out(out, cols.t(), x);
-        finish_graded<scalar_t>(rows, seg.begin, seg.end, nullptr, wp, bp, gsum_p, K, dwp, dthr);
+      const int64_t base = rows.graded[seg.begin], size = seg.size();
+      Tensor cols;
+      int64_t scratch_rows = 0;
+      if (seg.run) {
+        cols = g.narrow(1, base, size);
       } else {
-        Tensor out = panel_rows_of(seg.size());
-        at::mm_out(out, cols.t(), x);
-        finish_graded<scalar_t>(rows, seg.begin, seg.end, out.const_data_ptr<scalar_t>(), wp, bp, gsum_p, K, dwp,
-                                dthr);
+        // Gathered grad columns go to dW rows just past the block while those lie inside the
+        // segment's span (finish_block zeroes what is left of them), else to a buffer.
+        const int64_t need = (M * size + K - 1) / K;
+        scalar_t* dst;
+        if (base + size + need <= rows.graded[seg.end - 1] + 1) {
+          dst = dwp + (base + size) * K;
+          scratch_rows = need;
+        } else {
+          if (!g_cols.defined()) g_cols = at::empty({M * chunk}, g.options());
+          dst = g_cols.mutable_data_ptr<scalar_t>();
+        }
+        gather_planes(gp, M, N, 1, rows.graded.data() + seg.begin, size, dst);
+        cols = at::from_blob(dst, {M, size}, g.options());
       }
+      Tensor out = dweight.narrow(0, base, size);
+      at::mm_out(out, cols.t(), x);
+      grads.finish_block(seg.begin, seg.end, scratch_rows);
     }
     if (bias) rows.zero_pruned(dbias.mutable_data_ptr<scalar_t>());
   });

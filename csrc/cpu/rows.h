@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -191,31 +192,65 @@ void plane_sums(const T* src, int64_t outer, int64_t rows, int64_t inner, T* out
 
 // ------------------------------------------------------------------------------ gradient rows
 
-// Finishes the weight gradient of graded rows graded[p0:p1) and their threshold gradient
-// (DESIGN §2): with G_i the dense weight gradient of row i = graded[p],
+// The gradient epilogue (DESIGN §2) of graded row i = rows.graded[p], whose dense weight gradient
+// G_i is the row at `g` (fan elements):
 //   dm_i = <G_i, W_i> + b_i * gsum_i                    (only where the gate is open)
-//   dW_i = m_i * G_i + gate_i * dm_i * sign(W_i) / fan,  dtau_i = -gate_i * dm_i.
-// G_i is row p - p0 of `compact` ([p1 - p0, fan]), or, when `compact` is null, already in place in
-// dW (row i); rows with a closed gate then need nothing. bias/gsum may be null (no bias).
+//   dW_i = m_i * G_i + gate_i * dm_i * sign(W_i) / fan,  dtau_i = -gate_i * dm_i,
+// dW_i written to its row of `dweight` (`g` may be that row). bias/gsum may be null (no bias).
 template <typename T>
-void finish_graded(const RowSets& rows, int64_t p0, int64_t p1, const T* compact, const T* weight,
-                   const T* bias, const T* gsum, int64_t fan, T* dweight, T* dthreshold) {
-  at::parallel_for(p0, p1, grain(fan), [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) {
-      const int64_t i = rows.graded[p];
-      T* dst = dweight + i * fan;
-      const T* g = compact ? compact + (p - p0) * fan : dst;
-      if (!rows.gate[i]) {
-        if (compact) std::memcpy(dst, g, fan * sizeof(T));  // active (graded, gate closed): dW_i = G_i
-        continue;
-      }
-      const T* w = weight + i * fan;
-      T dm = dot(g, w, fan);
-      if (bias) dm += bias[i] * gsum[i];
-      dthreshold[i] = -dm;
-      grad_row(dst, g, w, rows.mask[i] != 0, dm / static_cast<T>(std::max<int64_t>(fan, 1)), fan);
+struct GradRows {
+  const RowSets& rows;
+  const T* weight;  // [N, fan]
+  const T* bias;    // [N] or null
+  const T* gsum;    // [N] dL/dy summed over batch (and space), or null without bias
+  int64_t fan;
+  T* dweight;     // [N, fan]
+  T* dthreshold;  // [N], zero where the gate is closed
+
+  void finish(int64_t p, const T* g) const {
+    const int64_t i = rows.graded[p];
+    T* dst = dweight + i * fan;
+    if (!rows.gate[i]) {  // graded with a closed gate: active, dW_i = G_i
+      if (dst != g) std::memcpy(dst, g, fan * sizeof(T));
+      return;
     }
-  });
-}
+    const T* w = weight + i * fan;
+    T dm = dot(g, w, fan);
+    if (bias) dm += bias[i] * gsum[i];
+    dthreshold[i] = -dm;
+    grad_row(dst, g, w, rows.mask[i] != 0, dm / static_cast<T>(std::max<int64_t>(fan, 1)), fan);
+  }
+
+  // Positions [p0, p1) with G in `compact` ([p1 - p0, fan]).
+  void finish_compact(int64_t p0, int64_t p1, const T* compact) const {
+    at::parallel_for(p0, p1, grain(fan), [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) finish(p, compact + (p - p0) * fan);
+    });
+  }
+
+  // Positions [p0, p1) with G in the block of dweight rows [base, base + S), base = graded[p0],
+  // S = p1 - p0 (a GEMM wrote it there: no buffer beside dW). Rows move up to their own rows, in
+  // waves that never overwrite a G row not yet read; then block rows that are no graded row of the
+  // positions, and `scratch_rows` more rows after the block (used as scratch), are zeroed.
+  void finish_block(int64_t p0, int64_t p1, int64_t scratch_rows = 0) const {
+    const int64_t* graded = rows.graded.data() + p0;
+    const int64_t base = graded[0], size = p1 - p0;
+    for (int64_t hi = size; hi > 0;) {
+      // Rows at or past base + hi overwrite no unread block row [base, base + hi): those positions go
+      // in parallel. None (lo == hi): graded[j] == base + j below hi, every G there is in place.
+      const int64_t lo = std::lower_bound(graded, graded + hi, base + hi) - graded;
+      const int64_t from = lo < hi ? lo : 0;
+      at::parallel_for(from, hi, grain(fan), [&](int64_t b, int64_t e) {
+        for (int64_t j = b; j < e; ++j) finish(p0 + j, dweight + (base + j) * fan);
+      });
+      hi = from;
+    }
+    const int64_t end = std::min(base + size + scratch_rows, rows.n);
+    for (int64_t r = base, j = 0; r < end; ++r) {
+      while (j < size && graded[j] < r) ++j;
+      if (j == size || graded[j] != r) std::memset(dweight + r * fan, 0, fan * sizeof(T));
+    }
+  }
+};
 
 }  // namespace spafl::cpu
