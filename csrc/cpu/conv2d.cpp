@@ -193,7 +193,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
     } else if (need_dx) {
       // When no pruned row has an open gate, graded == active and dW's rows come with dx.
       const bool joint = need_params && rows.graded == rows.active;
-      if (joint) dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);
       if (groups > 1) dx = at::zeros_like(x);
       for (const GroupPart& part : group_parts(rows.active, per)) {
         const Tensor xg = group_input(x, geo, part);
@@ -205,7 +204,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
         } else {
           dx.narrow(1, xg.size(1) * part.group, xg.size(1)).copy_(dx_part);
         }
-        if (joint) finish(part.begin, part.end, dweight_part.contiguous());
+        if (joint) {
+          // Allocated after the convolution: not alive beside oneDNN's buffers at its peak.
+          if (!dweight.numel()) dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);
+          finish(part.begin, part.end, dweight_part.contiguous());
+        }
       }
       dweight_done = joint;
     }
@@ -213,14 +216,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
       dweight = std::get<1>(conv_backward(g, x, w, geo, groups, false, true)).contiguous();
       finish(0, N, Tensor());
     } else if (need_params && !dweight_done) {
-      dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);
       for (const GroupPart& part : group_parts(rows.graded, per)) {
         const Tensor dweight_part =
             std::get<1>(conv_backward(take_planes<scalar_t>(g, rows.graded, part.begin, part.end),
                                       group_input(x, geo, part),
                                       take_rows<scalar_t>(w, rows.graded, part.begin, part.end), geo, 1, false, true));
+        if (!dweight.numel()) dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);
         finish(part.begin, part.end, dweight_part.contiguous());
       }
+      if (!dweight.numel()) dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);  // no graded row
     }
     if (b.defined()) rows.zero_pruned(dbias.mutable_data_ptr<scalar_t>());
   });
