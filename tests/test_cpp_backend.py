@@ -64,11 +64,11 @@ def _linear(backend, ste, x, weight, threshold, bias=None):
     return sk.sparse_linear(x, weight, bias, threshold, ste=ste, backend=backend)
 
 
-# (batch, in_features, out_features). "wide": rows of 16384 float64 (128 KiB), so a gathered panel
+# (batch, in_features, out_features). "wide": rows of 32768 float64 (256 KiB), so a gathered panel
 # holds 64 of them and 200 rows exercise every path: runs used in place, chunks gathered and flushed,
 # dW on fresh zero pages. "tall": 300 batch rows, so the gathered grad columns of a chunk need more dW
 # rows as scratch than a nearly full chunk has gaps (the buffer fallback).
-_SHAPES = {"wide": (3, 16384, 200), "tall": (300, 2048, 600)}
+_SHAPES = {"wide": (3, 32768, 200), "tall": (300, 4096, 600)}
 _PATTERNS = {
     "long run": lambda n: torch.arange(n) < 150,
     "run and scattered": lambda n: (torch.arange(n) >= 30) & (torch.arange(n) < 110) | (torch.arange(n) % 7 == 0),

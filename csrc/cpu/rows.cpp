@@ -154,7 +154,7 @@ std::vector<Segment> segments(const int64_t* idx, int64_t n, int64_t chunk, int6
 }
 
 int64_t panel_rows(int64_t row_size, int64_t elem_size, int64_t total_rows) {
-  constexpr int64_t kPanelBytes = int64_t(8) << 20;
+  constexpr int64_t kPanelBytes = int64_t(16) << 20;
   const int64_t rows = std::max<int64_t>(64, kPanelBytes / std::max<int64_t>(row_size * elem_size, 1));
   return std::max<int64_t>(1, std::min(rows, total_rows));
 }
