@@ -108,11 +108,12 @@ at::Tensor fresh_pages(at::IntArrayRef sizes, const at::TensorOptions& options, 
 
 // ---------------------------------------------------------------------------------- parallel
 
-// Grain of at::parallel_for for items of `item_size` elements each: a thread gets at least ~128K
-// elements (tens of microseconds of memory traffic), so small layers run inline instead of paying
-// for a parallel region that costs more than the work it splits.
+// Grain of at::parallel_for for items of `item_size` elements each: a thread gets at least ~1M
+// elements (a few hundred microseconds of memory traffic), so small layers and small steps run
+// inline instead of paying for a parallel region, which costs far more than its fork when a core is
+// shared and the other thread is descheduled.
 inline int64_t grain(int64_t item_size) {
-  constexpr int64_t kParallelWork = int64_t(1) << 17;
+  constexpr int64_t kParallelWork = int64_t(1) << 20;
   return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(item_size, 1));
 }
 
