@@ -138,14 +138,17 @@ def test_conv2d_matches_reference(ste, density, case, bias):
 
 
 @pytest.mark.parametrize("ste", ["identity", "outer"])
-def test_conv2d_large_output(ste):
-    """An output of 2 MiB or more comes from freshly mapped pages; pruned planes must still read as 0."""
+@pytest.mark.parametrize("every", [3, -4])
+def test_conv2d_large_output(ste, every):
+    """An output of 2 MiB or more comes from freshly mapped pages; pruned planes must still read as 0.
+    ``every=3``: every third filter active; ``-4``: all but every fourth, so that the backward runs in
+    batch chunks (more than half of the filters active)."""
     require_backend("cpp", "conv2d")
     g = torch.Generator().manual_seed(5)
     # Many filters, few positions: the output is large, the per-filter reductions stay short enough
     # that float32 roundings of the oneDNN backward on a compact filter set stay near the oracle's.
     weight = torch.randn(256, 4, 3, 3, generator=g, dtype=torch.float64) * 0.5
-    threshold = threshold_for_rows(weight, torch.arange(256) % 3 == 1)
+    threshold = threshold_for_rows(weight, torch.arange(256) % 3 == 1 if every == 3 else torch.arange(256) % 4 != 3)
     x = torch.randn(2, 4, 32, 32, generator=g, dtype=torch.float64)
     tensors = {"x": x, "weight": weight, "threshold": threshold, "bias": torch.randn(256, generator=g).double()}
     geometry = {"padding": 1}

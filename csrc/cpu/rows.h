@@ -100,10 +100,9 @@ constexpr int64_t kMinRun = 64;
 
 // A tensor on freshly mapped pages, for the large outputs the kernels write (dW, a Conv2d's y).
 // Fresh anonymous pages read as zero until written, so rows a kernel never writes (pruned rows of
-// dW, pruned planes of y) are neither zero-filled nor page-faulted in the op. The block is advised
-// to use transparent huge pages, which makes the page faults of the rows it does write ~3x cheaper
-// than the 4 KiB faults of a fresh allocation from the default allocator (measured on 64 MiB).
-// Tensors under 2 MiB come from the default allocator: at::zeros if `zero`, else at::empty.
+// dW, pruned planes of y) are neither zero-filled nor page-faulted in the op (a reader faults them
+// in later at about a third of the cost of a write fault). Tensors under 2 MiB come from the default
+// allocator: at::zeros if `zero`, else at::empty. SPAFL_CPU_HUGEPAGES=1: see rows.cpp.
 at::Tensor fresh_pages(at::IntArrayRef sizes, const at::TensorOptions& options, bool zero);
 
 // ---------------------------------------------------------------------------------- parallel
