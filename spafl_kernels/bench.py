@@ -1,39 +1,92 @@
-"""Layer benchmark: sparse backends against dense and masked-dense, side by side in one run.
+"""Layer benchmark: sparse backends against dense and masked dense, side by side in one run.
 
-``python -m spafl_kernels.bench --help``. Every candidate is timed interleaved with the others
-(round-robin over repetitions, medians), so drift on a shared machine hits them alike. The figure of
-merit is the fraction of ideal (DESIGN §5): ``(t_dense / t_sparse) / ideal_speedup``, where the
-ideal speedup is the ratio of dense to skipping FLOPs (``flops.layer_flops``).
+``spafl-bench --help`` (or ``python -m spafl_kernels.bench``). Every candidate is timed interleaved with
+the others (round-robin over repetitions, medians), so drift on a shared machine hits them alike. The
+figure of merit is the fraction of ideal (DESIGN §5): ``(t_dense / t_sparse) / ideal_speedup``, where
+the ideal speedup is the ratio of dense to skipping FLOPs (``flops.layer_flops``). A run prints a
+table and can write JSON, a Markdown report with the DESIGN §5 targets, and a PNG of speedup against
+density with the ideal line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .backends import BACKEND_NAMES, get_backend
+from .backends.base import CallSpec
 from .flops import layer_flops
 from .functional import sparse_conv2d, sparse_linear
 from .semantics import fan_in
 
-# name -> (op, input shape, weight shape, conv kwargs)
-LAYERS: dict[str, tuple[str, tuple[int, ...], tuple[int, ...], dict]] = {
-    "linear-large": ("linear", (256, 4096), (4096, 4096), {}),
-    "conv-large": ("conv2d", (64, 64, 32, 32), (128, 64, 3, 3), {"padding": 1}),
-    "lenet5-fc1": ("linear", (64, 400), (120, 400), {}),
-    "lenet5-conv2": ("conv2d", (64, 6, 14, 14), (16, 6, 5, 5), {}),
+
+@dataclass(frozen=True)
+class Layer:
+    """A benchmarked layer: op, input and weight shapes, Conv2d geometry, the model it comes from."""
+
+    op: str  # "linear" or "conv2d"
+    x_shape: tuple[int, ...]
+    w_shape: tuple[int, ...]
+    model: str
+    conv: dict = field(default_factory=dict)
+
+
+# The paper's models at batch 64: LeNet-5 on 28x28 FMNIST, Conv4 (64-64-128-128 channels, FC
+# 256-256) on 32x32 CIFAR-10, ResNet-18 at half width (32-64-128-256) on 32x32 CIFAR-100, and the
+# ViT's MLP (dim 128, hidden 256) over 65 tokens (64 patches + class token). Plus DESIGN §5's two
+# large layers.
+LAYERS: dict[str, Layer] = {
+    "linear-large": Layer("linear", (256, 4096), (4096, 4096), "large"),
+    "conv-large": Layer("conv2d", (64, 64, 32, 32), (128, 64, 3, 3), "large", {"padding": 1}),
+    "lenet5-conv1": Layer("conv2d", (64, 1, 28, 28), (6, 1, 5, 5), "lenet5", {"padding": 2}),
+    "lenet5-conv2": Layer("conv2d", (64, 6, 14, 14), (16, 6, 5, 5), "lenet5"),
+    "lenet5-fc1": Layer("linear", (64, 400), (120, 400), "lenet5"),
+    "lenet5-fc2": Layer("linear", (64, 120), (84, 120), "lenet5"),
+    "conv4-conv1": Layer("conv2d", (64, 3, 32, 32), (64, 3, 3, 3), "conv4", {"padding": 1}),
+    "conv4-conv2": Layer("conv2d", (64, 64, 32, 32), (64, 64, 3, 3), "conv4", {"padding": 1}),
+    "conv4-conv3": Layer("conv2d", (64, 64, 16, 16), (128, 64, 3, 3), "conv4", {"padding": 1}),
+    "conv4-conv4": Layer("conv2d", (64, 128, 16, 16), (128, 128, 3, 3), "conv4", {"padding": 1}),
+    "conv4-fc1": Layer("linear", (64, 8192), (256, 8192), "conv4"),
+    "conv4-fc2": Layer("linear", (64, 256), (256, 256), "conv4"),
+    "resnet18h-layer1": Layer("conv2d", (64, 32, 32, 32), (32, 32, 3, 3), "resnet18-half", {"padding": 1}),
+    "resnet18h-layer2": Layer("conv2d", (64, 64, 16, 16), (64, 64, 3, 3), "resnet18-half", {"padding": 1}),
+    "resnet18h-layer3": Layer("conv2d", (64, 128, 8, 8), (128, 128, 3, 3), "resnet18-half", {"padding": 1}),
+    "resnet18h-layer4": Layer("conv2d", (64, 256, 4, 4), (256, 256, 3, 3), "resnet18-half", {"padding": 1}),
+    "vit-mlp1": Layer("linear", (64 * 65, 128), (256, 128), "vit"),
+    "vit-mlp2": Layer("linear", (64 * 65, 256), (128, 256), "vit"),
 }
+LAYER_GROUPS = {
+    "all": list(LAYERS),
+    "large": [name for name, layer in LAYERS.items() if layer.model == "large"],
+    "paper": [name for name, layer in LAYERS.items() if layer.model != "large"],
+}
+DENSITIES = (1.0, 0.75, 0.5, 0.25, 0.1, 0.05)
+MODES = ("fwd", "fwd+bwd")
 BASELINES = ("dense", "masked")  # plain PyTorch op; the paper's masked dense (= reference backend)
+QUICK = {
+    "layers": ["linear-large", "conv4-conv2", "lenet5-fc1", "vit-mlp1"],
+    "densities": [1.0, 0.5, 0.1],
+    "modes": ["fwd+bwd"],
+    "stes": ["outer"],
+    "reps": 5,
+}
 
 
 @dataclass
 class Case:
-    """One benchmarked layer at one density: inputs, and the FLOP-based ideal speedup."""
+    """One benchmarked layer at one density: inputs, and the FLOP-based ideal speedups."""
 
     layer: str
     density: float
@@ -42,28 +95,33 @@ class Case:
     weight: torch.Tensor
     bias: torch.Tensor
     threshold: torch.Tensor
+    active: int
     ideal_forward: float
     ideal_train: float
 
 
 def make_case(layer: str, density: float, ste: str, dtype=torch.float32, device="cpu", seed=0) -> Case:
-    """Inputs with ``round(density * rows)`` active rows; pruned rows get scores in (-1, 0), i.e.
-    gate closed under ``outer``, open under ``identity``/``clipped``."""
-    op, x_shape, w_shape, _ = LAYERS[layer]
+    """Inputs with ``max(1, round(density * rows))`` active rows; pruned rows get scores in
+    (-0.75, -0.25), i.e. gate closed under ``outer``, open under ``identity``/``clipped``."""
+    spec = LAYERS[layer]
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(x_shape, generator=g).to(device, dtype)
-    weight = (torch.randn(w_shape, generator=g) / fan_in(torch.empty(w_shape, device="meta")) ** 0.5)
-    rows = w_shape[0]
-    active = round(density * rows)
+    x = torch.randn(spec.x_shape, generator=g).to(device, dtype)
+    weight = torch.randn(spec.w_shape, generator=g) / fan_in(torch.empty(spec.w_shape, device="meta")) ** 0.5
+    rows = spec.w_shape[0]
+    active = max(1, round(density * rows))
     score = -torch.rand(rows, generator=g) * 0.5 - 0.25
     score[torch.randperm(rows, generator=g)[:active]] = 0.5
     threshold = weight.abs().reshape(rows, -1).mean(1) - score
-    positions = x_shape[0] if op == "linear" else x_shape[0] * x_shape[2] * x_shape[3]
+    if spec.op == "linear":
+        positions = spec.x_shape[0]
+    else:
+        out_hw = F.conv2d(torch.empty(1, *spec.x_shape[1:], device="meta"), weight.to("meta"), **spec.conv).shape[2:]
+        positions = spec.x_shape[0] * out_hw[0] * out_hw[1]
     open_pruned = 0 if ste == "outer" else rows - active
     flops = layer_flops(positions, fan_in(weight), rows, active, open_pruned, need_dx=True)
     return Case(
         layer, density, ste, x, weight.to(device, dtype), torch.zeros(rows, device=device, dtype=dtype),
-        threshold.to(device, dtype),
+        threshold.to(device, dtype), active,
         ideal_forward=flops.dense_forward / max(flops.forward, 1),
         ideal_train=flops.dense_train / max(flops.train, 1),
     )
@@ -71,21 +129,21 @@ def make_case(layer: str, density: float, ste: str, dtype=torch.float32, device=
 
 def make_step(case: Case, candidate: str, train: bool) -> Callable[[], None]:
     """A no-argument function running one forward (and backward when ``train``) of ``candidate``:
-    ``dense``, ``masked`` or a backend name."""
-    op, _, _, conv_kwargs = LAYERS[case.layer]
-    params = (case.weight, case.bias, case.threshold)
-    weight, bias, threshold = (t.detach().clone().requires_grad_(train) for t in params)
-    x = case.x.detach().clone().requires_grad_(train)
+    ``dense``, ``masked`` or a backend name. Gradients accumulate into ``.grad`` as in training with
+    accumulation, so a candidate pays for every element of the gradients it returns."""
+    spec = LAYERS[case.layer]
+    leaves = [t.detach().clone().requires_grad_(train) for t in (case.x, case.weight, case.bias, case.threshold)]
+    x, weight, bias, threshold = leaves
     backend = "reference" if candidate == "masked" else candidate
 
     def forward():
-        if op == "linear":
+        if spec.op == "linear":
             if candidate == "dense":
                 return F.linear(x, weight, bias)
             return sparse_linear(x, weight, bias, threshold, ste=case.ste, backend=backend)
         if candidate == "dense":
-            return F.conv2d(x, weight, bias, **conv_kwargs)
-        return sparse_conv2d(x, weight, bias, threshold, ste=case.ste, backend=backend, **conv_kwargs)
+            return F.conv2d(x, weight, bias, **spec.conv)
+        return sparse_conv2d(x, weight, bias, threshold, ste=case.ste, backend=backend, **spec.conv)
 
     grad = torch.ones_like(forward()) if train else None
 
@@ -99,75 +157,319 @@ def make_step(case: Case, candidate: str, train: bool) -> Callable[[], None]:
     return step
 
 
-def time_interleaved(steps: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each step, timed round-robin so that drift hits all alike."""
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], reps: int, warmup: int = 2, min_sample_s: float = 0.01,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """Median seconds per call of each step, timed round-robin so that drift hits all alike.
+
+    A sample runs a step enough times to last about ``min_sample_s`` (counted on the first step), so
+    that microsecond layers are not lost in timer and scheduler noise.
+    """
     for _ in range(warmup):
         for step in steps.values():
             step()
+    sync()
+    first = next(iter(steps.values()))
+    start = time.perf_counter()
+    first()
+    sync()
+    calls = max(1, math.ceil(min_sample_s / max(time.perf_counter() - start, 1e-7)))
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(reps):
         for name, step in steps.items():
             start = time.perf_counter()
-            step()
-            samples[name].append(time.perf_counter() - start)
+            for _ in range(calls):
+                step()
+            sync()
+            samples[name].append((time.perf_counter() - start) / calls)
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def run(layer: str, densities, candidates, ste: str, train: bool, reps: int) -> list[dict]:
-    """One row per (density, candidate): median seconds, speedup over dense, fraction of ideal."""
+def peak_rss_delta(layer: str, density: float, ste: str, candidate: str) -> int:
+    """Peak resident memory (bytes) one forward+backward of ``candidate`` adds over the memory it
+    starts from (median of 5 steps after two warm-up steps), measured in a fresh process (Linux
+    ``VmHWM``)."""
+    command = [sys.executable, "-m", "spafl_kernels.bench", "--memory-probe", layer, str(density), ste, candidate]
+    # glibc maps every block of 64 KiB or more afresh and unmaps it when freed, so the resident size
+    # follows the live tensors instead of the heap's history (which varies by tens of MiB).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe(layer: str, density: float, ste: str, candidate: str) -> None:
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    step = make_step(make_case(layer, density, ste), candidate, train=True)
+    step()
+    step()
+    peaks = []
+    for _ in range(5):
+        with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current resident size
+            f.write("5")
+        before = status("VmRSS:")
+        step()
+        peaks.append(status("VmHWM:") - before)
+    print(int(statistics.median(peaks)))
+
+
+def default_candidates(device: str) -> list[str]:
+    """``masked`` and every kernel backend that can run float32 Linear on ``device``."""
+    spec = CallSpec("linear", device, torch.float32)
+    kernels = [n for n in BACKEND_NAMES if n != "reference"]
+    return ["masked"] + [n for n in kernels if not get_backend(n).not_supported_reasons(spec)]
+
+
+def run(
+    layers: Sequence[str], densities: Sequence[float], candidates: Sequence[str], stes: Sequence[str],
+    modes: Sequence[str], reps: int, device: str = "cpu", memory: bool = False,
+    progress: Callable[[str], None] = lambda line: None,
+) -> list[dict]:
+    """One row per (layer, mode, ste, density, candidate): median seconds, speedup over dense,
+    fraction of ideal, and with ``memory`` the peak memory of forward+backward of the large layers
+    (also for dense; small layers' peaks are lost in allocator granularity)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
-    for density in densities:
-        case = make_case(layer, density, ste)
-        steps = {name: make_step(case, name, train) for name in ("dense", *candidates)}
-        medians = time_interleaved(steps, reps)
-        ideal = case.ideal_train if train else case.ideal_forward
-        for name in candidates:
-            speedup = medians["dense"] / medians[name]
-            rows.append({
-                "layer": layer, "density": density, "backend": name, "ste": ste,
-                "mode": "fwd+bwd" if train else "fwd", "seconds": medians[name],
-                "dense_seconds": medians["dense"], "speedup": speedup, "ideal": ideal,
-                "fraction_of_ideal": speedup / ideal,
-            })
+    for layer in layers:
+        for mode in modes:
+            train = mode == "fwd+bwd"
+            for ste in stes:
+                for density in densities:
+                    case = make_case(layer, density, ste, device=device)
+                    steps = {name: make_step(case, name, train) for name in ("dense", *candidates)}
+                    medians = time_interleaved(steps, reps, sync=sync)
+                    del steps
+                    ideal = case.ideal_train if train else case.ideal_forward
+                    peaks = {}
+                    if memory and train and device == "cpu" and LAYERS[layer].model == "large":
+                        peaks = {name: peak_rss_delta(layer, density, ste, name) for name in ("dense", *candidates)}
+                    for name in candidates:
+                        speedup = medians["dense"] / medians[name]
+                        row = {
+                            "layer": layer, "model": LAYERS[layer].model, "op": LAYERS[layer].op, "mode": mode,
+                            "ste": ste, "density": density, "active": case.active,
+                            "rows": LAYERS[layer].w_shape[0], "backend": name, "seconds": medians[name],
+                            "dense_seconds": medians["dense"], "speedup": speedup, "ideal": ideal,
+                            "fraction_of_ideal": speedup / ideal,
+                        }
+                        if peaks:
+                            row["peak_bytes"], row["dense_peak_bytes"] = peaks[name], peaks["dense"]
+                        rows.append(row)
+                        progress(format_row(row))
     return rows
 
 
+_COLUMNS = [
+    # (header, width, formatter)
+    ("layer", 17, lambda r: r["layer"]),
+    ("mode", 8, lambda r: r["mode"]),
+    ("ste", 9, lambda r: r["ste"]),
+    ("density", 8, lambda r: f"{r['density']:.2f}"),
+    ("active", 10, lambda r: f"{r['active']}/{r['rows']}"),
+    ("backend", 8, lambda r: r["backend"]),
+    ("median ms", 10, lambda r: f"{r['seconds'] * 1e3:.3f}"),
+    ("vs dense", 9, lambda r: f"{r['speedup']:.2f}x"),
+    ("ideal", 7, lambda r: f"{r['ideal']:.2f}x"),
+    ("of ideal", 9, lambda r: f"{r['fraction_of_ideal']:.2f}"),
+    ("peak MiB", 13, lambda r: f"{r['peak_bytes'] / 2**20:.0f} ({r['dense_peak_bytes'] / 2**20:.0f})"
+     if "peak_bytes" in r else ""),
+]
+
+
+def format_row(row: dict) -> str:
+    return "".join(f"{fmt(row):>{width}} " for _, width, fmt in _COLUMNS).rstrip()
+
+
 def format_table(rows: list[dict]) -> str:
-    header = (f"{'layer':<14}{'mode':<9}{'density':>8}  {'backend':<10}{'median ms':>10}"
-              f"{'vs dense':>10}{'ideal':>8}{'of ideal':>10}")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['layer']:<14}{r['mode']:<9}{r['density']:>8.2f}  {r['backend']:<10}{r['seconds'] * 1e3:>10.2f}"
-            f"{r['speedup']:>9.2f}x{r['ideal']:>7.2f}x{r['fraction_of_ideal']:>10.2f}"
-        )
+    """Console table; ``peak MiB`` is the candidate's peak (dense's in parentheses)."""
+    header = "".join(f"{name:>{width}} " for name, width, _ in _COLUMNS).rstrip()
+    return "\n".join([header, "-" * len(header), *(format_row(r) for r in rows)])
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(name for name, _, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r) for _, _, fmt in _COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def target_lines(rows: list[dict], backend: str) -> list[str]:
+    """Where ``backend`` stands against DESIGN §5 / issue 3 targets (forward+backward, ``outer`` STE)."""
+    train = [r for r in rows if r["mode"] == "fwd+bwd" and r["ste"] == "outer"]
+    mine = [r for r in train if r["backend"] == backend]
+    lines = []
+    for r in (r for r in mine if r["model"] == "large"):
+        goal = {0.5: 0.85, 0.25: 0.75, 0.1: 0.6}.get(r["density"])
+        if r["density"] == 1.0:
+            lines.append(f"- {r['layer']} density 1: {r['speedup']:.2f}x dense (target >= 0.97x): "
+                         + ("met" if r["speedup"] >= 0.97 else "MISSED"))
+        elif goal is not None:
+            lines.append(f"- {r['layer']} density {r['density']}: {r['fraction_of_ideal']:.2f} of ideal "
+                         f"(target >= {goal}): " + ("met" if r["fraction_of_ideal"] >= goal else "MISSED"))
+    paper = [r for r in mine if r["model"] != "large"]
+    if paper:
+        slow = [r for r in paper if r["speedup"] < 1.0]
+        lines.append(f"- paper-model layers never slower than dense: {len(paper) - len(slow)}/{len(paper)} cases met"
+                     + "".join(f"; {r['layer']}@{r['density']} {r['speedup']:.2f}x" for r in slow))
+        torch_rows = {(r["layer"], r["density"]): r for r in train if r["backend"] == "torch"}
+        versus = [(r, torch_rows[(r["layer"], r["density"])]) for r in paper
+                  if r["density"] <= 0.5 and (r["layer"], r["density"]) in torch_rows]
+        behind = [(r, t) for r, t in versus if r["seconds"] >= t["seconds"]]
+        if versus and backend != "torch":
+            lines.append(f"- paper-model layers faster than torch at density <= 0.5: {len(versus) - len(behind)}/"
+                         f"{len(versus)} cases met" + "".join(
+                             f"; {r['layer']}@{r['density']} {t['seconds'] / r['seconds']:.2f}x torch"
+                             for r, t in behind))
+    with_memory = [r for r in mine if "peak_bytes" in r]
+    if with_memory:
+        over = [r for r in with_memory if r["peak_bytes"] > r["dense_peak_bytes"]]
+        lines.append(f"- peak memory no higher than dense: {len(with_memory) - len(over)}/{len(with_memory)} cases met"
+                     + "".join(f"; {r['layer']}@{r['density']} {r['peak_bytes'] / 2**20:.0f} MiB vs "
+                               f"{r['dense_peak_bytes'] / 2**20:.0f}" for r in over))
+    return lines
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def write_markdown(path: str, rows: list[dict], meta: dict, command: str) -> None:
+    backends = sorted({r["backend"] for r in rows} - set(BASELINES))
+    parts = [
+        "# Sparse layers against dense", "",
+        f"`{command}`", "",
+        f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}; medians of {meta['reps']} interleaved "
+        "repetitions. `vs dense` = t_dense / t; `of ideal` = (t_dense / t) / (dense FLOPs / skipping FLOPs); "
+        "`peak MiB` = peak resident memory a forward+backward adds (dense's in parentheses).", "",
+    ]
+    for backend in backends:
+        lines = target_lines(rows, backend)
+        if lines:
+            parts += [f"## Targets: `{backend}` (forward+backward, outer STE)", "", *lines, ""]
+    parts += ["## All results", "", markdown_table(rows), ""]
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+
+
+def plot(path: str, rows: list[dict]) -> None:
+    """Speedup over dense against density, one panel per layer: solid = forward+backward, dotted =
+    forward; black = the ideal. Uses the first STE in ``rows``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ste = rows[0]["ste"]
+    rows = [r for r in rows if r["ste"] == ste]
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    cols = min(4, len(layers))
+    grid = math.ceil(len(layers) / cols)
+    fig, axes = plt.subplots(grid, cols, figsize=(4.2 * cols, 3.4 * grid), squeeze=False)
+    for ax, layer in zip(axes.flat, layers):
+        for mode, style in (("fwd+bwd", "-"), ("fwd", ":")):
+            sel = [r for r in rows if r["layer"] == layer and r["mode"] == mode]
+            if not sel:
+                continue
+            first = [r for r in sel if r["backend"] == backends[0]]
+            ax.plot([r["active"] / r["rows"] for r in first], [r["ideal"] for r in first], style, color="black",
+                    label=f"ideal {mode}")
+            for i, backend in enumerate(backends):
+                pts = [r for r in sel if r["backend"] == backend]
+                ax.plot([r["active"] / r["rows"] for r in pts], [r["speedup"] for r in pts], style, marker="o",
+                        markersize=3, color=f"C{i}", label=f"{backend} {mode}")
+        ax.axhline(1.0, color="grey", linewidth=0.5)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("density (active rows)")
+        ax.set_ylabel("speedup over dense")
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+    fig.suptitle(f"speedup over dense (STE {ste}, {torch.get_num_threads()} threads)")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m spafl_kernels.bench",
+        prog="spafl-bench",
         description="Time sparse layers against dense (plain PyTorch op) and masked dense (the paper's "
         "code), interleaved, and print median time, speedup over dense and fraction of ideal.",
     )
-    parser.add_argument("--layer", choices=sorted(LAYERS), default="linear-large")
-    parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1],
-                        help="fractions of active rows (default: 1 0.5 0.25 0.1)")
-    parser.add_argument("--backends", nargs="+", default=["masked", "torch"],
-                        help="candidates besides dense: 'masked' and backend names (default: masked torch)")
-    parser.add_argument("--ste", default="identity", help="straight-through estimator (default: identity)")
-    parser.add_argument("--forward-only", action="store_true", help="time the forward pass alone")
+    parser.add_argument("--layers", "--layer", nargs="+", default=["all"],
+                        help=f"layer names or groups {sorted(LAYER_GROUPS)} (default: all); "
+                        f"layers: {', '.join(LAYERS)}")
+    parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES),
+                        help="fractions of active rows (default: 1 0.75 0.5 0.25 0.1 0.05)")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="candidates besides dense: 'masked' and backend names (default: masked and every "
+                        "backend that runs on the device)")
+    parser.add_argument("--ste", "--stes", dest="stes", nargs="+", default=["outer", "identity"],
+                        help="straight-through estimators (default: outer identity)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--forward-only", action="store_true", help="same as --modes fwd")
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per candidate (default: 7)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch CPU threads (default: all)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: all)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure peak memory of forward+backward on the large layers (one process per "
+                        "candidate; CPU, Linux)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"CI smoke run (under 2 minutes): layers {QUICK['layers']}, densities "
+                        f"{QUICK['densities']}, forward+backward, outer STE, {QUICK['reps']} reps")
+    parser.add_argument("--json", help="write the rows and run metadata to this JSON file")
+    parser.add_argument("--markdown", help="write a Markdown report (targets + table) to this file")
+    parser.add_argument("--plot", help="draw speedup against density (PNG) to this file (needs matplotlib)")
+    parser.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for density in args.densities:
-        if not 0.0 <= density <= 1.0:
-            parser.error(f"densities must lie in [0, 1], got {density}")
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.reps} reps, medians")
-    rows = run(args.layer, args.densities, args.backends, args.ste, not args.forward_only, args.reps)
-    print(format_table(rows))
+    if args.memory_probe:
+        layer, density, ste, candidate = args.memory_probe
+        _memory_probe(layer, float(density), ste, candidate)
+        return
+    if args.quick:
+        args.layers, args.densities, args.modes, args.stes, args.reps = (
+            QUICK["layers"], QUICK["densities"], QUICK["modes"], QUICK["stes"], QUICK["reps"])
+    if args.forward_only:
+        args.modes = ["fwd"]
+    layers = list(dict.fromkeys(name for item in args.layers for name in LAYER_GROUPS.get(item, [item])))
+    for name in layers:
+        if name not in LAYERS:
+            parser.error(f"unknown layer {name!r}; choose from {sorted(LAYERS)} or {sorted(LAYER_GROUPS)}")
+    for density in args.densities:
+        if not 0.0 < density <= 1.0:
+            parser.error(f"densities must lie in (0, 1], got {density}")
+    candidates = args.backends or default_candidates(args.device)
+    meta = {**machine(), "reps": args.reps, "device": args.device,
+            "command": "spafl-bench " + " ".join(sys.argv[1:] if argv is None else argv)}
+    print(f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, {args.reps} reps, medians")
+    print(format_table([]))
+    rows = run(layers, args.densities, candidates, args.stes, args.modes, args.reps, args.device, args.memory,
+               progress=lambda line: print(line, flush=True))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    if args.markdown:
+        write_markdown(args.markdown, rows, meta, meta["command"])
+    if args.plot:
+        plot(args.plot, rows)
+    for backend in sorted(set(candidates) - set(BASELINES)):
+        lines = target_lines(rows, backend)
+        if lines:
+            print(f"\ntargets, {backend} (forward+backward, outer STE):\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Functional API: ``sparse_linear`` and ``sparse_conv2d``.
 
 Both validate every input before any work, resolve ``backend`` (``"auto"``, ``SPAFL_BACKEND``) and call
-the ``torch.ops.spafl`` ops, or, for ``backend="reference"``, the masked-dense oracle under autograd.
+the ``torch.ops.spafl`` ops (``ops.sparse_op``), or, for ``backend="reference"``, the masked-dense oracle
+under autograd.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import ops  # noqa: F401  (registers torch.ops.spafl.*)
+from . import ops  # registers torch.ops.spafl.*
 from .backends import get_backend, resolve_backend
 from .semantics import check_ste
 
@@ -72,7 +73,7 @@ def sparse_linear(
     if name == "reference":
         return get_backend(name).sparse_linear(x, weight, bias, threshold, ste)
     lead = x.shape[:-1]
-    y, _ = torch.ops.spafl.linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, threshold, ste, name)
+    y, _ = ops.sparse_op("linear", x.reshape(-1, x.shape[-1]), weight, bias, threshold, ste, name)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -158,7 +159,5 @@ def sparse_conv2d(
         return get_backend(name).sparse_conv2d(
             x, weight, bias, threshold, stride, padding, dilation, groups, ste
         )
-    y, _ = torch.ops.spafl.conv2d_fwd(
-        x, weight, bias, threshold, stride, padding, dilation, groups, ste, name
-    )
+    y, _ = ops.sparse_op("conv2d", x, weight, bias, threshold, stride, padding, dilation, groups, ste, name)
     return y

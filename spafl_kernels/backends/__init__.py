@@ -15,12 +15,13 @@ import torch
 
 from .base import Backend, CallSpec
 
-BACKEND_NAMES = ("reference", "torch", "cuda", "triton")
+BACKEND_NAMES = ("reference", "torch", "cpp", "cuda", "triton")
 """Every backend, in the order ``info`` lists them."""
 
-AUTO_ORDER = ("triton", "torch")
-"""Preference of ``backend="auto"``: fastest first. ``reference`` is never chosen. ``cuda`` joins only
-once its GPU tests (tests/test_cuda.py) have passed on a real GPU."""
+AUTO_ORDER = ("triton", "cpp", "torch")
+"""Preference of ``backend="auto"``: fastest first (each backend also names the devices it is chosen on).
+``reference`` is never chosen. ``cuda`` joins only once its GPU tests (tests/test_cuda.py) have passed on
+a real GPU."""
 
 
 class BackendNotSupportedError(RuntimeError):

@@ -1,0 +1,34 @@
+"""pytest-benchmark suites of the sparse ops: ``pytest benchmarks/bench_linear.py benchmarks/bench_conv2d.py``.
+
+Each benchmark times one candidate alone (pytest-benchmark's statistics and JSON); the interleaved
+table with speedups and fractions of ideal comes from ``spafl-bench``, which builds the same cases
+(spafl_kernels/bench.py). ``--bench-full``: every layer, density and STE of ``spafl-bench``; default:
+its ``--quick`` subset.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import spafl_kernels.bench as bench
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-full", action="store_true",
+                     help="every layer, density and STE (default: the spafl-bench --quick subset)")
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrises ``layer``, ``density``, ``ste``, ``mode`` and ``candidate`` for the module's ``OP``."""
+    if "layer" not in metafunc.fixturenames:
+        return
+    full = metafunc.config.getoption("--bench-full")
+    layers = [n for n, layer in bench.LAYERS.items() if layer.op == metafunc.module.OP]
+    if not full:
+        layers = [n for n in layers if n in bench.QUICK["layers"]]
+    metafunc.parametrize("layer", layers)
+    metafunc.parametrize("density", bench.DENSITIES if full else bench.QUICK["densities"])
+    metafunc.parametrize("ste", ["outer", "identity"] if full else bench.QUICK["stes"])
+    metafunc.parametrize("mode", bench.MODES)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    metafunc.parametrize("candidate", ["dense", *bench.default_candidates(device)])

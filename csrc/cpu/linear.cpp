@@ -1,0 +1,217 @@
+// CPU kernels of the `cpp` backend's sparse Linear (DESIGN §2): y = x @ (m * W).T + m * b.
+//
+// Work scales with the active rows: the dense products run on compact panels of active (forward,
+// dx) or graded (dW) rows through ATen's BLAS. Panels are runs of consecutive rows used in place, or
+// bounded chunks gathered into a reused buffer, so no copy of the whole active weight is ever made
+// and no large temporary is mapped afresh per call. At density 1 the ops are the dense ones plus the
+// score pass.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "rows.h"
+
+namespace spafl::cpu {
+namespace {
+
+using at::Tensor;
+
+void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, op,
+              ": the cpp backend supports float32 and float64, got ", weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && x.dim() == 2 && x.size(1) == weight.size(1), op,
+              ": expected x [M, K] and weight [N, K], got ", x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": x dtype ", x.scalar_type(), " differs from weight's");
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0) &&
+                        bias->scalar_type() == weight.scalar_type()),
+              op, ": bias must be [N] in the weight's dtype");
+}
+
+// x [M, K], weight [N, K], bias [N]?, threshold [N] -> (y [M, N], score [N]).
+std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                      const Tensor& threshold) {
+  check_inputs("cpp_linear_fwd", x, weight, bias);
+  const Tensor w = weight.contiguous();
+  const int64_t M = x.size(0), K = w.size(1), N = w.size(0);
+  Tensor score = row_scores(w, threshold);
+  Tensor y;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_linear_fwd", [&] {
+    const RowSets rows(score.const_data_ptr<scalar_t>(), N, Ste::identity, /*with_gates=*/false);
+    const int64_t A = rows.num_active();
+    if (A == N) {  // density 1: exactly the dense op
+      y = bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+      return;
+    }
+    if (A == 0) {
+      y = at::zeros({M, N}, x.options());
+      return;
+    }
+    // z[:, j] = x @ W[active[j]]: one GEMM per segment of the active rows, into z's column slices.
+    Tensor z = at::empty({M, A}, x.options());
+    const int64_t chunk = panel_rows(K, w.element_size(), A);
+    Tensor panel;
+    for (const Segment& s : segments(rows.active.data(), A, chunk, kMinRun)) {
+      Tensor rows_w;
+      if (s.run) {
+        rows_w = w.narrow(0, rows.active[s.begin], s.size());
+      } else {
+        if (!panel.defined()) panel = at::empty({chunk, K}, w.options());
+        gather_planes(w.const_data_ptr<scalar_t>(), 1, N, K, rows.active.data() + s.begin, s.size(),
+                      panel.mutable_data_ptr<scalar_t>());
+        rows_w = panel.narrow(0, 0, s.size());
+      }
+      Tensor out = z.narrow(1, s.begin, s.size());
+      at::mm_out(out, x, rows_w.t());
+    }
+    // Scatter into y, bias added on the way; every element of y is written once, pruned ones as 0.
+    y = at::empty({M, N}, x.options());
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bias ? bias->contiguous().const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const int64_t* idx = rows.active.data();
+    at::parallel_for(0, M, grain(N), [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        scalar_t* yr = yp + m * N;
+        const scalar_t* zr = zp + m * A;
+        std::fill(yr, yr + N, scalar_t(0));
+        if (bp) {
+          for (int64_t j = 0; j < A; ++j) yr[idx[j]] = zr[j] + bp[idx[j]];
+        } else {
+          for (int64_t j = 0; j < A; ++j) yr[idx[j]] = zr[j];
+        }
+      }
+    });
+  });
+  return {y, score};
+}
+
+// grad_y [M, N], x [M, K], weight [N, K], bias [N]?, score [N]
+//   -> (dx [M, K], dweight [N, K], dbias [N], dthreshold [N]), empty where not asked for.
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+                                                      const std::optional<Tensor>& bias, const Tensor& score,
+                                                      const std::string& ste, bool need_dx, bool need_params) {
+  check_inputs("cpp_linear_bwd", x, weight, bias);
+  const Ste gate_kind = parse_ste(ste);
+  const Tensor w = weight.contiguous();
+  const Tensor g = grad_y.contiguous();
+  const Tensor s = score.contiguous();
+  const int64_t M = x.size(0), K = w.size(1), N = w.size(0);
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == M && g.size(1) == N, "cpp_linear_bwd: grad_y must be [", M, ", ", N,
+              "], got ", g.sizes());
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.scalar_type() == w.scalar_type(),
+              "cpp_linear_bwd: score must be [N] in the weight's dtype");
+  const Tensor empty = at::empty({0}, x.options());
+  Tensor dx = empty, dweight = empty, dbias = empty, dthreshold = empty;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_linear_bwd", [&] {
+    const RowSets rows(s.const_data_ptr<scalar_t>(), N, gate_kind, need_params);
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const int64_t chunk = panel_rows(K, w.element_size(), N);
+    Tensor panel, g_cols;  // reused buffers: [chunk, K] weight rows; M * chunk grad columns
+
+    // dx: one product per segment of the active rows: grad columns (g.narrow or gathered) times the
+    // matching weight rows (W.narrow or gathered).
+    auto grad_columns = [&](const int64_t* idx, const Segment& seg) -> Tensor {
+      if (seg.run) return g.narrow(1, idx[seg.begin], seg.size());
+      if (!g_cols.defined()) g_cols = at::empty({M * chunk}, g.options());
+      Tensor cols = g_cols.narrow(0, 0, M * seg.size()).view({M, seg.size()});
+      gather_planes(gp, M, N, 1, idx + seg.begin, seg.size(), cols.mutable_data_ptr<scalar_t>());
+      return cols;
+    };
+    auto panel_rows_of = [&](int64_t size) {
+      if (!panel.defined()) panel = at::empty({chunk, K}, w.options());
+      return panel.narrow(0, 0, size);
+    };
+
+    if (need_dx) {
+      const int64_t A = rows.num_active();
+      if (A == N) {
+        dx = at::mm(g, w);
+      } else if (A == 0) {
+        dx = at::zeros({M, K}, x.options());
+      } else {
+        dx = at::empty({M, K}, x.options());
+        bool first = true;
+        for (const Segment& seg : segments(rows.active.data(), A, chunk, kMinRun)) {
+          const Tensor cols = grad_columns(rows.active.data(), seg);
+          Tensor rows_w;
+          if (seg.run) {
+            rows_w = w.narrow(0, rows.active[seg.begin], seg.size());
+          } else {
+            rows_w = panel_rows_of(seg.size());
+            gather_planes(wp, 1, N, K, rows.active.data() + seg.begin, seg.size(), rows_w.mutable_data_ptr<scalar_t>());
+          }
+          if (first) {
+            at::mm_out(dx, cols, rows_w);
+            first = false;
+          } else {
+            dx.addmm_(cols, rows_w);
+          }
+        }
+      }
+    }
+    if (!need_params) return;
+
+    // dL/db_i = m_i * gsum_i, with gsum = dL/dy summed over the batch: dbias holds gsum until the
+    // rows are finished (dL/dm of a pruned row with an open gate needs its gsum), then is masked.
+    const scalar_t* gsum_p = nullptr;
+    const scalar_t* bp = nullptr;
+    Tensor b;
+    if (bias) {
+      b = bias->contiguous();
+      bp = b.const_data_ptr<scalar_t>();
+      dbias = at::empty({N}, w.options());
+      plane_sums(gp, M, N, 1, dbias.mutable_data_ptr<scalar_t>());
+      gsum_p = dbias.const_data_ptr<scalar_t>();
+    }
+    dthreshold = at::empty({N}, w.options());
+    scalar_t* dthr = dthreshold.mutable_data_ptr<scalar_t>();
+    std::fill(dthr, dthr + N, scalar_t(0));
+    const int64_t R = rows.num_graded();
+    panel.reset();  // the dx phase's buffers are not kept alive beside dW
+    g_cols.reset();
+    // Rows never written (not graded) stay untouched zero pages. Each segment's G lands in dW's own
+    // rows (its run, or a block at its first row that finish_block spreads out), so no buffer beside
+    // dW holds weight rows and the peak memory stays dense's.
+    dweight = fresh_pages({N, K}, w.options(), /*zero=*/R < N);
+    scalar_t* dwp = dweight.mutable_data_ptr<scalar_t>();
+    const GradRows<scalar_t> grads{rows, wp, bp, gsum_p, K, dwp, dthr};
+    for (const Segment& seg : segments(rows.graded.data(), R, chunk, kMinRun)) {
+      const int64_t base = rows.graded[seg.begin], size = seg.size();
+      Tensor cols;
+      int64_t scratch_rows = 0;
+      if (seg.run) {
+        cols = g.narrow(1, base, size);
+      } else {
+        // Gathered grad columns go to dW rows just past the block while those lie inside the
+        // segment's span (finish_block zeroes what is left of them), else to a buffer.
+        const int64_t need = (M * size + K - 1) / K;
+        scalar_t* dst;
+        if (base + size + need <= rows.graded[seg.end - 1] + 1) {
+          dst = dwp + (base + size) * K;
+          scratch_rows = need;
+        } else {
+          if (!g_cols.defined()) g_cols = at::empty({M * chunk}, g.options());
+          dst = g_cols.mutable_data_ptr<scalar_t>();
+        }
+        gather_planes(gp, M, N, 1, rows.graded.data() + seg.begin, size, dst);
+        cols = at::from_blob(dst, {M, size}, g.options());
+      }
+      Tensor out = dweight.narrow(0, base, size);
+      at::mm_out(out, cols.t(), x);
+      grads.finish_block(seg.begin, seg.end, scratch_rows);
+    }
+    if (bias) rows.zero_pruned(dbias.mutable_data_ptr<scalar_t>());
+  });
+  return {dx, dweight, dbias, dthreshold};
+}
+
+}  // namespace
+}  // namespace spafl::cpu
+
+TORCH_LIBRARY_IMPL(spafl, CPU, m) {
+  m.impl("cpp_linear_fwd", &spafl::cpu::linear_fwd);
+  m.impl("cpp_linear_bwd", &spafl::cpu::linear_bwd);
+}

@@ -1,0 +1,256 @@
+// Row machinery shared by the CPU kernels of the `cpp` backend (DESIGN §2): scores, the active and
+// graded row sets, gathers into compact panels, outputs on fresh zero pages, the per-row gradient epilogue.
+//
+// A layer's weight is [N, fan] (a Conv2d filter flattened). Row i is active when
+// s_i = mean|W_i| - tau_i > 0; it is "graded" (needs its weight gradient G_i) when active, or when
+// pruned with an open STE gate (then only for dL/dm_i = <G_i, W_i> + b_i * sum(g_i)).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace spafl::cpu {
+
+// ---------------------------------------------------------------------------- vector kernels
+// Defined in rows.cpp, compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time: the
+// extension is built without -march flags, and these loops are the bandwidth-bound part of each op.
+
+float abs_sum(const float* p, int64_t n);
+double abs_sum(const double* p, int64_t n);
+float dot(const float* a, const float* b, int64_t n);
+double dot(const double* a, const double* b, int64_t n);
+// out[j] = (keep ? g[j] : 0) + c * sign(w[j]); `out` may alias `g`.
+void grad_row(float* out, const float* g, const float* w, bool keep, float c, int64_t n);
+void grad_row(double* out, const double* g, const double* w, bool keep, double c, int64_t n);
+
+// ---------------------------------------------------------------------------------- row sets
+
+enum class Ste { identity, outer, clipped };
+
+Ste parse_ste(const std::string& ste);
+
+template <typename T>
+inline bool gate_open(T score, Ste ste) {
+  const T a = score < 0 ? -score : score;
+  return ste == Ste::identity || (ste == Ste::outer ? a > T(1) : a <= T(1));
+}
+
+// s_i = sum_j |W_ij| / fan - tau_i for every row, rows split across threads. weight: [N, ...]
+// contiguous, threshold: [N] in the weight's dtype. Returns [N] in the accumulation dtype (float32
+// for 16-bit weights, else the weight's dtype).
+at::Tensor row_scores(const at::Tensor& weight, const at::Tensor& threshold);
+
+// Index sets over the N rows, from the scores (ascending indices).
+struct RowSets {
+  int64_t n = 0;
+  std::vector<int64_t> active;  // m_i = 1
+  std::vector<int64_t> graded;  // active, or pruned with an open gate; empty unless with_gates
+  std::vector<uint8_t> mask;    // [N] m_i
+  std::vector<uint8_t> gate;    // [N] gate(s_i); empty unless with_gates
+
+  template <typename T>
+  RowSets(const T* score, int64_t rows, Ste ste, bool with_gates) : n(rows), mask(rows) {
+    if (with_gates) gate.resize(rows);
+    for (int64_t i = 0; i < rows; ++i) {
+      mask[i] = score[i] > T(0);
+      if (mask[i]) active.push_back(i);
+      if (with_gates) {
+        gate[i] = gate_open(score[i], ste);
+        if (mask[i] || gate[i]) graded.push_back(i);
+      }
+    }
+  }
+  int64_t num_active() const { return static_cast<int64_t>(active.size()); }
+  // v[i] = 0 for every pruned row i. v: [N].
+  template <typename T>
+  void zero_pruned(T* v) const {
+    for (int64_t i = 0; i < n; ++i)
+      if (!mask[i]) v[i] = T(0);
+  }
+  int64_t num_graded() const { return static_cast<int64_t>(graded.size()); }
+};
+
+// A stretch [begin, end) of positions in an ascending index list. `run`: the indices there are
+// consecutive, so the rows they name already form a panel in place (no gather). Otherwise the rows
+// are gathered into a panel of at most `chunk` rows.
+struct Segment {
+  int64_t begin, end;
+  bool run;
+  int64_t size() const { return end - begin; }
+};
+
+// Splits idx[0:n) into runs of at least `min_run` consecutive indices (or one run when all of them
+// are consecutive) and gathered chunks of at most `chunk` positions, in order.
+std::vector<Segment> segments(const int64_t* idx, int64_t n, int64_t chunk, int64_t min_run);
+
+// Rows per gathered panel: a panel of [rows, row_size] stays at most ~16 MiB, small enough that the
+// allocator reuses it instead of mapping (and page-faulting) fresh memory on every call (glibc maps
+// blocks of 32 MiB or more afresh each time), large enough that BLAS runs at full speed on it
+// (measured, 1 thread, x[256, 4096]: 1024-row panels within noise of one GEMM on 2048 rows).
+int64_t panel_rows(int64_t row_size, int64_t elem_size, int64_t total_rows);
+constexpr int64_t kMinRun = 64;
+
+// ---------------------------------------------------------------------------------- memory
+
+// A tensor on freshly mapped pages, for the large outputs the kernels write (dW, a Conv2d's y).
+// Fresh anonymous pages read as zero until written, so rows a kernel never writes (pruned rows of
+// dW, pruned planes of y) are neither zero-filled nor page-faulted in the op (a reader faults them
+// in later at about a third of the cost of a write fault). Tensors under 2 MiB come from the default
+// allocator: at::zeros if `zero`, else at::empty. SPAFL_CPU_HUGEPAGES=1: see rows.cpp.
+at::Tensor fresh_pages(at::IntArrayRef sizes, const at::TensorOptions& options, bool zero);
+
+// ---------------------------------------------------------------------------------- parallel
+
+// Grain of at::parallel_for for items of `item_size` elements each: a thread gets at least ~1M
+// elements (a few hundred microseconds of memory traffic), so small layers and small steps run
+// inline instead of paying for a parallel region, which costs far more than its fork when a core is
+// shared and the other thread is descheduled.
+inline int64_t grain(int64_t item_size) {
+  constexpr int64_t kParallelWork = int64_t(1) << 20;
+  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(item_size, 1));
+}
+
+// ---------------------------------------------------------------------------------- gathers
+
+// dst[o, j, :] = src[o, idx[j], :] for o < outer, j < n; src: [outer, rows, inner], dst: [outer, n,
+// inner], both contiguous.
+template <typename T>
+void gather_planes(const T* src, int64_t outer, int64_t rows, int64_t inner, const int64_t* idx,
+                   int64_t n, T* dst) {
+  if (inner == 1) {  // columns of a matrix: one element per index, parallel over the outer rows
+    at::parallel_for(0, outer, grain(n), [&](int64_t b, int64_t e) {
+      for (int64_t o = b; o < e; ++o) {
+        const T* s = src + o * rows;
+        T* d = dst + o * n;
+        for (int64_t j = 0; j < n; ++j) d[j] = s[idx[j]];
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, outer * n, grain(inner), [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t o = p / n, j = p % n;
+      std::memcpy(dst + p * inner, src + (o * rows + idx[j]) * inner, inner * sizeof(T));
+    }
+  });
+}
+
+// dst[o, idx[j], :] = src[o, j, :] (+ bias[idx[j]]) for o < outer, j < n: the inverse of
+// gather_planes, leaving dst's other rows as they are. bias may be null.
+template <typename T>
+void scatter_planes(const T* src, int64_t outer, int64_t n, int64_t inner, const int64_t* idx, int64_t rows,
+                    const T* bias, T* dst) {
+  at::parallel_for(0, outer * n, grain(inner), [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t o = p / n, j = p % n;
+      const T* s = src + p * inner;
+      T* d = dst + (o * rows + idx[j]) * inner;
+      if (bias) {
+        const T add = bias[idx[j]];
+        for (int64_t k = 0; k < inner; ++k) d[k] = s[k] + add;
+      } else {
+        std::memcpy(d, s, inner * sizeof(T));
+      }
+    }
+  });
+}
+
+// out[r] = sum over o < outer, k < inner of src[o, r, k]: dL/dy summed over batch (and space) per
+// row. src: [outer, rows, inner] contiguous; accumulated in double, like a pairwise sum accurate
+// enough for the 10^5-element sums of a convolution.
+template <typename T>
+void plane_sums(const T* src, int64_t outer, int64_t rows, int64_t inner, T* out) {
+  at::parallel_for(0, rows, grain(outer * inner), [&](int64_t b, int64_t e) {
+    if (inner == 1) {  // columns of a matrix: stream its rows, one accumulator per column
+      std::vector<double> acc(e - b, 0.0);
+      for (int64_t o = 0; o < outer; ++o) {
+        const T* s = src + o * rows + b;
+        for (int64_t r = 0; r < e - b; ++r) acc[r] += static_cast<double>(s[r]);
+      }
+      for (int64_t r = b; r < e; ++r) out[r] = static_cast<T>(acc[r - b]);
+      return;
+    }
+    for (int64_t r = b; r < e; ++r) {
+      double acc = 0;
+      for (int64_t o = 0; o < outer; ++o) {
+        const T* s = src + (o * rows + r) * inner;
+        double part = 0;
+#pragma omp simd reduction(+ : part)
+        for (int64_t k = 0; k < inner; ++k) part += static_cast<double>(s[k]);
+        acc += part;
+      }
+      out[r] = static_cast<T>(acc);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------ gradient rows
+
+// The gradient epilogue (DESIGN §2) of graded row i = rows.graded[p], whose dense weight gradient
+// G_i is the row at `g` (fan elements):
+//   dm_i = <G_i, W_i> + b_i * gsum_i                    (only where the gate is open)
+//   dW_i = m_i * G_i + gate_i * dm_i * sign(W_i) / fan,  dtau_i = -gate_i * dm_i,
+// dW_i written to its row of `dweight` (`g` may be that row). bias/gsum may be null (no bias).
+template <typename T>
+struct GradRows {
+  const RowSets& rows;
+  const T* weight;  // [N, fan]
+  const T* bias;    // [N] or null
+  const T* gsum;    // [N] dL/dy summed over batch (and space), or null without bias
+  int64_t fan;
+  T* dweight;     // [N, fan]
+  T* dthreshold;  // [N], zero where the gate is closed
+
+  void finish(int64_t p, const T* g) const {
+    const int64_t i = rows.graded[p];
+    T* dst = dweight + i * fan;
+    if (!rows.gate[i]) {  // graded with a closed gate: active, dW_i = G_i
+      if (dst != g) std::memcpy(dst, g, fan * sizeof(T));
+      return;
+    }
+    const T* w = weight + i * fan;
+    T dm = dot(g, w, fan);
+    if (bias) dm += bias[i] * gsum[i];
+    dthreshold[i] = -dm;
+    grad_row(dst, g, w, rows.mask[i] != 0, dm / static_cast<T>(std::max<int64_t>(fan, 1)), fan);
+  }
+
+  // Positions [p0, p1) with G in `compact` ([p1 - p0, fan]).
+  void finish_compact(int64_t p0, int64_t p1, const T* compact) const {
+    at::parallel_for(p0, p1, grain(fan), [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) finish(p, compact + (p - p0) * fan);
+    });
+  }
+
+  // Positions [p0, p1) with G in the block of dweight rows [base, base + S), base = graded[p0],
+  // S = p1 - p0 (a GEMM wrote it there: no buffer beside dW). Rows move up to their own rows, in
+  // waves that never overwrite a G row not yet read; then block rows that are no graded row of the
+  // positions, and `scratch_rows` more rows after the block (used as scratch), are zeroed.
+  void finish_block(int64_t p0, int64_t p1, int64_t scratch_rows = 0) const {
+    const int64_t* graded = rows.graded.data() + p0;
+    const int64_t base = graded[0], size = p1 - p0;
+    for (int64_t hi = size; hi > 0;) {
+      // Rows at or past base + hi overwrite no unread block row [base, base + hi): those positions go
+      // in parallel. None (lo == hi): graded[j] == base + j below hi, every G there is in place.
+      const int64_t lo = std::lower_bound(graded, graded + hi, base + hi) - graded;
+      const int64_t from = lo < hi ? lo : 0;
+      at::parallel_for(from, hi, grain(fan), [&](int64_t b, int64_t e) {
+        for (int64_t j = b; j < e; ++j) finish(p0 + j, dweight + (base + j) * fan);
+      });
+      hi = from;
+    }
+    const int64_t end = std::min(base + size + scratch_rows, rows.n);
+    for (int64_t r = base, j = 0; r < end; ++r) {
+      while (j < size && graded[j] < r) ++j;
+      if (j == size || graded[j] != r) std::memset(dweight + r * fan, 0, fan * sizeof(T));
+    }
+  }
+};
+
+}  // namespace spafl::cpu

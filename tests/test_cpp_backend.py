@@ -1,0 +1,222 @@
+"""The ``cpp`` backend's own checks: the fused score op, the paths its kernels take (runs of
+consecutive rows, gathered chunks, outputs on fresh zero pages, groups), its ops' contract, its dispatch."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from oracle import (
+    assert_matches_oracle,
+    controlled_threshold,
+    make_params,
+    outputs_and_grads,
+    require_backend,
+    rows_for_density,
+)
+
+import spafl_kernels as sk
+from spafl_kernels import _ext
+from spafl_kernels.backends import get_backend, resolve_backend
+from spafl_kernels.backends.base import CallSpec
+from spafl_kernels.semantics import row_score
+
+pytestmark = pytest.mark.skipif(not _ext.extension_available(), reason=f"extension not built: {_ext.EXTENSION_ERROR}")
+
+
+def threshold_for_rows(weight: torch.Tensor, active: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A threshold making exactly the rows ``active`` (bool ``[N]``) active, scores as in
+    ``oracle.controlled_threshold`` (0.2 away from the mask and gate edges, both gate states present)."""
+    g = torch.Generator().manual_seed(seed)
+    threshold = controlled_threshold(weight, int(active.sum()), g)
+    mean_abs = weight.detach().double().reshape(weight.shape[0], -1).abs().mean(1)
+    magnitude = (mean_abs - threshold.double()).abs()
+    score = torch.where(active, magnitude, -magnitude)
+    return (mean_abs - score).to(weight.dtype)
+
+
+# --------------------------------------------------------------------------------- score_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (63, 129), (5, 6, 3, 3), (130, 1000)])
+@pytest.mark.parametrize("density", [0.0, "one", 0.5, 1.0])
+def test_score_mask_matches_semantics(dtype, shape, density):
+    g = torch.Generator().manual_seed(shape[0])
+    weight = torch.randn(shape, generator=g, dtype=torch.float64)
+    threshold = controlled_threshold(weight, rows_for_density(shape[0], density), g)
+    weight, threshold = weight.to(dtype), threshold.to(dtype)
+    score, active, count = _ext.score_mask(weight, threshold)
+    expected = row_score(weight, threshold)
+    assert score.dtype == expected.dtype
+    torch.testing.assert_close(score, expected, rtol=1e-3 if dtype.itemsize == 2 else 1e-5, atol=1e-5)
+    rows = (expected > 0).nonzero().squeeze(1)
+    assert int(count) == rows.numel()
+    assert torch.equal(active[: rows.numel()], rows)
+    assert bool((active[rows.numel() :] == -1).all())
+
+
+# ------------------------------------------------------------------------------------ linear
+
+
+def _linear(backend, ste, x, weight, threshold, bias=None):
+    return sk.sparse_linear(x, weight, bias, threshold, ste=ste, backend=backend)
+
+
+# (batch, in_features, out_features). "wide": rows of 32768 float64 (256 KiB), so a gathered panel
+# holds 64 of them and 200 rows exercise every path: runs used in place, chunks gathered and flushed,
+# dW on fresh zero pages. "tall": 300 batch rows, so the gathered grad columns of a chunk need more dW
+# rows as scratch than a nearly full chunk has gaps (the buffer fallback).
+_SHAPES = {"wide": (3, 32768, 200), "tall": (300, 4096, 600)}
+_PATTERNS = {
+    "long run": lambda n: torch.arange(n) < 150,
+    "run and scattered": lambda n: (torch.arange(n) >= 30) & (torch.arange(n) < 110) | (torch.arange(n) % 7 == 0),
+    "every other": lambda n: torch.arange(n) % 2 == 0,
+    "all but one": lambda n: torch.arange(n) != 77,
+    "all but every 50th": lambda n: torch.arange(n) % 50 != 49,
+}
+
+
+@pytest.mark.parametrize("ste", sk.STES)
+@pytest.mark.parametrize("pattern", sorted(_PATTERNS))
+@pytest.mark.parametrize("shape", sorted(_SHAPES))
+def test_linear_row_patterns(ste, pattern, shape):
+    require_backend("cpp", "linear")
+    batch, in_features, out_features = _SHAPES[shape]
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(out_features, in_features, generator=g, dtype=torch.float64) * 0.5
+    bias = torch.randn(out_features, generator=g, dtype=torch.float64)
+    threshold = threshold_for_rows(weight, _PATTERNS[pattern](out_features))
+    x = torch.randn(batch, in_features, generator=g, dtype=torch.float64)
+    tensors = {"x": x, "weight": weight, "threshold": threshold, "bias": bias}
+    assert_matches_oracle(functools.partial(_linear, "cpp", ste), functools.partial(_linear, "reference", ste), tensors)
+
+
+@pytest.mark.parametrize("need_dx, need_params", [(True, False), (False, True)])
+def test_linear_partial_gradients(need_dx, need_params):
+    """Only the gradients asked for are computed; the rest come back empty."""
+    require_backend("cpp", "linear")
+    weight, bias, threshold = (t.float() for t in make_params((9, 5), 4, True, seed=1))
+    x = torch.randn(6, 5)
+    y, score = torch.ops.spafl.cpp_linear_fwd(x, weight, bias, threshold)
+    grads = torch.ops.spafl.cpp_linear_bwd(torch.ones_like(y), x, weight, bias, score, "identity", need_dx, need_params)
+    assert [t.numel() > 0 for t in grads] == [need_dx, need_params, need_params, need_params]
+
+
+# ------------------------------------------------------------------------------------ conv2d
+
+
+def _conv(backend, ste, geometry, x, weight, threshold, bias=None):
+    return sk.sparse_conv2d(x, weight, bias, threshold, **geometry, ste=ste, backend=backend)
+
+
+_GEOMETRIES = [
+    # (x shape, weight shape, geometry)
+    ((2, 6, 9, 11), (5, 6, 3, 2), {}),
+    ((2, 6, 9, 11), (7, 6, 3, 3), {"stride": 2, "padding": 1}),
+    ((1, 4, 12, 10), (6, 4, 3, 3), {"stride": (1, 2), "padding": (2, 1), "dilation": 2}),
+    ((2, 6, 8, 8), (9, 2, 3, 3), {"padding": "same", "groups": 3}),
+    ((2, 4, 7, 7), (4, 1, 3, 3), {"padding": 1, "groups": 4}),  # depthwise
+    ((2, 3, 10, 10), (8, 3, 2, 2), {"padding": "same"}),  # even kernel: asymmetric 'same' padding
+]
+
+
+@pytest.mark.parametrize("ste", sk.STES)
+@pytest.mark.parametrize("density", [0.0, "one", 0.5, 1.0])
+@pytest.mark.parametrize("case", range(len(_GEOMETRIES)))
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_matches_reference(ste, density, case, bias):
+    x_shape, w_shape, geometry = _GEOMETRIES[case]
+    require_backend("cpp", "conv2d", groups=geometry.get("groups", 1))
+    weight, b, threshold = make_params(w_shape, rows_for_density(w_shape[0], density), bias, seed=case)
+    x = torch.randn(x_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    tensors = {"x": x, "weight": weight, "threshold": threshold, "bias": b}
+    assert_matches_oracle(
+        functools.partial(_conv, "cpp", ste, geometry), functools.partial(_conv, "reference", ste, geometry), tensors
+    )
+
+
+@pytest.mark.parametrize("ste", ["identity", "outer"])
+@pytest.mark.parametrize("every", [3, -4])
+def test_conv2d_large_output(ste, every):
+    """An output of 2 MiB or more comes from freshly mapped pages; pruned planes must still read as 0.
+    ``every=3``: every third filter active; ``-4``: all but every fourth, so that the backward runs in
+    batch chunks (more than half of the filters active)."""
+    require_backend("cpp", "conv2d")
+    g = torch.Generator().manual_seed(5)
+    # Many filters, few positions: the output is large, the per-filter reductions stay short enough
+    # that float32 roundings of the oneDNN backward on a compact filter set stay near the oracle's.
+    weight = torch.randn(256, 4, 3, 3, generator=g, dtype=torch.float64) * 0.5
+    threshold = threshold_for_rows(weight, torch.arange(256) % 3 == 1 if every == 3 else torch.arange(256) % 4 != 3)
+    x = torch.randn(2, 4, 32, 32, generator=g, dtype=torch.float64)
+    tensors = {"x": x, "weight": weight, "threshold": threshold, "bias": torch.randn(256, generator=g).double()}
+    geometry = {"padding": 1}
+    assert_matches_oracle(
+        functools.partial(_conv, "cpp", ste, geometry), functools.partial(_conv, "reference", ste, geometry), tensors
+    )
+
+
+# ------------------------------------------------------------------------------ op contract
+
+
+def _op_samples():
+    weight, bias, threshold = (t.float() for t in make_params((6, 5), 3, True, seed=4))
+    x = torch.randn(4, 5)
+    y, score = torch.ops.spafl.cpp_linear_fwd(x, weight, bias, threshold)
+    yield torch.ops.spafl.cpp_linear_fwd.default, (x, weight, bias, threshold)
+    yield torch.ops.spafl.cpp_linear_bwd.default, (torch.randn_like(y), x, weight, bias, score, "clipped", True, True)
+    cw, cb, ct = (t.float() for t in make_params((4, 3, 3, 3), 2, True, seed=5))
+    cx = torch.randn(2, 3, 6, 6)
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    cy, cscore = torch.ops.spafl.cpp_conv2d_fwd(cx, cw, cb, ct, *geometry)
+    yield torch.ops.spafl.cpp_conv2d_fwd.default, (cx, cw, cb, ct, *geometry)
+    grad = torch.randn_like(cy)
+    yield torch.ops.spafl.cpp_conv2d_bwd.default, (grad, cx, cw, cb, cscore, *geometry, "identity", True, True)
+
+
+@pytest.mark.parametrize("sample", range(4))
+def test_opcheck(sample):
+    """Schemas, fake kernels and dispatch of the C++ ops agree (torch.library.opcheck)."""
+    op, args = list(_op_samples())[sample]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# --------------------------------------------------------------------------------- dispatch
+
+
+def test_auto_picks_cpp_on_cpu():
+    assert resolve_backend("auto", "linear", "cpu", torch.float32, 1) == "cpp"
+    assert resolve_backend("auto", "conv2d", "cpu", torch.float64, 2) == "cpp"
+    # bfloat16 is not served by cpp: auto falls through to torch.
+    assert resolve_backend("auto", "linear", "cpu", torch.bfloat16, 1) == "torch"
+
+
+def test_not_supported_reasons():
+    backend = get_backend("cpp")
+    assert backend.not_supported_reasons(CallSpec("linear", "cpu", torch.float32)) == []
+    reasons = backend.not_supported_reasons(CallSpec("conv2d", "cuda", torch.float16))
+    assert any("CPU only" in r for r in reasons) and any("float16" in r for r in reasons)
+    with pytest.raises(sk.BackendNotSupportedError, match="float32 and float64"):
+        sk.sparse_linear(torch.randn(2, 3).half(), torch.randn(4, 3).half(), None, torch.zeros(4).half(), backend="cpp")
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_compile_matches_eager(op):
+    """Under torch.compile the layers trace the spafl ops (fake kernels, registered autograd); eager
+    calls take the equivalent autograd.Function. Both give the same outputs and gradients."""
+    require_backend("cpp", op)
+    shape = (7, 5) if op == "linear" else (6, 3, 3, 3)
+    weight, bias, threshold = (t.float() for t in make_params(shape, 3, True, seed=6))
+    x = torch.randn(4, 5) if op == "linear" else torch.randn(2, 3, 8, 8)
+
+    def layer(x, weight, bias, threshold):
+        if op == "linear":
+            return sk.sparse_linear(x, weight, bias, threshold, ste="clipped", backend="cpp")
+        return sk.sparse_conv2d(x, weight, bias, threshold, padding=1, ste="clipped", backend="cpp")
+
+    tensors = {"x": x, "weight": weight, "bias": bias, "threshold": threshold}
+    eager = outputs_and_grads(layer, tensors)
+    compiled = outputs_and_grads(torch.compile(layer, fullgraph=True, backend="aot_eager"), tensors)
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, msg=key)
