@@ -4,9 +4,11 @@ import json
 import os
 
 import pytest
+import torch
 
 from spafl_fl import SUMMARY_KEYS
 from spafl_fl.cli import main
+from spafl_kernels.backends import resolve_backend
 
 FLAGS = ["--dataset", "synthetic", "--model", "mlp", "--clients", "4", "--sample", "2", "--rounds", "2",
          "--local-epochs", "1", "--batch-size", "64", "--lr", "0.05", "--alpha", "0.5", "--no-progress"]
@@ -32,7 +34,8 @@ def test_run_then_compare(tmp_path, capsys):
     assert tuple(summary) == SUMMARY_KEYS and summary["rounds"] == 2 and summary["algorithm"] == "spafl"
     with open(os.path.join(spafl, "config.json")) as f:
         config = json.load(f)
-    assert config["model"] == "mlp" and config["resolved_backend"] == "torch"
+    auto = resolve_backend("auto", "linear", "cpu", torch.float32, 1)  # cpp when built, else torch
+    assert config["model"] == "mlp" and config["resolved_backend"] == auto
     assert main(["run", *FLAGS, "--algorithm", "fedavg", "--out", fedavg]) == 0
     capsys.readouterr()
     assert main(["compare", spafl, fedavg, "--plots", str(tmp_path / "cmp")]) == 0
