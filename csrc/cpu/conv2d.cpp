@@ -156,6 +156,7 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x, const Tensor& weight, con
                      rows.active.data() + part.begin, N, b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
                      y.mutable_data_ptr<scalar_t>());
     }
+    map_unwritten(y);
   });
   return {y, score};
 }

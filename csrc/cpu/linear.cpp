@@ -203,6 +203,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, cons
       at::mm_out(out, cols.t(), x);
       grads.finish_block(seg.begin, seg.end, scratch_rows);
     }
+    if (R < N) map_unwritten(dweight);
     if (bias) rows.zero_pruned(dbias.mutable_data_ptr<scalar_t>());
   });
   return {dx, dweight, dbias, dthreshold};

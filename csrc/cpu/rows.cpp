@@ -199,4 +199,17 @@ at::Tensor fresh_pages(at::IntArrayRef sizes, const at::TensorOptions& options, 
   return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
 }
 
+void map_unwritten(const at::Tensor& fresh) {
+#if defined(__linux__) && defined(MADV_POPULATE_READ)
+  const size_t bytes = fresh.nbytes();
+  if (bytes < (size_t(2) << 20)) return;  // not from fresh_pages' mapping
+  constexpr uintptr_t kPage = 4096;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(fresh.const_data_ptr()) + kPage - 1) / kPage * kPage;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(fresh.const_data_ptr()) + bytes) / kPage * kPage;
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_READ);  // advice only
+#else
+  (void)fresh;
+#endif
+}
+
 }  // namespace spafl::cpu

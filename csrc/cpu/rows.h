@@ -105,6 +105,12 @@ constexpr int64_t kMinRun = 64;
 // allocator: at::zeros if `zero`, else at::empty. SPAFL_CPU_HUGEPAGES=1: see rows.cpp.
 at::Tensor fresh_pages(at::IntArrayRef sizes, const at::TensorOptions& options, bool zero);
 
+// Once a kernel has written what it writes into a fresh_pages tensor: maps every page still unwritten
+// to the kernel's shared zero page in one call (Linux >= 5.14, MADV_POPULATE_READ), so that whoever
+// reads the tensor next (autograd accumulating dW, the optimizer, the next layer) takes no page
+// fault per 4 KiB of pruned rows. No-op for small tensors and elsewhere.
+void map_unwritten(const at::Tensor& fresh);
+
 // ---------------------------------------------------------------------------------- parallel
 
 // Grain of at::parallel_for for items of `item_size` elements each: a thread gets at least ~1M
