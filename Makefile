@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-TOOLS := numpy==2.4.6 pytest==9.2.0 pytest-benchmark==5.3.1 ruff==0.17.6 triton==3.9.0 \
+TOOLS := numpy==2.4.6 pytest==9.2.0 hypothesis==6.170.17 pytest-benchmark==5.3.1 ruff==0.17.6 triton==3.9.0 \
 	safetensors==0.8.0 tqdm==4.70.1 matplotlib==3.11.2 mlxtend==0.25.0 scikit-learn==1.9.1 \
 	'flwr[simulation]==1.42.0' ray==2.55.1
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)

@@ -73,11 +73,11 @@ def layer_flops(
 
 def _row_counts(layer) -> tuple[int, int]:
     """``(active, open_pruned)`` rows of a sparse layer now."""
-    from .semantics import row_score
+    from .semantics import is_active, row_score
 
     with torch.no_grad():
         score = row_score(layer.weight, layer.threshold)
-        mask = score > 0
+        mask = is_active(score)
         gate = ste_gate(score, layer.ste) != 0
         return int(mask.sum()), int((gate & ~mask).sum())
 

@@ -51,16 +51,27 @@ def ste_gate(score: torch.Tensor, ste: str) -> torch.Tensor:
     """``gate(s)`` of the STE, as 0/1 values in ``score``'s dtype. score: ``[N]`` -> ``[N]``."""
     if ste == "identity":
         return torch.ones_like(score)
+    # Written as negations so that a NaN score (a row holding a NaN) has its gate open: see row_mask.
     if ste == "outer":
-        return (score.abs() > 1).to(score.dtype)
+        return (~(score.abs() <= 1)).to(score.dtype)
     if ste == "clipped":
-        return (score.abs() <= 1).to(score.dtype)
+        return (~(score.abs() > 1)).to(score.dtype)
     raise ValueError(f"ste must be one of {STES}, got {ste!r}")
 
 
+def is_active(score: torch.Tensor) -> torch.Tensor:
+    """``m = 1[s > 0]`` as a bool tensor; a NaN score counts as active. score: ``[N]`` -> ``[N]``.
+
+    A row holding a NaN has a NaN score. Counting it active (and its gate open, ``ste_gate``) lets the
+    NaN reach the row's outputs and gradients exactly as in masked dense: pruning never hides a NaN.
+    Every backend writes its comparisons this way (``not (s <= 0)``).
+    """
+    return ~(score <= 0)
+
+
 def row_mask(score: torch.Tensor) -> torch.Tensor:
-    """``m = 1[s > 0]`` as 0/1 values in ``score``'s dtype. score: ``[N]`` -> ``[N]``."""
-    return (score > 0).to(score.dtype)
+    """``m = 1[s > 0]`` (NaN counts as active, see ``is_active``) as 0/1 values in ``score``'s dtype."""
+    return is_active(score).to(score.dtype)
 
 
 def fan_in(weight: torch.Tensor) -> int:

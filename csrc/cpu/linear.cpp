@@ -68,7 +68,8 @@ std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight, con
     // Scatter into y, bias added on the way; every element of y is written once, pruned ones as 0.
     y = at::empty({M, N}, x.options());
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const scalar_t* bp = bias ? bias->contiguous().const_data_ptr<scalar_t>() : nullptr;
+    const Tensor b = bias ? bias->contiguous() : Tensor();  // held: its data must outlive the loop below
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const int64_t* idx = rows.active.data();
     at::parallel_for(0, M, grain(N), [&](int64_t b, int64_t e) {

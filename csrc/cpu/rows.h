@@ -37,8 +37,9 @@ Ste parse_ste(const std::string& ste);
 
 template <typename T>
 inline bool gate_open(T score, Ste ste) {
+  // Negated comparisons: a NaN score has its gate open, as in the reference (semantics.is_active).
   const T a = score < 0 ? -score : score;
-  return ste == Ste::identity || (ste == Ste::outer ? a > T(1) : a <= T(1));
+  return ste == Ste::identity || (ste == Ste::outer ? !(a <= T(1)) : !(a > T(1)));
 }
 
 // s_i = sum_j |W_ij| / fan - tau_i for every row, rows split across threads. weight: [N, ...]
@@ -58,7 +59,7 @@ struct RowSets {
   RowSets(const T* score, int64_t rows, Ste ste, bool with_gates) : n(rows), mask(rows) {
     if (with_gates) gate.resize(rows);
     for (int64_t i = 0; i < rows; ++i) {
-      mask[i] = score[i] > T(0);
+      mask[i] = !(score[i] <= T(0));  // a NaN score counts as active (semantics.is_active)
       if (mask[i]) active.push_back(i);
       if (with_gates) {
         gate[i] = gate_open(score[i], ste);

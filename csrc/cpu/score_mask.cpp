@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_mask_cpu(const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES(score.scalar_type(), "score_mask_compact", [&] {
     const scalar_t* s = score.const_data_ptr<scalar_t>();
     for (int64_t i = 0; i < rows; ++i)
-      if (s[i] > 0) out[count++] = i;
+      if (!(s[i] <= 0)) out[count++] = i;
   });
   for (int64_t i = count; i < rows; ++i) out[i] = -1;
   return {score, active, at::scalar_tensor(count, weight.options().dtype(at::kLong))};

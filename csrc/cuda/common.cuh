@@ -106,9 +106,9 @@ SPAFL_HD bool gate_open(A score, int ste) {
     case SPAFL_STE_IDENTITY:
       return true;
     case SPAFL_STE_OUTER:
-      return abs_value(score) > A(1);
+      return !(abs_value(score) <= A(1));  // negated: a NaN score has its gate open (semantics.is_active)
     case SPAFL_STE_CLIPPED:
-      return abs_value(score) <= A(1);
+      return !(abs_value(score) > A(1));
     default:
       return false;
   }

@@ -50,7 +50,7 @@ struct SelectRows {
 
   SPAFL_HD bool selected(int64_t row) const {
     const A s = score[row];
-    return s > A(0) || gate_open(s, ste);
+    return !(s <= A(0)) || gate_open(s, ste);  // a NaN score counts as active
   }
   // Flag of thread tid in the chunk starting at `base`: in range and (not) selected.
   SPAFL_HD int flag(int64_t base, int tid, bool want_selected) const {
@@ -74,7 +74,7 @@ struct ParamGrads {
   T* dthreshold;
   int64_t rows, row_size, outer, inner;
 
-  SPAFL_HD bool active(int64_t row) const { return score[row] > Acc(0); }
+  SPAFL_HD bool active(int64_t row) const { return !(score[row] <= Acc(0)); }  // NaN: active
   // Rows that are pruned with a closed gate get all-zero gradients and need no G.
   SPAFL_HD bool needs_gradient(int64_t row) const { return active(row) || gate_open(score[row], ste); }
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...semantics import acc_dtype, fan_in, ste_gate
+from ...semantics import acc_dtype, fan_in, is_active, ste_gate
 
 
 @dataclass
@@ -25,7 +25,7 @@ class RowSets:
     @classmethod
     def from_score(cls, score: torch.Tensor, ste: str | None) -> RowSets:
         """score: ``[N]``. ``ste=None``: only ``active`` is needed (forward, or backward for dx)."""
-        mask = score > 0
+        mask = is_active(score)
         # nonzero() synchronises with the device: this backend trades that for plain PyTorch.
         active = mask.nonzero().squeeze(1)
         if ste is None:

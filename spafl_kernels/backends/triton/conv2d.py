@@ -23,6 +23,7 @@ from ...semantics import conv2d_output_hw
 from .rows import (
     SIZE_ARGS,
     compact,
+    dense_vector,
     dot_options,
     gemm_configs,
     launch_grid,
@@ -256,7 +257,7 @@ def conv2d_fwd(
     groups: int,
 ) -> tuple[Tensor, Tensor]:
     """x: ``[B, C, H, W]``, weight: ``[N, C/groups, kh, kw]`` -> ``(y [B, N, OH, OW] contiguous, score [N])``."""
-    weight = rows_dense(weight)
+    weight, bias, threshold = rows_dense(weight), dense_vector(bias), dense_vector(threshold)
     geo = _geometry(x, weight, stride, padding, dilation, groups)
     score = row_score(weight, threshold)
     active, count, _, _ = compact(score, groups, None)
@@ -288,7 +289,7 @@ def conv2d_bwd(
     need_params: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``conv2d_fwd`` (see ``backends.base.Backend``); grad_y: ``[B, N, OH, OW]``."""
-    weight = rows_dense(weight)
+    weight, bias = rows_dense(weight), dense_vector(bias)
     geo = _geometry(x, weight, stride, padding, dilation, groups)
     active, count, graded, graded_count = compact(score, groups, ste if need_params else None)
     options = dot_options(x.dtype, _tf32())

@@ -17,6 +17,7 @@ from torch import Tensor
 from .rows import (
     SIZE_ARGS,
     compact,
+    dense_vector,
     dot_options,
     gemm_configs,
     launch_grid,
@@ -157,7 +158,7 @@ def _tf32() -> bool:
 
 def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor) -> tuple[Tensor, Tensor]:
     """x: ``[M, K]``, weight: ``[N, K]``, bias/threshold: ``[N]`` -> ``(y [M, N], score [N])``."""
-    weight = rows_dense(weight)
+    weight, bias, threshold = rows_dense(weight), dense_vector(bias), dense_vector(threshold)
     (m, k), n = x.shape, weight.shape[0]
     score = row_score(weight, threshold)
     active, count, _, _ = compact(score, 1, None)
@@ -182,7 +183,7 @@ def linear_bwd(
     need_params: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``linear_fwd`` (see ``backends.base.Backend``); grad_y: ``[M, N]``."""
-    weight = rows_dense(weight)
+    weight, bias = rows_dense(weight), dense_vector(bias)
     (m, k), n = x.shape, weight.shape[0]
     active, count, graded, graded_count = compact(score, 1, ste if need_params else None)
     options = dot_options(x.dtype, _tf32())

@@ -117,10 +117,11 @@ def reduction_split(positions: int, n_rows: int, fan_in: int, device: torch.devi
 @triton.jit
 def gate_open(s, STE: tl.constexpr):
     """Whether the STE gate of score(s) ``s`` is open: ``STE`` 0 identity, 1 outer, 2 clipped."""
+    # Negated comparisons: a NaN score has its gate open (semantics.is_active).
     if STE == 1:
-        is_open = tl.abs(s) > 1.0
+        is_open = ~(tl.abs(s) <= 1.0)
     elif STE == 2:
-        is_open = tl.abs(s) <= 1.0
+        is_open = ~(tl.abs(s) > 1.0)
     else:
         is_open = (s == s) | (s != s)  # everywhere, NaN included, as the reference's ones_like
     return is_open
@@ -175,7 +176,7 @@ def _compact_fwd_kernel(
         i = b0 + tl.arange(0, BLOCK)
         inside = i < rows_per_group
         s = tl.load(score_ptr + first + i, mask=inside, other=0.0)
-        active = (s > 0) & inside
+        active = ~(s <= 0) & inside  # NaN counts as active (semantics.is_active)
         pruned = (s <= 0) & inside
         # Prefix sums give each row its slot; pruned rows fill the group's tail from the end.
         slot = n_active + tl.cumsum(active.to(tl.int32), 0) - 1
@@ -266,7 +267,7 @@ def _param_grads_bwd_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = rows < n_rows
     s = tl.load(score_ptr + rows, mask=live, other=0.0)
-    active = (s > 0) & live
+    active = ~(s <= 0) & live
     gate = gate_open(s, STE) & live
     acc_dtype = score_ptr.dtype.element_ty
     w_rows = w_ptr + rows.to(tl.int64) * stride_wn
@@ -320,6 +321,12 @@ def rows_dense(weight: torch.Tensor) -> torch.Tensor:
     if weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last):
         return weight
     return weight.contiguous()
+
+
+def dense_vector(vector: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias or threshold ``[N]`` with unit stride (the kernels index it as ``ptr + row``): ``vector``
+    itself when it has one, else a contiguous copy (sliced, expanded with stride 0, ...)."""
+    return vector if vector is None or vector.stride(0) == 1 else vector.contiguous()
 
 
 def row_score(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

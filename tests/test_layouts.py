@@ -1,0 +1,205 @@
+"""Property-based check (DESIGN §8): every valid input gets the reference's answer or a clear error.
+
+``hypothesis`` draws the op (Linear, Conv2d with its geometry), shapes, dtype, density, STE and a
+*layout* for each of x, weight, bias and threshold: contiguous, sliced (non-contiguous), transposed or
+permuted, channels_last, a storage offset, or expanded with stride 0. Each backend that runs here is
+compared with the float64 reference on the same values laid out contiguously, for the output and the
+gradients of every input. The examples are drawn deterministically (the same ones on every run, so CI
+is reproducible); ``SPAFL_HYPOTHESIS_EXAMPLES=N`` asks for more, ``SPAFL_HYPOTHESIS_RANDOM=1`` for fresh
+ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from oracle import KERNEL_BACKENDS, require_backend
+
+import spafl_kernels as sk
+from spafl_kernels.backends import get_backend
+from spafl_kernels.backends.base import CallSpec
+
+# Fewer examples for triton: on the CPU it runs in Triton's interpreter, ~100x slower than compiled.
+EXAMPLES = {"triton": 40}
+DEFAULT_EXAMPLES = 100
+
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-6}  # 16-bit: one epsilon of the dtype
+
+LAYOUTS_1D = ("contiguous", "sliced", "offset", "expanded")
+LAYOUTS_ND = (*LAYOUTS_1D, "transposed", "permuted")
+LAYOUTS_4D = (*LAYOUTS_ND, "channels_last")
+
+
+def lay_out(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """A tensor equal to ``values`` with the strides that ``layout`` names (a fresh leaf, no grad).
+
+    ``expanded`` needs ``values`` constant along dim 0 (the strategy draws them so) and returns
+    ``values[:1].expand(...)``, a tensor with stride 0 on dim 0.
+    """
+    shape = values.shape
+    if layout == "contiguous":
+        return values.clone()
+    if layout == "sliced":  # every other element of a tensor twice as wide on the last dim
+        wide = values.new_zeros(*shape[:-1], 2 * shape[-1])
+        wide[..., ::2] = values
+        return wide[..., ::2]
+    if layout == "offset":
+        flat = values.new_zeros(values.numel() + 3)
+        flat[3:] = values.reshape(-1)
+        return flat[3:].view(shape)
+    if layout == "expanded":
+        assert values.shape[0] == 0 or (values == values[:1]).all()
+        return values[:1].clone().expand(shape)
+    if layout == "transposed":  # the transpose of a contiguous tensor: column-major
+        return values.transpose(0, -1).contiguous().transpose(0, -1)
+    if layout == "permuted":  # dims stored in reverse order
+        order = tuple(range(values.dim() - 1, -1, -1))
+        return values.permute(order).contiguous().permute(order)
+    if layout == "channels_last":
+        return values.contiguous(memory_format=torch.channels_last)
+    raise ValueError(layout)
+
+
+@st.composite
+def cases(draw, op: str):
+    """One call: ``(kwargs of the op without tensors, {name: (float64 values, layout)}, ste)``."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    ste = draw(st.sampled_from(sk.STES))
+    with_bias = draw(st.booleans())
+    layouts = LAYOUTS_ND if op == "linear" else LAYOUTS_4D
+    layout = {
+        "x": draw(st.sampled_from(layouts)),
+        "weight": draw(st.sampled_from(layouts)),
+        "bias": draw(st.sampled_from(LAYOUTS_1D)),
+        "threshold": draw(st.sampled_from(LAYOUTS_1D)),
+    }
+    n_rows = draw(st.integers(1, 13))
+    if op == "linear":
+        kwargs = {}
+        lead = draw(st.lists(st.integers(1, 4), min_size=1, max_size=2))  # x: [*, K]
+        row_shape = (draw(st.integers(1, 11)),)
+        x_shape = (*lead, *row_shape)
+    else:
+        groups = draw(st.sampled_from((1, 1, 2, 3)))
+        n_rows = groups * max(1, n_rows // groups)
+        group_in = draw(st.integers(1, 3))
+        kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+        stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+        dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+        if stride == (1, 1) and draw(st.booleans()):
+            padding = draw(st.sampled_from(("same", "valid")))
+        else:
+            padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+        reach = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+        hw = [draw(st.integers(r, r + 4)) for r in reach]
+        x_shape = (draw(st.integers(1, 3)), group_in * groups, *hw)
+        row_shape = (group_in, *kernel)
+        kwargs = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+
+    # Scores 0.2 away from the mask and gate edges (0, +-1), so float32 and float64 agree on every
+    # mask and gate; a drawn number of rows active.
+    n_active = draw(st.integers(0, n_rows))
+    magnitude = torch.rand(n_rows, generator=gen, dtype=torch.float64) * 0.6 + 0.2
+    magnitude[1::2] += 1.0
+    score = -magnitude
+    score[torch.randperm(n_rows, generator=gen)[:n_active]] *= -1
+    weight = torch.randn(n_rows, *row_shape, generator=gen, dtype=torch.float64)
+    if layout["weight"] == "expanded":  # identical rows: the thresholds set the scores
+        weight = weight[:1].expand_as(weight).clone()
+        if layout["threshold"] == "expanded":
+            score[:] = score[0]
+    mean_abs = weight.reshape(n_rows, -1).abs().mean(1)
+    if layout["threshold"] == "expanded" and layout["weight"] != "expanded":
+        # One threshold for every row: scale the rows so that mean|W_i| = tau + s_i.
+        tau = torch.full((n_rows,), 2.0, dtype=torch.float64)
+        weight = weight * ((tau + score) / mean_abs).view(-1, *[1] * len(row_shape))
+    else:
+        tau = mean_abs - score
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    if layout["x"] == "expanded":
+        x = x[:1].expand_as(x).clone()
+    tensors = {"x": x, "weight": weight, "threshold": tau}
+    if with_bias:
+        bias = torch.randn(n_rows, generator=gen, dtype=torch.float64)
+        tensors["bias"] = bias.fill_(bias[0].item()) if layout["bias"] == "expanded" else bias
+    return kwargs, {name: (t, layout[name]) for name, t in tensors.items()}, ste
+
+
+def _call(op: str, backend: str, ste: str, kwargs: dict, tensors: dict) -> dict:
+    """Output and the gradients of every tensor input, for a fixed random ``dL/dy``."""
+    inputs = {name: t.requires_grad_() for name, t in tensors.items()}
+    fn = sk.sparse_linear if op == "linear" else sk.sparse_conv2d
+    y = fn(inputs["x"], inputs["weight"], inputs.get("bias"), inputs["threshold"], **kwargs, ste=ste, backend=backend)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(y.dtype)
+    grads = torch.autograd.grad(y, list(inputs.values()), grad_y)
+    return {"y": y.detach(), **{f"d{name}": g for name, g in zip(inputs, grads)}}
+
+
+def _check(op: str, backend: str, dtype: torch.dtype, case) -> None:
+    kwargs, drawn, ste = case
+    groups = kwargs.get("groups", 1)
+    if get_backend(backend).not_supported_reasons(CallSpec(op, "cpu", dtype, groups)):
+        return  # declined for this dtype/geometry: dispatch raises a clear error (test_backends)
+    contiguous64 = {name: t for name, (t, _) in drawn.items()}
+    expected = _call(op, "reference", ste, kwargs, {k: v.clone() for k, v in contiguous64.items()})
+    ref_low = _call(op, "reference", ste, kwargs, {k: v.to(dtype) for k, v in contiguous64.items()})
+    laid_out = {name: lay_out(t.to(dtype), layout) for name, (t, layout) in drawn.items()}
+    out = _call(op, backend, ste, kwargs, laid_out)
+    layouts = {name: layout for name, (_, layout) in drawn.items()}
+    for key, want in expected.items():
+        got = out[key]
+        assert got.shape == want.shape and got.dtype == dtype, (key, got.shape, want.shape, got.dtype)
+        scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+        own = (ref_low[key].double() - want).abs().max().item() if want.numel() else 0.0
+        error = (got.double() - want).abs().max().item() if want.numel() else 0.0
+        allowed = 2 * own + ATOL.get(dtype, torch.finfo(dtype).eps) * scale
+        context = f"{op}, {backend}, {dtype}, {ste}, {kwargs}, {layouts}"
+        assert error <= allowed, f"{key}: error {error:.3g} > {allowed:.3g} ({context})"
+
+
+def _settings(backend: str):
+    examples = int(os.environ.get("SPAFL_HYPOTHESIS_EXAMPLES", EXAMPLES.get(backend, DEFAULT_EXAMPLES)))
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=not os.environ.get("SPAFL_HYPOTHESIS_RANDOM"),
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_every_layout_matches_reference(backend, op, dtype):
+    require_backend(backend, op)  # built and able to run here (float32)
+    if get_backend(backend).not_supported_reasons(CallSpec(op, "cpu", dtype)):
+        # A dtype the backend does not serve: a clear error naming it, never a wrong number.
+        weight = torch.ones(2, 3, dtype=dtype) if op == "linear" else torch.ones(2, 1, 1, 1, dtype=dtype)
+        x = torch.ones(1, 3, dtype=dtype) if op == "linear" else torch.ones(1, 1, 2, 2, dtype=dtype)
+        fn = sk.sparse_linear if op == "linear" else sk.sparse_conv2d
+        with pytest.raises(sk.BackendNotSupportedError, match=str(dtype).removeprefix("torch.")):
+            fn(x, weight, None, torch.zeros(2, dtype=dtype), backend=backend)
+        return
+
+    @_settings(backend)
+    @given(case=cases(op))
+    def check(case):
+        _check(op, backend, dtype, case)
+
+    check()
+
+
+def test_lay_out_keeps_values_and_sets_strides():
+    values = torch.arange(24.0).view(2, 3, 4).expand(2, 3, 4)
+    for layout in ("contiguous", "sliced", "offset", "transposed", "permuted"):
+        t = lay_out(values, layout)
+        assert torch.equal(t, values) and (layout in ("contiguous", "offset")) == t.is_contiguous(), layout
+    assert lay_out(values.view(2, 3, 4, 1), "channels_last").stride() == (12, 1, 3, 3)
+    constant = torch.ones(3, 4)
+    assert lay_out(constant, "expanded").stride() == (0, 1)
+    assert lay_out(values, "offset").storage_offset() == 3
