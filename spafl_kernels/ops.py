@@ -200,21 +200,66 @@ class _EagerSparseOp(torch.autograd.Function):
     backend; conv2d: stride, padding, dilation, groups, ste, backend)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, threshold, op, *constants):
+    def forward(x, weight, bias, threshold, op, *constants):
         *geometry, _, backend = constants
-        y, score = getattr(get_backend(backend), f"{op}_fwd")(x, weight, bias, threshold, *geometry)
-        _setup_context(ctx, (x, weight, bias, threshold, *constants), (y, score))
+        return getattr(get_backend(backend), f"{op}_fwd")(x, weight, bias, threshold, *geometry)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, threshold, op, *constants = inputs
+        _setup_context(ctx, (x, weight, bias, threshold, *constants), output)
         ctx.op = op
-        return y, score
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        feature = "forward-mode AD (torch.func.jvp, forward_ad)"
+        raise RuntimeError(_unsupported(feature, ctx.constants[-1], _NO_TRANSFORMS))
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError(_unsupported("torch.func.vmap and the transforms built on it", args[-1], _NO_TRANSFORMS))
 
     @staticmethod
     def backward(ctx, grad_y, grad_score):
         x, weight, bias, score = ctx.saved_tensors
         *geometry, ste, backend = ctx.constants
-        grads = getattr(get_backend(backend), f"{ctx.op}_bwd")(
-            grad_y.contiguous(), x, weight, bias, score, *geometry, ste, *_needs(ctx)
-        )
-        return _as_input_grads(ctx, grads, 1 + len(ctx.constants))
+        # The kernels are not differentiable: under create_graph=True they run without autograd and
+        # their results refuse a second backward with a clear error instead of returning zeros.
+        with torch.no_grad():
+            grads = getattr(get_backend(backend), f"{ctx.op}_bwd")(
+                grad_y.contiguous(), x, weight, bias, score, *geometry, ste, *_needs(ctx)
+            )
+        input_grads = _as_input_grads(ctx, grads, 1 + len(ctx.constants))
+        if torch.is_grad_enabled():  # create_graph=True: tie the gradients to what they depend on
+            n = len(input_grads)
+            input_grads = _NoDoubleBackward.apply(backend, n, *input_grads, grad_y, x, weight, bias, score)[:n]
+        return input_grads
+
+
+_NO_TRANSFORMS = "no spafl backend supports torch.func transforms; call the layer in a loop instead"
+
+
+def _unsupported(feature: str, backend: str, instead: str) -> str:
+    return f"spafl: backend {backend!r} does not support {feature}: its kernels give first derivatives " \
+        f"through backward() only; {instead}"
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes a backward pass's ``n`` gradients through; differentiating them again raises. Their
+    true inputs (``grad_y`` and the saved tensors) come along, so that the gradients require grad
+    exactly when a second derivative could flow, and reach this backward instead of reading 0."""
+
+    @staticmethod
+    def forward(ctx, backend, n, *tensors):
+        ctx.backend = backend
+        return tuple(None if g is None else g.view_as(g) for g in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(_unsupported(
+            "double backward (create_graph=True, hessians, gradient penalties)", ctx.backend,
+            "backend='reference' (masked dense under plain autograd) gives higher derivatives",
+        ))
 
 
 def sparse_op(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, *constants):

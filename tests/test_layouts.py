@@ -203,3 +203,24 @@ def test_lay_out_keeps_values_and_sets_strides():
     constant = torch.ones(3, 4)
     assert lay_out(constant, "expanded").stride() == (0, 1)
     assert lay_out(values, "offset").storage_offset() == 3
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_bias_and_threshold(backend, op):
+    """Issue 10's cases: a sliced bias with some rows active (cpp read freed memory), a sliced and an
+    expanded threshold (triton ignored their strides)."""
+    require_backend(backend, op)
+    gen = torch.Generator().manual_seed(0)
+    if op == "linear":
+        x, weight = torch.randn(8, 32, generator=gen), torch.randn(64, 32, generator=gen)
+        fn = sk.sparse_linear
+    else:
+        x, weight = torch.randn(2, 3, 6, 6, generator=gen), torch.randn(64, 3, 3, 3, generator=gen)
+        fn = sk.sparse_conv2d
+    bias = torch.randn(128, generator=gen)[::2]
+    every_other = torch.zeros(128)
+    every_other[::4] = 10.0  # rows 0, 2, 4, ... pruned once sliced
+    for threshold in (every_other[::2], torch.tensor(0.9).expand(64)):
+        want = fn(x, weight, bias.contiguous(), threshold.contiguous(), backend="reference")
+        torch.testing.assert_close(fn(x, weight, bias, threshold, backend=backend), want)

@@ -178,8 +178,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
               ", H', W'], got ", g.sizes());
   TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.scalar_type() == w.scalar_type(),
               "cpp_conv2d_bwd: score must be [N] in the weight's dtype");
-  const Tensor empty = at::empty({0}, x.options());
-  Tensor dx = empty, dweight = empty, dbias = empty, dthreshold = empty;
+  // Distinct empty tensors where a gradient is not asked for: op outputs must not alias each other.
+  Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()),
+         dbias = at::empty({0}, x.options()), dthreshold = at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_conv2d_bwd", [&] {
     const RowSets rows(s.const_data_ptr<scalar_t>(), N, gate_kind, need_params);
     const int64_t A = rows.num_active(), R = rows.num_graded(), per = N / groups;

@@ -1,0 +1,104 @@
+"""Autograd features beyond first-order backward (DESIGN §8): a kernel backend raises a clear error for
+double backward, forward-mode AD and vmap, never a wrong number; the reference supports double backward.
+Also the semantics of NaN weights: a NaN row counts as active, so the NaN reaches its outputs and
+gradients exactly as in masked dense."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import KERNEL_BACKENDS, require_backend
+
+import spafl_kernels as sk
+
+
+def _layer(op: str, backend: str):
+    """``f(weight) -> scalar loss`` through one sparse layer, and a weight for it."""
+    gen = torch.Generator().manual_seed(0)
+    if op == "linear":
+        x, weight = torch.randn(3, 5, generator=gen), torch.randn(6, 5, generator=gen)
+        return (lambda w: sk.sparse_linear(x, w, None, torch.zeros(6), backend=backend).square().sum()), weight
+    x, weight = torch.randn(2, 2, 5, 5, generator=gen), torch.randn(4, 2, 3, 3, generator=gen)
+    return (lambda w: sk.sparse_conv2d(x, w, None, torch.zeros(4), backend=backend).square().sum()), weight
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_reference_supports_double_backward(op):
+    f, weight = _layer(op, "reference")
+    hessian = torch.autograd.functional.hessian(f, weight)
+    assert hessian.abs().sum() > 0  # masked dense: the hessian of a sum of squares is not zero
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_double_backward_raises(backend, op):
+    require_backend(backend, op)
+    f, weight = _layer(op, backend)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.functional.hessian(f, weight)
+    # create_graph=True alone is fine while nobody differentiates the gradient again.
+    w = weight.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(f(w), w, create_graph=True)
+    (expected,) = torch.autograd.grad(_layer(op, "reference")[0](w), w)
+    torch.testing.assert_close(grad, expected)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_double_backward_through_the_op_raises(backend):
+    """The ``torch.ops.spafl`` path (the one ``torch.compile`` traces) refuses too, never returns 0."""
+    require_backend(backend, "linear")
+    x = torch.randn(3, 5)
+
+    def f(w):
+        return torch.ops.spafl.linear_fwd(x, w, None, torch.zeros(6), "identity", backend)[0].square().sum()
+
+    with pytest.raises(RuntimeError, match="double backward|differentiable|autograd"):
+        torch.autograd.functional.hessian(f, torch.randn(6, 5))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_forward_mode_and_vmap_raise(backend):
+    require_backend(backend, "linear")
+    f, weight = _layer("linear", backend)
+    with pytest.raises(RuntimeError, match="does not support forward-mode AD"):
+        torch.func.jvp(f, (weight,), (torch.ones_like(weight),))
+    with pytest.raises(RuntimeError, match="does not support torch.func.vmap"):
+        torch.func.vmap(lambda x: sk.sparse_linear(x, weight, None, torch.zeros(6), backend=backend))(
+            torch.randn(4, 3, 5)
+        )
+
+
+@pytest.mark.parametrize("ste", sk.STES)
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_nan_row_matches_reference(backend, op, ste):
+    """A weight row holding a NaN: NaN outputs exactly where masked dense has them."""
+    require_backend(backend, op)
+    gen = torch.Generator().manual_seed(1)
+    if op == "linear":
+        x, weight = torch.randn(4, 5, generator=gen), torch.randn(6, 5, generator=gen)
+        weight[2, 3] = float("nan")
+    else:
+        x, weight = torch.randn(2, 2, 5, 5, generator=gen), torch.randn(6, 2, 3, 3, generator=gen)
+        weight[2, 1, 0, 2] = float("nan")
+    bias = torch.randn(6, generator=gen)
+    threshold = torch.tensor([0.0, 9.0, 0.0, 9.0, 0.0, 0.0])  # rows 1 and 3 pruned
+    fn = sk.sparse_linear if op == "linear" else sk.sparse_conv2d
+    results = []
+    for name in ("reference", backend):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, threshold)]
+        y = fn(*leaves, ste=ste, backend=name)
+        y.backward(torch.ones_like(y))
+        results.append([y.detach(), *(t.grad for t in leaves)])
+    ref, out = results
+    assert ref[0][:, 2].isnan().all() and (ref[0][:, 1] == 0).all()
+    torch.testing.assert_close(out[0], ref[0], equal_nan=True, msg="y")
+    # Gradients: non-finite wherever masked dense's are, equal elsewhere. A product's algorithm may
+    # spread a NaN further (an implicit-GEMM dx multiplies padding zeros by the NaN tap; dense
+    # cuDNN algorithms differ the same way), never less: a NaN is never hidden.
+    for key, a, b in zip(("dx", "dweight", "dbias", "dthreshold"), out[1:], ref[1:]):
+        assert not (a.isfinite() & ~b.isfinite()).any(), f"{key}: finite where the reference is not"
+        both = a.isfinite() & b.isfinite()
+        torch.testing.assert_close(a[both], b[both], msg=key)
