@@ -22,50 +22,59 @@ def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayer]]:
 
 
 def sparsify(
-    model: nn.Module, *, ste: str = "identity", backend: str = "auto", skip: Iterable[str] = ()
+    model: nn.Module, *, ste: str = "identity", backend: str = "auto", skip: str | Iterable[str] = ()
 ) -> nn.Module:
-    """Replace every ``nn.Linear``/``nn.Conv2d`` of ``model`` in place by its sparse twin, keeping
-    weights; modules named in ``skip`` (qualified names) and everything under them stay dense.
+    """Turn every ``nn.Linear``/``nn.Conv2d`` of ``model`` into its sparse twin, in place; modules named
+    in ``skip`` (a qualified name or a list of them) and everything under them stay dense.
 
-    ``nn.MultiheadAttention`` stays dense with a warning: it reads its ``out_proj.weight`` directly
-    and never calls the submodule, so a sparse ``out_proj`` would be ignored. Build attention from
-    ``nn.Linear`` layers to make it sparse.
+    Conversion keeps what the model means: each module changes its class in place (it becomes a
+    ``SparseLinear``/``SparseConv2d`` with a new ``threshold`` parameter), so a module used twice or
+    shared by two parents stays one module, its weight and bias stay the same ``Parameter`` objects
+    (ties to other modules hold, ``requires_grad`` is kept, and a frozen layer's threshold is frozen
+    too), and its hooks and parametrizations (``weight_norm``, ``spectral_norm``) keep working.
 
-    Returns ``model`` (a new module when ``model`` itself is a Linear or Conv2d).
+    Raises ``ValueError`` naming the module, before changing anything, for what it cannot convert
+    faithfully: a subclass of ``nn.Linear``/``nn.Conv2d`` (its own behaviour would be lost) and a
+    Conv2d whose ``padding_mode`` is not ``"zeros"``; skip those. ``nn.MultiheadAttention`` stays dense
+    with a warning: it reads its ``out_proj.weight`` directly and never calls the submodule. Build
+    attention from ``nn.Linear`` layers to make it sparse.
+
+    Returns ``model``.
     """
-    skip = set(skip)
-    known = {name for name, _ in model.named_modules()}
-    unknown = sorted(skip - known)
+    skip = {skip} if isinstance(skip, str) else set(skip)
+    names = {}  # every module -> all of its qualified names (a shared module has several)
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(module, []).append(name)
+    unknown = sorted(skip - {name for aliases in names.values() for name in aliases})
     if unknown:
         raise ValueError(f"sparsify: skip names not found in the model: {unknown}")
 
-    def convert(module: nn.Module) -> nn.Module:
-        if isinstance(module, SparseLayer):
-            return module
-        if isinstance(module, nn.Linear):
-            return SparseLinear.from_dense(module, ste=ste, backend=backend)
-        if isinstance(module, nn.Conv2d):
-            return SparseConv2d.from_dense(module, ste=ste, backend=backend)
-        return module
+    def skipped(name: str) -> bool:
+        return any(name == s or name.startswith(s + ".") or not s for s in skip)
 
-    if "" not in skip:
-        replaced = convert(model)
-        if replaced is not model:
-            return replaced
-    for name, parent in list(model.named_modules()):
-        if any(name == s or name.startswith(s + ".") for s in skip if s):
+    attention = [name for module, aliases in names.items() if isinstance(module, nn.MultiheadAttention)
+                 for name in aliases if not skipped(name)]
+    for name in attention:
+        skip.add(name)
+        warnings.warn(
+            f"sparsify: {name or 'model'} is an nn.MultiheadAttention, which uses its projection weights "
+            "directly; it stays dense", stacklevel=2,
+        )
+    plan = []
+    for module, aliases in names.items():
+        if isinstance(module, SparseLayer) or any(skipped(name) for name in aliases):
             continue
-        if isinstance(parent, nn.MultiheadAttention):
-            skip.add(name)
-            warnings.warn(
-                f"sparsify: {name or 'model'} is an nn.MultiheadAttention, which uses its projection "
-                "weights directly; it stays dense", stacklevel=2,
-            )
+        sparse_class = SparseLinear if isinstance(module, nn.Linear) else (
+            SparseConv2d if isinstance(module, nn.Conv2d) else None)
+        if sparse_class is None:
             continue
-        for child_name, child in list(parent.named_children()):
-            qualified = f"{name}.{child_name}" if name else child_name
-            if qualified not in skip:
-                setattr(parent, child_name, convert(child))
+        problem = sparse_class.conversion_problem(module)
+        if problem:
+            raise ValueError(f"sparsify: cannot convert {aliases[0] or 'model'}: {problem}; leave it dense "
+                             f"with skip=[{aliases[0]!r}] or convert it yourself")
+        plan.append((module, sparse_class))
+    for module, sparse_class in plan:
+        sparse_class.convert_in_place(module, ste=ste, backend=backend)
     return model
 
 

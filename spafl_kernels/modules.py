@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .backends import BACKEND_NAMES
 from .functional import sparse_conv2d, sparse_linear
@@ -49,6 +50,33 @@ class SparseLayer:
         rows = self.weight.shape[0]
         return float(self.mask().sum().item()) / rows if rows else 1.0
 
+    # The dense class each sparse module converts from; set by the subclasses.
+    _dense_class: type[nn.Module]
+
+    @classmethod
+    def conversion_problem(cls, module: nn.Module) -> str | None:
+        """Why ``module`` cannot become this sparse class in place, or None when it can."""
+        base = type(module)
+        if parametrize.is_parametrized(module):
+            base = base.__bases__[0]  # parametrize's generated subclass of the module's own class
+        if base is not cls._dense_class:
+            return (f"it is a {base.__qualname__}, a subclass of nn.{cls._dense_class.__name__} whose own "
+                    "behaviour a sparse layer would drop")
+        return None
+
+    @classmethod
+    def convert_in_place(cls, module: nn.Module, *, ste: str = "identity", backend: str = "auto") -> nn.Module:
+        """Make ``module`` (a plain ``nn.Linear``/``nn.Conv2d``, possibly parametrized) an instance of
+        this class without copying anything: the same object, parameters, hooks and parametrizations,
+        plus a ``threshold`` (zeros, trainable iff the weight is). Returns ``module``."""
+        problem = cls.conversion_problem(module)
+        if problem:
+            raise TypeError(f"{cls.__name__}.convert_in_place: {problem}")
+        module.__class__ = _parametrized_twin(cls, type(module)) if parametrize.is_parametrized(module) else cls
+        module._init_sparse(ste, backend)
+        module.threshold.requires_grad_(module.weight.requires_grad)
+        return module
+
     @torch.no_grad()
     def _copy_dense(self, module: nn.Module):
         """Copy ``module``'s weight and bias into this layer; returns ``self``."""
@@ -62,6 +90,15 @@ class SparseLayer:
         if self.weight.device.type != "meta":
             text += f", density={self.density():.3f}"
         return text
+
+
+def _parametrized_twin(sparse_class: type, parametrized_class: type) -> type:
+    """The class of a parametrized module turned sparse: a subclass of ``sparse_class`` carrying what
+    ``torch.nn.utils.parametrize`` put on the module's own generated class (the properties that compute
+    ``weight``). One per module, as parametrize makes them: ``remove_parametrizations`` deletes those
+    properties from it and, once none is left, restores its first base, a plain ``sparse_class``."""
+    own = {k: v for k, v in vars(parametrized_class).items() if k not in ("__dict__", "__weakref__", "__doc__")}
+    return type(f"Parametrized{sparse_class.__name__}", (sparse_class,), own)
 
 
 class SparseLinear(SparseLayer, nn.Linear):
@@ -83,6 +120,8 @@ class SparseLinear(SparseLayer, nn.Linear):
     ):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_sparse(ste, backend)
+
+    _dense_class = nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_linear(x, self.weight, self.bias, self.threshold, ste=self.ste, backend=self.backend)
@@ -127,6 +166,14 @@ class SparseConv2d(SparseLayer, nn.Conv2d):
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
                            groups, bias, device=device, dtype=dtype)
         self._init_sparse(ste, backend)
+
+    _dense_class = nn.Conv2d
+
+    @classmethod
+    def conversion_problem(cls, module: nn.Module) -> str | None:
+        if getattr(module, "padding_mode", "zeros") != "zeros":
+            return f"padding_mode={module.padding_mode!r}; SparseConv2d has 'zeros' only"
+        return super().conversion_problem(module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_conv2d(x, self.weight, self.bias, self.threshold, self.stride, self.padding,

@@ -107,3 +107,89 @@ def test_sparsify_leaves_multihead_attention_dense():
     with pytest.warns(UserWarning, match="0 is an nn.MultiheadAttention"):
         sk.sparsify(model)
     assert type(model[0].out_proj) is not sk.SparseLinear and isinstance(model[1], sk.SparseLinear)
+
+
+# --------------------------------------------------------------- sparsify keeps what the model means
+
+
+def test_sparsify_keeps_a_module_used_twice_and_shared_modules_shared():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    twice = nn.Sequential(layer, nn.ReLU(), layer)
+    shared = nn.Linear(4, 4)
+    parents = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared)})
+    x = torch.randn(3, 4)
+    before = twice(x)
+    sk.sparsify(twice)
+    sk.sparsify(parents, skip="b.0")  # a plain string is one name; any alias skips a shared module
+    assert twice[0] is twice[2] and isinstance(twice[0], sk.SparseLinear)
+    torch.testing.assert_close(twice(x), before)
+    assert parents["a"][0] is parents["b"][0] and type(parents["a"][0]) is nn.Linear
+    sk.sparsify(parents)
+    assert parents["a"][0] is parents["b"][0] and isinstance(parents["a"][0], sk.SparseLinear)
+    assert [name for name, _ in sk.sparse_layers(parents)] == ["a.0"]
+
+
+def test_sparsify_keeps_tied_weights_and_frozen_flags():
+    embedding, decoder = nn.Embedding(10, 6), nn.Linear(6, 10, bias=False)
+    decoder.weight = embedding.weight  # tied, as in language models
+    frozen = nn.Linear(6, 6)
+    frozen.requires_grad_(False)
+    model = nn.ModuleDict({"embedding": embedding, "decoder": decoder, "frozen": frozen})
+    weight = decoder.weight
+    sk.sparsify(model)
+    assert model["decoder"].weight is weight is model["embedding"].weight
+    assert not model["frozen"].weight.requires_grad and not model["frozen"].bias.requires_grad
+    assert not model["frozen"].threshold.requires_grad  # a frozen layer stays frozen
+    assert model["decoder"].threshold.requires_grad
+
+
+def test_sparsify_keeps_hooks():
+    model = nn.Sequential(nn.Linear(3, 3))
+    calls = []
+    handle = model[0].register_forward_hook(lambda module, args, out: calls.append(type(module).__name__))
+    model[0].register_forward_pre_hook(lambda module, args: calls.append("pre"))
+    sk.sparsify(model)
+    model(torch.randn(2, 3))
+    assert calls == ["pre", "SparseLinear"]
+    handle.remove()  # handles taken before conversion still work
+    model(torch.randn(2, 3))
+    assert calls == ["pre", "SparseLinear", "pre"]
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm", "legacy_weight_norm"])
+def test_sparsify_keeps_parametrizations(norm):
+    torch.manual_seed(0)
+    conv, fc = nn.Conv2d(2, 4, 3), nn.Linear(4, 3)
+    if norm == "legacy_weight_norm":
+        conv, fc = torch.nn.utils.weight_norm(conv), torch.nn.utils.weight_norm(fc)
+    else:
+        apply = getattr(torch.nn.utils.parametrizations, norm)
+        conv, fc = apply(conv), apply(fc)
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc).eval()
+    x = torch.randn(2, 2, 5, 5)
+    before = model(x)
+    sk.sparsify(model, backend="torch")
+    assert isinstance(model[0], sk.SparseConv2d) and isinstance(model[4], sk.SparseLinear)
+    torch.testing.assert_close(model(x), before)  # every row active: the same function
+    model(x).sum().backward()
+    trained = [p for name, p in model.named_parameters() if "threshold" not in name]
+    assert all(p.grad is not None for p in trained)  # gradients reach the parametrizations' originals
+    if norm == "weight_norm":
+        torch.nn.utils.parametrize.remove_parametrizations(model[4], "weight")
+        assert type(model[4]) is sk.SparseLinear
+
+
+def test_sparsify_refuses_subclasses_naming_the_module():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Linear(3, 3), Scaled(3, 3))
+    with pytest.raises(ValueError, match=r"cannot convert 1: it is a .*Scaled.*skip=\['1'\]"):
+        sk.sparsify(model)
+    assert type(model[0]) is nn.Linear  # nothing changed before the error
+    sk.sparsify(model, skip=["1"])
+    assert isinstance(model[0], sk.SparseLinear) and type(model[1]) is Scaled
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        sk.sparsify(nn.Sequential(nn.Conv2d(1, 1, 3, padding_mode="reflect")))
