@@ -12,7 +12,12 @@
 #                              as benchmarks/results/<gpu>.*)
 #
 # Usage: benchmarks/gpu_check.sh OUT_DIR [install] [test] [bench]   (default: all three, in order)
+#        benchmarks/gpu_check.sh OUT_DIR quick
 # Each stage fits the 10 minutes a device command may take; run them one by one where that matters.
+# `quick` fits a short GPU window as ONE command, under 8 minutes on an H200 (DESIGN §7): install for
+# sm_90 only with every core, the triton tests with one fixed tile on the shapes that matter, the cuda
+# tests, and the large layers at densities 1, 0.5, 0.1 (forward+backward, outer STE); every stage's
+# timeout is cut to what is left of a 450 s budget, and each prints one summary line.
 # The bench stage uses spafl-bench's --device/--json/--markdown/--plot options.
 # Nothing is downloaded: pip runs with --no-index --no-deps --no-build-isolation. Every stage runs even
 # when an earlier one failed (a failed build still leaves the pure-Python package and Triton kernels);
@@ -34,6 +39,13 @@ export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 status=0
 
 log() { echo "== $(date +%H:%M:%S) $*" | tee -a "$OUT/gpu_check.log"; }
+START=$SECONDS
+BUDGET=${SPAFL_GPU_BUDGET:-0}  # seconds for the whole run (quick: 450); 0: no budget
+# cap SECONDS: the timeout for the next stage, at most SECONDS and at most what is left of the budget.
+cap() {
+    local left=$((BUDGET - (SECONDS - START)))
+    if [ "$BUDGET" -le 0 ] || [ "$1" -lt "$left" ]; then echo "$1"; else echo $((left > 0 ? left : 1)); fi
+}
 fail() { log "FAILED: $*"; status=1; }
 
 gpu_name() {
@@ -53,9 +65,11 @@ environment() {
 install() {
     log "install (editable, against the machine's torch; log: install.log)"
     # The extension build compiles the CUDA kernels when torch has CUDA and a toolkit is found.
-    if ! MAX_JOBS=$(nproc) timeout 420 $PY -m pip install --no-index --no-deps --no-build-isolation -e . \
+    if ! MAX_JOBS=$(nproc) timeout "$(cap 420)" $PY -m pip install --no-index --no-deps --no-build-isolation -e . \
             >"$OUT/install.log" 2>&1; then
         fail "install (see install.log); testing the tree through PYTHONPATH, without the C++/CUDA extension"
+    else
+        log "install: done in $((SECONDS - START)) s"
     fi
     environment
 }
@@ -66,7 +80,7 @@ run_tests() {  # run_tests NAME VAR=VALUE... -- PYTEST_ARGS...
     while [ "$1" != "--" ]; do envs+=("$1"); shift; done
     shift
     log "tests $name: ${envs[*]} pytest $* (log: tests-$name.log)"
-    if ! timeout 600 env "${envs[@]}" $PY -m pytest -q -rfEs -p no:cacheprovider --junitxml="$OUT/tests-$name.xml" \
+    if ! timeout "$(cap 600)" env "${envs[@]}" $PY -m pytest -q -rfEs -p no:cacheprovider --junitxml="$OUT/tests-$name.xml" \
             "$@" >"$OUT/tests-$name.log" 2>&1; then
         fail "tests $name: $(tail -n 1 "$OUT/tests-$name.log")"
     else
@@ -74,8 +88,9 @@ run_tests() {  # run_tests NAME VAR=VALUE... -- PYTEST_ARGS...
     fi
 }
 
-bench() {
-    local gpu
+bench() {  # bench [SPAFL-BENCH ARGS...] (default: every layer, densities 1 0.5 0.25 0.1, both modes and STEs)
+    local args=("$@") gpu
+    [ ${#args[@]} -gt 0 ] || args=(--layers all --densities 1 0.5 0.25 0.1 --modes fwd fwd+bwd --ste outer identity --reps 7)
     gpu=$(gpu_name) || { fail "no CUDA device for the benchmark"; return; }
     local plot=(--plot "$OUT/$gpu.png")
     if ! $PY -c "import matplotlib" 2>/dev/null; then
@@ -83,10 +98,11 @@ bench() {
         plot=()
     fi
     log "bench on $gpu (spafl-bench; writes $gpu.json, $gpu.md${plot:+, $gpu.png}; log: bench.log)"
-    if ! timeout 540 $PY -m spafl_kernels.bench --device cuda --layers all --densities 1 0.5 0.25 0.1 \
-            --modes fwd fwd+bwd --ste outer identity --reps 7 \
+    if ! timeout "$(cap 540)" $PY -m spafl_kernels.bench --device cuda "${args[@]}" \
             --json "$OUT/$gpu.json" --markdown "$OUT/$gpu.md" "${plot[@]}" >"$OUT/bench.log" 2>&1; then
         fail "bench (see bench.log)"
+    else
+        log "bench: done at $((SECONDS - START)) s; targets: $(grep -c -i 'missed' "$OUT/$gpu.md" || true) lines say MISSED"
     fi
 }
 
@@ -105,7 +121,16 @@ for stage in $STAGES; do
             run_tests cuda SPAFL_REQUIRE_BACKENDS=cuda -- tests/test_cuda.py
             ;;
         bench) bench ;;
-        *) echo "unknown stage: $stage (install, test, bench)" >&2; exit 2 ;;
+        quick)
+            BUDGET=${SPAFL_GPU_BUDGET:-450}
+            TORCH_CUDA_ARCH_LIST=9.0 install
+            # One fixed tile: correctness over the shapes, dtypes, STEs and layouts, no autotuning.
+            run_tests triton SPAFL_REQUIRE_BACKENDS=triton SPAFL_TRITON_AUTOTUNE=0 SPAFL_HYPOTHESIS_EXAMPLES=20 -- \
+                tests/test_triton_backend.py tests/test_layouts.py -k triton
+            run_tests cuda SPAFL_REQUIRE_BACKENDS=cuda -- tests/test_cuda.py
+            bench --layers large --densities 1 0.5 0.1 --modes fwd+bwd --ste outer --reps 5
+            ;;
+        *) echo "unknown stage: $stage (install, test, bench, quick)" >&2; exit 2 ;;
     esac
 done
 log "done (status $status); results in $OUT"

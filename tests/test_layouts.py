@@ -134,21 +134,26 @@ def _call(op: str, backend: str, ste: str, kwargs: dict, tensors: dict) -> dict:
     inputs = {name: t.requires_grad_() for name, t in tensors.items()}
     fn = sk.sparse_linear if op == "linear" else sk.sparse_conv2d
     y = fn(inputs["x"], inputs["weight"], inputs.get("bias"), inputs["threshold"], **kwargs, ste=ste, backend=backend)
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(y.dtype)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(y)
     grads = torch.autograd.grad(y, list(inputs.values()), grad_y)
     return {"y": y.detach(), **{f"d{name}": g for name, g in zip(inputs, grads)}}
 
 
+def device_for(backend: str) -> str:
+    """Where ``backend`` is tested: the GPU for the GPU backends when there is one, else the CPU."""
+    return "cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
+
+
 def _check(op: str, backend: str, dtype: torch.dtype, case) -> None:
     kwargs, drawn, ste = case
-    groups = kwargs.get("groups", 1)
-    if get_backend(backend).not_supported_reasons(CallSpec(op, "cpu", dtype, groups)):
+    groups, device = kwargs.get("groups", 1), device_for(backend)
+    if get_backend(backend).not_supported_reasons(CallSpec(op, device, dtype, groups)):
         return  # declined for this dtype/geometry: dispatch raises a clear error (test_backends)
     contiguous64 = {name: t for name, (t, _) in drawn.items()}
     expected = _call(op, "reference", ste, kwargs, {k: v.clone() for k, v in contiguous64.items()})
     ref_low = _call(op, "reference", ste, kwargs, {k: v.to(dtype) for k, v in contiguous64.items()})
-    laid_out = {name: lay_out(t.to(dtype), layout) for name, (t, layout) in drawn.items()}
-    out = _call(op, backend, ste, kwargs, laid_out)
+    laid_out = {name: lay_out(t.to(device, dtype), layout) for name, (t, layout) in drawn.items()}
+    out = {key: value.cpu() for key, value in _call(op, backend, ste, kwargs, laid_out).items()}
     layouts = {name: layout for name, (_, layout) in drawn.items()}
     for key, want in expected.items():
         got = out[key]
@@ -176,8 +181,9 @@ def _settings(backend: str):
 @pytest.mark.parametrize("op", ["linear", "conv2d"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_every_layout_matches_reference(backend, op, dtype):
-    require_backend(backend, op)  # built and able to run here (float32)
-    if get_backend(backend).not_supported_reasons(CallSpec(op, "cpu", dtype)):
+    device = device_for(backend)
+    require_backend(backend, op, device)  # built and able to run here (float32)
+    if get_backend(backend).not_supported_reasons(CallSpec(op, device, dtype)):
         # A dtype the backend does not serve: a clear error naming it, never a wrong number.
         weight = torch.ones(2, 3, dtype=dtype) if op == "linear" else torch.ones(2, 1, 1, 1, dtype=dtype)
         x = torch.ones(1, 3, dtype=dtype) if op == "linear" else torch.ones(1, 1, 2, 2, dtype=dtype)
@@ -210,7 +216,8 @@ def test_lay_out_keeps_values_and_sets_strides():
 def test_strided_bias_and_threshold(backend, op):
     """Issue 10's cases: a sliced bias with some rows active (cpp read freed memory), a sliced and an
     expanded threshold (triton ignored their strides)."""
-    require_backend(backend, op)
+    device = device_for(backend)
+    require_backend(backend, op, device)
     gen = torch.Generator().manual_seed(0)
     if op == "linear":
         x, weight = torch.randn(8, 32, generator=gen), torch.randn(64, 32, generator=gen)
@@ -223,4 +230,5 @@ def test_strided_bias_and_threshold(backend, op):
     every_other[::4] = 10.0  # rows 0, 2, 4, ... pruned once sliced
     for threshold in (every_other[::2], torch.tensor(0.9).expand(64)):
         want = fn(x, weight, bias.contiguous(), threshold.contiguous(), backend="reference")
-        torch.testing.assert_close(fn(x, weight, bias, threshold, backend=backend), want)
+        on_device = (t.to(device) for t in (x, weight, bias, threshold))
+        torch.testing.assert_close(fn(*on_device, backend=backend).cpu(), want)
