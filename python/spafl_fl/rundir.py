@@ -95,7 +95,7 @@ def read_metrics(path: str, rounds_done: int | None = None) -> list[dict]:
         if not isinstance(record, dict) or "round" not in record:
             raise CheckpointError(f"{path} line {number} is damaged: not a record with a 'round'")
         if record["round"] != len(records) + 1:
-            seen = [r["round"] for r in records]
+            seen = [r["round"] for _, r in records]
             why = "appears twice" if record["round"] in seen else f"follows round {len(records)}"
             raise CheckpointError(f"{path} line {number} is damaged: round {record['round']!r} {why}")
         records.append((number, record))
