@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         usage.error("; ".join(problems))
     if args.command == "flower":
-        return _flower(usage, args)
+        return _flower(usage, args, argv)
 
     from .simulation import Simulation
 
@@ -280,7 +280,7 @@ def _compare(usage: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def _flower(usage: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _flower(usage: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     """``spafl-fl flower``: the same run on Flower's simulation engine, one virtual SuperNode per client."""
     try:
         config = config_from_args(args)
@@ -301,7 +301,12 @@ def _flower(usage: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     handler = logging.FileHandler(os.path.join(args.out, "run.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("spafl_fl").addHandler(handler)
-    strategy: SpaFLStrategy = run_flower_simulation(config, args.out)
+    try:
+        strategy: SpaFLStrategy = run_flower_simulation(config, args.out)
+    except KeyboardInterrupt:
+        print(f"spafl-fl: interrupted; flower runs do not resume; start again with: "
+              f"{_command(argv, ('--overwrite',), '--overwrite')}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(savings_report(strategy.finish_summary, strategy.description))
     print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, accuracy/density/bits/time .png")
     return 0

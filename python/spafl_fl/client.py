@@ -71,8 +71,14 @@ class TrainingDiverged(RuntimeError):
 
 
 def _non_finite(tensors) -> list[str]:
-    """Names of the floating tensors of ``(name, tensor)`` pairs holding NaN or inf."""
-    return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    """Names of the floating tensors of ``(name, tensor)`` pairs holding NaN or inf (one host sync)."""
+    pairs = [(name, t) for name, t in tensors if t.is_floating_point()]
+    if not pairs:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in pairs])
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(pairs, finite.tolist()) if not ok]
 
 
 def make_batches(num_samples: int, epochs: int, batch_size: int, generator: torch.Generator,
