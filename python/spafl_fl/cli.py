@@ -265,7 +265,8 @@ def _compare(usage: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         loaded = [(d, *_load_run(d)) for d in args.dirs]
         if args.plots:
-            claim_out_dir(args.plots, overwrite=args.overwrite, names=PLOTS)
+            claim_out_dir(args.plots, overwrite=args.overwrite, resumable=False,
+                          what="the plots a previous compare wrote")
     except (ValueError, OSError) as error:
         usage.error(str(error))
     print(compare_table([(d, s, c) for d, s, c, _ in loaded]))
@@ -288,7 +289,7 @@ def _flower(usage: argparse.ArgumentParser, args: argparse.Namespace, argv: list
             raise ValueError("spafl-fl flower runs SpaFL only; FedAvg runs on Flower's own FedAvg strategy")
         if args.resume:
             raise ValueError("spafl-fl flower does not resume (no checkpoints); start a new --out")
-        claim_out_dir(args.out, overwrite=args.overwrite)
+        claim_out_dir(args.out, overwrite=args.overwrite, resumable=False)
         from .flower import SpaFLStrategy, run_flower_simulation
 
         if args.overwrite:

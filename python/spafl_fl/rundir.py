@@ -28,10 +28,11 @@ def ours(name: str) -> bool:
     return name in OUTPUT_NAMES or TENSOR_FILE.fullmatch(name) is not None
 
 
-def claim_out_dir(out_dir: str, *, resume: bool = False, overwrite: bool = False,
-                  names: tuple[str, ...] | None = None) -> None:
+def claim_out_dir(out_dir: str, *, resume: bool = False, overwrite: bool = False, resumable: bool = True,
+                  what: str = "what a previous spafl-fl run wrote") -> None:
     """Check that a run may write into ``out_dir``; raises (``ValueError``/``OSError`` with the reason and
-    what to do) without touching anything. ``names``: the files the command writes, when not a run's."""
+    what to do) without touching anything. ``resumable``: the command has ``--resume``; ``what``: the
+    files ``--overwrite`` replaces, for the message."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: resume continues the run in --out, "
                          "overwrite replaces it")
@@ -45,10 +46,9 @@ def claim_out_dir(out_dir: str, *, resume: bool = False, overwrite: bool = False
         entries = sorted(os.listdir(out_dir))
         if entries and not overwrite:
             shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-            what = "the files an earlier run of this command wrote" if names else "what a previous spafl-fl run wrote"
             raise FileExistsError(
                 f"{out_dir} is not empty ({shown}); nothing there is overwritten without consent: "
-                + ("pass --resume to continue the run there, " if names is None else "")
+                + ("pass --resume to continue the run there, " if resumable else "pass ")
                 + f"--overwrite to replace {what} (other files are kept), or choose another folder")
     if os.path.isdir(out_dir) and not os.access(out_dir, os.W_OK | os.X_OK):
         raise PermissionError(f"{out_dir} is not writable")
