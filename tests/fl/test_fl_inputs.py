@@ -12,14 +12,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers_fl import tiny_flags
 
 from spafl_fl import Simulation
 from spafl_fl.cli import main
 from spafl_fl.data import CIFAR10_FILES, FMNIST_FILES, load_cifar10, load_fmnist
 
-FLAGS = ["--dataset", "synthetic", "--model", "mlp", "--clients", "4", "--sample", "2", "--rounds", "2",
-         "--local-epochs", "1", "--batch-size", "64", "--lr", "0.05", "--alpha", "0.5", "--seed", "3",
-         "--no-baseline", "--no-progress"]
+FLAGS = tiny_flags(2)
 
 
 def _usage_error(capsys, argv) -> str:

@@ -6,13 +6,11 @@ import os
 import stat
 
 import pytest
-from helpers_fl import tiny_config
+from helpers_fl import tiny_config, tiny_flags
 
 from spafl_fl import Simulation
 from spafl_fl.cli import main
 
-FLAGS = ["--dataset", "synthetic", "--model", "mlp", "--clients", "4", "--sample", "2", "--local-epochs", "1",
-         "--batch-size", "64", "--lr", "0.05", "--alpha", "0.5", "--seed", "3", "--no-progress", "--no-baseline"]
 USER_FILES = {"checkpoint-best.safetensors": b"my best model", "config.json": b'{"mine": 1}',
               "accuracy.png": b"my plot", "notes.txt": b"keep me"}
 
@@ -36,7 +34,7 @@ def _rounds(folder):
 def test_fresh_run_refuses_a_non_empty_folder_and_touches_nothing(tmp_path, capsys):
     out = _user_folder(tmp_path / "mine")
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", *FLAGS, "--rounds", "1", "--out", out])
+        main(["run", *tiny_flags(1), "--out", out])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "is not empty" in err and "--overwrite" in err and "--resume" in err and "Traceback" not in err
@@ -48,17 +46,17 @@ def test_fresh_run_refuses_a_non_empty_folder_and_touches_nothing(tmp_path, caps
 
 def test_overwrite_replaces_only_the_files_a_run_writes(tmp_path, capsys):
     out = str(tmp_path / "run")
-    assert main(["run", *FLAGS, "--rounds", "2", "--out", out]) == 0
+    assert main(["run", *tiny_flags(2), "--out", out]) == 0
     (tmp_path / "run" / "checkpoint-best.safetensors").write_bytes(b"my best model")
     (tmp_path / "run" / "notes.txt").write_bytes(b"keep me")
-    assert main(["run", *FLAGS, "--rounds", "1", "--out", out, "--overwrite"]) == 0
+    assert main(["run", *tiny_flags(1), "--out", out, "--overwrite"]) == 0
     assert _rounds(out) == [1]
     assert (tmp_path / "run" / "checkpoint-best.safetensors").read_bytes() == b"my best model"
     assert (tmp_path / "run" / "notes.txt").read_bytes() == b"keep me"
     assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint")) == [
         "checkpoint-000001.safetensors", "checkpoint-best.safetensors", "checkpoint.json"]
     with pytest.raises(SystemExit):
-        main(["run", *FLAGS, "--out", out, "--overwrite", "--resume"])
+        main(["run", *tiny_flags(2), "--out", out, "--overwrite", "--resume"])
     assert "not allowed with argument" in capsys.readouterr().err
 
 
@@ -74,7 +72,7 @@ def test_checkpoints_never_remove_a_users_file(tmp_path):
 
 def test_compare_refuses_to_write_plots_over_files(tmp_path, capsys):
     run = str(tmp_path / "run")
-    assert main(["run", *FLAGS, "--rounds", "1", "--out", run]) == 0
+    assert main(["run", *tiny_flags(1), "--out", run]) == 0
     plots = _user_folder(tmp_path / "plots")
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", run, "--plots", plots])
@@ -91,8 +89,8 @@ def test_every_output_has_the_same_mode(tmp_path, umask):
     previous = os.umask(umask)
     try:
         out = str(tmp_path / "run")
-        assert main(["run", *FLAGS, "--rounds", "1", "--out", out]) == 0
-        assert main(["run", *FLAGS, "--rounds", "2", "--out", out, "--resume"]) == 0  # rewrites metrics.jsonl
+        assert main(["run", *tiny_flags(1), "--out", out]) == 0
+        assert main(["run", *tiny_flags(2), "--out", out, "--resume"]) == 0  # rewrites metrics.jsonl
     finally:
         os.umask(previous)
     modes = {name: stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) for name in os.listdir(out)}

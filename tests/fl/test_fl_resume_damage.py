@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from helpers_fl import tiny_config
+from helpers_fl import tiny_config, tiny_flags
 from safetensors.torch import load_file, save_file
 
 import spafl_fl.checkpoint as checkpoint
@@ -123,21 +123,18 @@ def test_checkpoint_that_does_not_fit_the_run_is_named(run):
 
 def test_cli_names_the_damaged_file_without_a_traceback(run, capsys):
     open(os.path.join(run, TENSORS), "wb").close()
-    flags = ["--dataset", "synthetic", "--model", "mlp", "--clients", "4", "--sample", "2", "--rounds", "3",
-             "--local-epochs", "1", "--batch-size", "64", "--lr", "0.05", "--alpha", "0.5", "--seed", "3",
-             "--no-baseline", "--no-progress", "--out", run]
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", *flags, "--resume"])
+        main(["run", *tiny_flags(3), "--out", run, "--resume"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and TENSORS in err and "Traceback" not in err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run", *flags[:-4], "--rounds", "1", "--no-progress", "--out", run, "--resume"])
-    assert exit_info.value.code == 2
 
 
-def test_resume_refuses_fewer_rounds_than_done(run):
+def test_resume_refuses_fewer_rounds_than_done(run, capsys):
     with pytest.raises(ValueError, match="--rounds 1 is fewer than the 2 rounds already done"):
         Simulation(_config(1), run, resume=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", *tiny_flags(1), "--out", run, "--resume"])
+    assert exit_info.value.code == 2 and "--rounds 1 is fewer than the 2 rounds" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fail_on", ["tensors", "pointer"])
