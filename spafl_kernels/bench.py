@@ -29,7 +29,7 @@ from .backends import BACKEND_NAMES, get_backend
 from .backends.base import CallSpec
 from .flops import layer_flops
 from .functional import sparse_conv2d, sparse_linear
-from .semantics import fan_in
+from .semantics import STES, fan_in
 
 
 @dataclass(frozen=True)
@@ -403,6 +403,61 @@ def plot(path: str, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def _output_problem(flag: str, path: str) -> str | None:
+    """Why ``path`` cannot be written by the end of a run (None when it can), checked before timing."""
+    if os.path.isdir(path):
+        return f"{flag} {path} is a folder; give a file name"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"{flag} {path}: folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"{flag} {path} is not writable"
+    if flag == "--plot":
+        try:
+            import matplotlib.figure
+        except ImportError:
+            return "--plot needs matplotlib: pip install matplotlib"
+        kinds = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+        if os.path.splitext(path)[1].lstrip(".").lower() not in kinds:
+            return f"--plot {path}: the file name must end in one of {', '.join('.' + k for k in sorted(kinds))}"
+    return None
+
+
+def argument_problems(args: argparse.Namespace, layers: list[str]) -> list[str]:
+    """Why the flags cannot make a run (each naming its flag), found before any timing; empty if none.
+    (``--threads`` is checked before, as it is applied first.)"""
+    problems = []
+    if args.reps < 1:
+        problems.append(f"--reps must be >= 1 (got {args.reps})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        problems.append(f"--device cuda: CUDA is not available here (torch {torch.__version__})")
+    bad = [ste for ste in args.stes if ste not in STES]
+    if bad:
+        problems.append(f"--ste: unknown {bad}; choose from {list(STES)}")
+    ops = sorted({LAYERS[name].op for name in layers if name in LAYERS})
+    for name in args.backends or []:
+        if name == "dense":
+            problems.append("--backends: dense is always timed (it is the baseline); list the others")
+        elif name != "masked" and name not in BACKEND_NAMES:
+            problems.append(f"--backends: unknown {name!r}; choose from {['masked', *BACKEND_NAMES]}")
+        elif name != "masked":
+            reasons = [f"{op}: {why}" for op in ops
+                       for why in get_backend(name).not_supported_reasons(CallSpec(op, args.device, torch.float32))]
+            if reasons:
+                problems.append(f"--backends: {name} cannot run here ({'; '.join(reasons)})")
+    outputs = {flag: path for flag, path in (("--json", args.json), ("--markdown", args.markdown),
+                                             ("--plot", args.plot)) if path}
+    for flag, path in outputs.items():
+        problem = _output_problem(flag, path)
+        if problem:
+            problems.append(problem)
+    same = [flag for flag, path in outputs.items()
+            if [os.path.abspath(p) for p in outputs.values()].count(os.path.abspath(path)) > 1]
+    if same:
+        problems.append(f"{' and '.join(same)} name the same file")
+    return problems
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="spafl-bench",
@@ -419,11 +474,12 @@ def main(argv=None) -> None:
                         "backend that runs on the device)")
     parser.add_argument("--ste", "--stes", dest="stes", nargs="+", default=["outer", "identity"],
                         help="straight-through estimators (default: outer identity)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="forward only, and/or forward+backward (default: fwd fwd+bwd)")
     parser.add_argument("--forward-only", action="store_true", help="same as --modes fwd")
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions per candidate (default: 7)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: all)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak memory of forward+backward on the large layers (one process per "
                         "candidate; CPU, Linux)")
@@ -435,6 +491,8 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", help="draw speedup against density (PNG) to this file (needs matplotlib)")
     parser.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1 (got {args.threads})")
     torch.set_num_threads(args.threads)
     if args.memory_probe:
         layer, density, ste, candidate = args.memory_probe
@@ -451,8 +509,11 @@ def main(argv=None) -> None:
             parser.error(f"unknown layer {name!r}; choose from {sorted(LAYERS)} or {sorted(LAYER_GROUPS)}")
     for density in args.densities:
         if not 0.0 < density <= 1.0:
-            parser.error(f"densities must lie in (0, 1], got {density}")
-    candidates = args.backends or default_candidates(args.device)
+            parser.error(f"--densities must lie in (0, 1], got {density}")
+    problems = argument_problems(args, layers)
+    if problems:
+        parser.error("; ".join(problems))
+    candidates = list(dict.fromkeys(args.backends)) if args.backends else default_candidates(args.device)
     meta = {**machine(), "reps": args.reps, "device": args.device,
             "command": "spafl-bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, {args.reps} reps, medians")

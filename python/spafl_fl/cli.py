@@ -10,69 +10,110 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import shlex
 import sys
 
 from spafl_kernels import BACKEND_NAMES, STES
 
-from .config import ALGORITHMS, RunConfig
+from .checkpoint import POINTER, read_json_object
+from .config import ALGORITHMS, RunConfig, config_problems
 from .data import DATASETS
 from .models import MODELS
+from .rundir import METRICS, PLOTS, claim_out_dir, clear_outputs, read_metrics
+from .simulation import SUMMARY_KEYS
 
 _D = RunConfig()
+EXIT_INTERRUPTED = 130  # what a shell reports for a command stopped by Ctrl-C (128 + SIGINT)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it or it is required."""
+
+    def _get_help_string(self, action):
+        if action.required or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 _RUN_HELP = "run SpaFL or FedAvg and write config.json, metrics.jsonl, summary.json, plots"
 
 
-def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> None:
+def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argparse.ArgumentParser:
     """The ``run`` subcommand's flags, for ``run`` and for ``flower`` (same flags, another engine)."""
-    p = sub.add_parser(command, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(command, help=help_text, description=help_text, formatter_class=_HelpFormatter)
     add = p.add_argument
-    add("--algorithm", choices=ALGORITHMS, default=_D.algorithm)
-    add("--dataset", choices=DATASETS, default=_D.dataset)
-    add("--data-dir", default=_D.data_dir, help="folder with the fmnist IDX or CIFAR-10 binary files")
-    add("--model", choices=MODELS, default=_D.model)
+    add("--algorithm", choices=ALGORITHMS, default=_D.algorithm,
+        help="spafl (thresholds on the wire) or fedavg (dense model, full state on the wire)")
+    add("--dataset", choices=DATASETS, default=_D.dataset,
+        help="bundled data (mnist5k, digits, synthetic) or files read from --data-dir (fmnist, cifar10)")
+    add("--data-dir", default=_D.data_dir,
+        help="folder with the fmnist IDX or CIFAR-10 binary files (read for those datasets only)")
+    add("--model", choices=MODELS, default=_D.model, help="architecture")
     add("--clients", type=int, default=_D.clients, help="number of clients")
-    add("--sample", type=int, default=_D.sample, help="clients sampled per round")
-    add("--rounds", type=int, default=_D.rounds)
-    add("--local-epochs", type=int, default=_D.local_epochs)
-    add("--batch-size", type=int, default=_D.batch_size)
-    add("--lr", type=float, default=_D.lr)
+    add("--sample", type=int, default=None,
+        help=f"clients sampled per round (default: {_D.sample}, or --clients when that is fewer)")
+    add("--rounds", type=int, default=_D.rounds, help="rounds in all (with --resume: including the rounds done)")
+    add("--local-epochs", type=int, default=_D.local_epochs, help="passes over its data per client and round")
+    add("--batch-size", type=int, default=_D.batch_size, help="local SGD batch size")
+    add("--lr", type=float, default=_D.lr, help="local SGD learning rate (finite, > 0)")
     add("--lr-decay", type=float, default=_D.lr_decay, help="lr of round r = lr * lr_decay**r")
-    add("--momentum", type=float, default=_D.momentum)
-    add("--weight-decay", type=float, default=_D.weight_decay)
+    add("--momentum", type=float, default=_D.momentum, help="local SGD momentum")
+    add("--weight-decay", type=float, default=_D.weight_decay, help="local SGD weight decay (>= 0)")
     add("--clip", type=float, default=_D.clip, help="max gradient norm (0: off)")
     add("--th-coeff", type=float, default=_D.th_coeff, help="weight of sum(exp(-threshold)) in the loss")
     add("--th-warmup", type=int, default=_D.th_warmup, help="rounds of sigmoid warm-up of th-coeff (0: off)")
     add("--alpha", type=float, default=_D.alpha, help="Dirichlet concentration of the non-IID split")
     add("--test-fraction", type=float, default=_D.test_fraction,
         help="per-client test share (datasets without an official test set)")
-    add("--ste", choices=STES, default=_D.ste)
+    add("--ste", choices=STES, default=_D.ste, help="straight-through estimator of the sparse layers")
     add("--backend", choices=("auto", *BACKEND_NAMES), default=_D.backend,
         help="sparse-layer backend; 'reference' is the masked-dense baseline")
-    add("--min-density", type=float, default=_D.min_density, help="layer-collapse guard of reset_collapsed")
-    add("--seed", type=int, default=_D.seed)
-    add("--device", default=_D.device)
+    add("--min-density", type=float, default=_D.min_density,
+        help="layer-collapse guard of reset_collapsed, in [0, 1]")
+    add("--seed", type=int, default=_D.seed, help="seed of the split, the model, the sampling and the batches")
+    add("--device", default=_D.device, help="cpu or cuda[:N]")
     add("--threads", type=int, default=_D.threads, help="torch threads (0: torch's default)")
     add("--no-baseline", action="store_true", help="do not replay client training with backend=reference")
-    add("--out", required=True, metavar="DIR")
-    add("--resume", action="store_true", help="continue the run in DIR from its last checkpoint")
+    add("--out", required=True, metavar="DIR",
+        help="run folder; must be new or empty unless --resume or --overwrite")
+    once = p.add_mutually_exclusive_group()
+    once.add_argument("--resume", action="store_true", help="continue the run in DIR from its last checkpoint")
+    once.add_argument("--overwrite", action="store_true",
+                      help="replace the files a previous run wrote in DIR (other files are kept)")
     add("--no-progress", action="store_true", help="no progress bar")
+    return p
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    return RunConfig(
+def _values(args: argparse.Namespace) -> dict:
+    """``RunConfig`` fields from the flags; an unset ``--sample`` is its default clamped to ``--clients``."""
+    sample = args.sample
+    if sample is None:
+        fits = isinstance(args.clients, int) and args.clients >= 1
+        sample = min(_D.sample, args.clients) if fits else _D.sample
+    return dict(
         algorithm=args.algorithm, dataset=args.dataset, data_dir=args.data_dir, model=args.model,
-        clients=args.clients, sample=args.sample, rounds=args.rounds, local_epochs=args.local_epochs,
+        clients=args.clients, sample=sample, rounds=args.rounds, local_epochs=args.local_epochs,
         batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay, momentum=args.momentum,
         weight_decay=args.weight_decay, clip=args.clip, th_coeff=args.th_coeff, th_warmup=args.th_warmup,
         alpha=args.alpha, test_fraction=args.test_fraction, ste=args.ste, backend=args.backend,
         min_density=args.min_density, seed=args.seed, device=args.device, threads=args.threads,
         measure_baseline=not args.no_baseline,
     )
+
+
+def flag_problems(args: argparse.Namespace) -> list[str]:
+    """Why the flags of ``run``/``flower`` do not make a run, each naming its flag; empty when they do."""
+    values = _values(args)
+    problems = config_problems(values, flags=True)
+    if args.data_dir is not None and args.dataset not in ("fmnist", "cifar10"):
+        problems.append(f"--data-dir is read for --dataset fmnist and cifar10 only (got --dataset {args.dataset})")
+    return problems
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(**_values(args))
 
 
 def _si(value: float | None, unit: str = "") -> str:
@@ -114,17 +155,24 @@ def savings_report(summary: dict, config: dict) -> str:
 
 
 def _load_run(folder: str) -> tuple[dict, dict, list[dict]]:
-    paths = {name: os.path.join(folder, name) for name in ("summary.json", "config.json", "metrics.jsonl")}
-    missing = [p for p in paths.values() if not os.path.isfile(p)]
+    """summary.json, config.json and the metrics records of a finished run; ``ValueError`` naming the
+    folder or file when it is missing, unfinished or damaged."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} is not a run folder (no such folder)")
+    paths = {name: os.path.join(folder, name) for name in ("config.json", METRICS, "summary.json")}
+    missing = [name for name, path in paths.items() if not os.path.isfile(path)]
     if missing:
-        raise FileNotFoundError(f"{folder} is not a finished run: missing {missing}")
-    with open(paths["summary.json"]) as f:
-        summary = json.load(f)
-    with open(paths["config.json"]) as f:
-        config = json.load(f)
-    with open(paths["metrics.jsonl"]) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return summary, config, records
+        unfinished = "summary.json" in missing and os.path.isfile(os.path.join(folder, POINTER))
+        hint = "; it is unfinished: continue it with spafl-fl run ... --resume" if unfinished else ""
+        raise ValueError(f"{folder} is not a finished run: missing {', '.join(missing)}{hint}")
+    summary = read_json_object(paths["summary.json"], SUMMARY_KEYS)
+    numbers = [k for k in SUMMARY_KEYS if k != "algorithm" and not (
+        summary[k] is None and k in ("accuracy", "density", "baseline_train_seconds")) and not (
+        isinstance(summary[k], (int, float)) and not isinstance(summary[k], bool))]
+    if numbers:
+        raise ValueError(f"{paths['summary.json']} is damaged: {numbers} are not numbers")
+    config = read_json_object(paths["config.json"], ("dataset", "model", "clients", "sample"))
+    return summary, config, read_metrics(paths[METRICS])
 
 
 def compare_table(runs: list[tuple[str, dict, dict]]) -> str:
@@ -145,51 +193,95 @@ def compare_table(runs: list[tuple[str, dict, dict]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def _command(argv: list[str], drop: tuple[str, ...] = (), add: str | None = None) -> str:
+    """The command line that ran, less the flags ``drop`` (or abbreviations of them), plus ``add``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    prog = ["spafl-fl"] if name == "spafl-fl" else [sys.executable, "-m", "spafl_fl"]
+    kept = [w for w in argv if not (w.startswith("--") and len(w) > 3 and any(f.startswith(w) for f in drop))]
+    return shlex.join([*prog, *kept, *([add] if add else [])])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="spafl-fl", description="SpaFL federated learning on sparse kernels")
     sub = parser.add_subparsers(dest="command", required=True)
-    _run_parser(sub)
-    _run_parser(sub, "flower", "run SpaFL on Flower's simulation engine (Ray); writes the files of `run` "
-                "(needs pip install .[flower])")
-    cp = sub.add_parser("compare", help="print one table over finished runs")
-    cp.add_argument("dirs", nargs="+", metavar="DIR")
-    cp.add_argument("--plots", metavar="OUT", help="also write the comparison plots into OUT")
+    commands = {"run": _run_parser(sub), "flower": _run_parser(
+        sub, "flower", "run SpaFL on Flower's simulation engine (Ray); writes the files of `run` "
+        "(needs pip install .[flower])")}
+    cp = sub.add_parser("compare", help="print one table over finished runs", formatter_class=_HelpFormatter)
+    cp.add_argument("dirs", nargs="+", metavar="DIR", help="folders of finished runs")
+    cp.add_argument("--plots", metavar="OUT", help="also write the comparison plots into OUT (new or empty folder)")
+    cp.add_argument("--overwrite", action="store_true", help="replace the plots a previous compare wrote in OUT")
+    commands["compare"] = cp
     args = parser.parse_args(argv)
+    usage = commands[args.command]
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "compare":
-        loaded = [(d, *_load_run(d)) for d in args.dirs]
-        print(compare_table([(d, s, c) for d, s, c, _ in loaded]))
-        if args.plots:
-            from .plots import plot_runs
-
-            os.makedirs(args.plots, exist_ok=True)
-            for path in plot_runs([(d, records) for d, _, _, records in loaded], args.plots):
-                print(f"wrote {path}")
-        return 0
-
+        return _compare(usage, args)
+    problems = flag_problems(args)
+    if problems:
+        usage.error("; ".join(problems))
     if args.command == "flower":
-        return _flower(parser, args)
+        return _flower(usage, args, argv)
 
     from .simulation import Simulation
 
     try:
-        config = config_from_args(args)
-        os.makedirs(args.out, exist_ok=True)
-        handler = logging.FileHandler(os.path.join(args.out, "run.log"))
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logging.getLogger("spafl_fl").addHandler(handler)
-        simulation = Simulation(config, args.out, resume=args.resume)
+        simulation = Simulation(config_from_args(args), args.out, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, OSError, RuntimeError) as error:
-        # A setup problem (flags, missing data files, an occupied --out) is the user's to fix: no traceback.
-        parser.error(str(error))
-    summary = simulation.run(progress=not args.no_progress)
+        # A setup problem (flags, data files, an occupied --out, a damaged checkpoint) is the user's to fix.
+        usage.error(str(error))
+    except KeyboardInterrupt:
+        print(f"spafl-fl: interrupted before the first round; run it again: {_command(argv)}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    handler = logging.FileHandler(os.path.join(args.out, "run.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("spafl_fl").addHandler(handler)
+    try:
+        summary = simulation.run(progress=not args.no_progress)
+    except (KeyboardInterrupt, OSError) as error:
+        done = simulation.checkpointed
+        if done:
+            how = f"{done} of {args.rounds} rounds are saved in {args.out}; resume with: " + _command(
+                argv, ("--resume", "--overwrite"), "--resume")
+        else:
+            how = f"no round was saved in {args.out}; start again with: " + _command(
+                argv, ("--resume", "--overwrite"), "--overwrite")
+        what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"error: {error}"
+        print(f"spafl-fl: {what}; {how}", file=sys.stderr)
+        return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else 1
+    finally:
+        logging.getLogger("spafl_fl").removeHandler(handler)
+        handler.close()
     print(savings_report(summary, simulation.describe()))
     print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, accuracy/density/bits/time .png")
     return 0
 
 
-def _flower(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _compare(usage: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``spafl-fl compare``: every folder is read and checked before anything is printed or written."""
+    try:
+        loaded = [(d, *_load_run(d)) for d in args.dirs]
+        if args.plots:
+            claim_out_dir(args.plots, overwrite=args.overwrite, resumable=False,
+                          what="the plots a previous compare wrote")
+    except (ValueError, OSError) as error:
+        usage.error(str(error))
+    print(compare_table([(d, s, c) for d, s, c, _ in loaded]))
+    if args.plots:
+        from .plots import plot_runs
+
+        if args.overwrite:
+            clear_outputs(args.plots, PLOTS)
+        os.makedirs(args.plots, exist_ok=True)
+        for path in plot_runs([(d, records) for d, _, _, records in loaded], args.plots):
+            print(f"wrote {path}")
+    return 0
+
+
+def _flower(usage: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     """``spafl-fl flower``: the same run on Flower's simulation engine, one virtual SuperNode per client."""
     try:
         config = config_from_args(args)
@@ -197,19 +289,25 @@ def _flower(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             raise ValueError("spafl-fl flower runs SpaFL only; FedAvg runs on Flower's own FedAvg strategy")
         if args.resume:
             raise ValueError("spafl-fl flower does not resume (no checkpoints); start a new --out")
+        claim_out_dir(args.out, overwrite=args.overwrite, resumable=False)
         from .flower import SpaFLStrategy, run_flower_simulation
 
+        if args.overwrite:
+            clear_outputs(args.out)
         os.makedirs(args.out, exist_ok=True)
-        if os.path.exists(os.path.join(args.out, "metrics.jsonl")):
-            raise FileExistsError(f"{args.out} already holds a run; choose another --out")
     except ImportError as error:
-        parser.error(f"{error}: install the Flower extra, pip install --no-build-isolation '.[flower]'")
+        usage.error(f"{error}: install the Flower extra, pip install --no-build-isolation '.[flower]'")
     except (ValueError, OSError, RuntimeError) as error:
-        parser.error(str(error))
+        usage.error(str(error))
     handler = logging.FileHandler(os.path.join(args.out, "run.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("spafl_fl").addHandler(handler)
-    strategy: SpaFLStrategy = run_flower_simulation(config, args.out)
+    try:
+        strategy: SpaFLStrategy = run_flower_simulation(config, args.out)
+    except KeyboardInterrupt:
+        print(f"spafl-fl: interrupted; flower runs do not resume; start again with: "
+              f"{_command(argv, ('--overwrite',), '--overwrite')}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(savings_report(strategy.finish_summary, strategy.description))
     print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, accuracy/density/bits/time .png")
     return 0

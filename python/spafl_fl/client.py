@@ -10,6 +10,7 @@ dense compute), so the latency saving is measured on the same work in the same r
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,6 +58,27 @@ class ClientUpdate:
     train_seconds: float
     baseline_seconds: float | None = None  # the same batches with backend="reference"; None: not measured
     flops: LayerFlops = field(default_factory=LayerFlops)
+    failure: str | None = None  # why local training failed (the server rejects the update); None: it did not
+
+
+class TrainingDiverged(RuntimeError):
+    """Local training produced non-finite values. Carries what was measured up to that step:
+    ``seconds``, mean ``loss`` of the finished steps (NaN when none finished) and ``flops``."""
+
+    def __init__(self, reason: str, seconds: float, loss: float, flops: LayerFlops):
+        super().__init__(reason)
+        self.seconds, self.loss, self.flops = seconds, loss, flops
+
+
+def _non_finite(tensors) -> list[str]:
+    """Names of the floating tensors of ``(name, tensor)`` pairs holding NaN or inf (one host sync)."""
+    pairs = [(name, t) for name, t in tensors if t.is_floating_point()]
+    if not pairs:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in pairs])
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(pairs, finite.tolist()) if not ok]
 
 
 def make_batches(num_samples: int, epochs: int, batch_size: int, generator: torch.Generator,
@@ -102,12 +124,15 @@ def train_local(
     backward, clipping, optimiser step, collapse guard), never the batch gathering or the FLOP
     counting, which run between steps (``plan``, if given, counts each step on the rows active just
     before it).
+
+    Raises ``TrainingDiverged`` as soon as a loss or a threshold is not finite, or when a parameter or
+    buffer is not finite at the end (checked between timed steps); ``model`` is then left as it is.
     """
     device = next(model.parameters()).device
     opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
     model.train()
     seconds, loss_sum, flops = 0.0, 0.0, LayerFlops()
-    for idx in batches:
+    for step, idx in enumerate(batches):
         x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
         if plan is not None:
             flops += total_flops(plan.step(model, idx.numel()))
@@ -124,8 +149,34 @@ def train_local(
             reset_collapsed(model, hp.min_density)
         _sync(device)
         seconds += time.perf_counter() - start
-        loss_sum += float(loss.detach())
+        value = float(loss.detach())
+        where = f"training diverged at step {step + 1} of {len(batches)} (lr {hp.lr:g})"
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"{where}: loss {value}", seconds, _mean(loss_sum, step), flops)
+        loss_sum += value
+        # A non-finite threshold would stop the next forward (the kernels refuse it): stop here instead.
+        bad = _non_finite((f"{name}.threshold", layer.threshold) for name, layer in sparse_layers(model))
+        if bad:
+            raise TrainingDiverged(f"{where}: non-finite {bad[0]}", seconds, _mean(loss_sum, step + 1), flops)
+    bad = _non_finite(model.state_dict().items())
+    if bad:
+        raise TrainingDiverged(f"training diverged (lr {hp.lr:g}): non-finite {bad[0]}", seconds,
+                               _mean(loss_sum, len(batches)), flops)
     return seconds, loss_sum / max(len(batches), 1), flops
+
+
+def _mean(total: float, count: int) -> float:
+    return total / count if count else float("nan")
+
+
+def train_or_fail(model: nn.Module, data: ClientData, batches: list[torch.Tensor], hp: LocalTraining, *,
+                  sparse: bool, plan: FlopPlan | None = None) -> tuple[float, float, LayerFlops, str | None]:
+    """``train_local``, with a divergence reported as ``(seconds, loss, FLOPs so far, reason)`` instead of
+    raised (reason None when training finished)."""
+    try:
+        return (*train_local(model, data, batches, hp, sparse=sparse, plan=plan), None)
+    except TrainingDiverged as diverged:
+        return diverged.seconds, diverged.loss, diverged.flops, str(diverged)
 
 
 @torch.no_grad()
@@ -180,19 +231,26 @@ class SpaFLClient:
         ``measure_baseline``: also time the same batches on a copy of the starting model with every
         sparse layer on ``reference`` (the copy is thrown away). ``baseline_first`` runs the copy
         first, so that alternating it cancels any warm-up advantage of going second.
+
+        When training diverges (non-finite loss, thresholds or weights), the model goes back to its
+        state before this round and the update carries the reason in ``failure`` (the server rejects it).
         """
         load_thresholds(self.model, self.global_thresholds)
+        start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         baseline = None
         twin = None
         if measure_baseline:
             twin = copy.deepcopy(self.model)
             set_backend(twin, "reference")
             if baseline_first:
-                baseline = train_local(twin, self.data, batches, hp, sparse=True)[0]
-        seconds, loss, flops = train_local(self.model, self.data, batches, hp, sparse=True, plan=plan)
+                baseline = train_or_fail(twin, self.data, batches, hp, sparse=True)[0]
+        seconds, loss, flops, failure = train_or_fail(self.model, self.data, batches, hp, sparse=True, plan=plan)
         if twin is not None and not baseline_first:
-            baseline = train_local(twin, self.data, batches, hp, sparse=True)[0]
-        return ClientUpdate(self.cid, thresholds(self.model), self.data.num_train, loss, seconds, baseline, flops)
+            baseline = train_or_fail(twin, self.data, batches, hp, sparse=True)[0]
+        if failure is not None:
+            self.model.load_state_dict(start)
+        return ClientUpdate(self.cid, thresholds(self.model), self.data.num_train, loss, seconds, baseline, flops,
+                            failure)
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.model, self.data)
@@ -209,6 +267,6 @@ class FedAvgClient:
             batches: list[torch.Tensor], *, plan: FlopPlan | None = None) -> ClientUpdate:
         """Load ``global_state`` into ``model`` (a scratch model of the architecture), train, return its full state."""
         model.load_state_dict(global_state)
-        seconds, loss, flops = train_local(model, self.data, batches, hp, sparse=False, plan=plan)
+        seconds, loss, flops, failure = train_or_fail(model, self.data, batches, hp, sparse=False, plan=plan)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return ClientUpdate(self.cid, state, self.data.num_train, loss, seconds, None, flops)
+        return ClientUpdate(self.cid, state, self.data.num_train, loss, seconds, None, flops, failure)

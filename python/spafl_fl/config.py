@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+import torch
+
 from spafl_kernels import STES
 
 from .client import LocalTraining
@@ -47,19 +49,7 @@ class RunConfig:
     measure_baseline: bool = True  # replay each client's batches with backend="reference" to time it
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.algorithm in ALGORITHMS, f"algorithm must be one of {ALGORITHMS}"),
-            (self.dataset in DATASETS, f"dataset must be one of {DATASETS}"),
-            (self.model in MODELS, f"model must be one of {MODELS}"),
-            (self.ste in STES, f"ste must be one of {STES}"),
-            (self.clients >= 1 and 1 <= self.sample <= self.clients, "need 1 <= sample <= clients"),
-            (self.rounds >= 0 and self.local_epochs >= 1 and self.batch_size >= 1, "need rounds >= 0, "
-             "local_epochs >= 1, batch_size >= 1"),
-            (self.lr > 0 and self.lr_decay > 0 and self.momentum >= 0, "need lr > 0, lr_decay > 0, momentum >= 0"),
-            (self.clip >= 0 and self.th_coeff >= 0 and self.th_warmup >= 0, "need clip, th_coeff, th_warmup >= 0"),
-            (self.alpha > 0 and 0 < self.test_fraction < 1, "need alpha > 0 and 0 < test_fraction < 1"),
-        ]
-        problems = [message for ok, message in checks if not ok]
+        problems = config_problems(self.to_dict())
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
 
@@ -94,3 +84,69 @@ class RunConfig:
             th_coeff=self.th_coeff_at(round_index) if sparse else 0.0,
             min_density=self.min_density,
         )
+
+
+def _number(value, integer: bool = False) -> bool:
+    kinds = (int,) if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def config_problems(values: dict, flags: bool = False) -> list[str]:
+    """Why ``values`` (``RunConfig`` fields) is not a valid configuration: one string per problem, each
+    naming the field (``flags``: the ``spafl-fl run`` flag, e.g. ``--weight-decay``); empty when valid."""
+
+    def name(key: str) -> str:
+        return "--" + key.replace("_", "-") if flags else key
+
+    def need(key: str, ok, what: str) -> None:
+        value = values[key]
+        try:
+            good = bool(ok(value))
+        except TypeError:
+            good = False
+        if not good:
+            problems.append(f"{name(key)} must be {what} (got {value!r})")
+
+    problems: list[str] = []
+    need("algorithm", lambda v: v in ALGORITHMS, f"one of {', '.join(ALGORITHMS)}")
+    need("dataset", lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}")
+    need("model", lambda v: v in MODELS, f"one of {', '.join(MODELS)}")
+    need("ste", lambda v: v in STES, f"one of {', '.join(STES)}")
+    need("clients", lambda v: _number(v, True) and v >= 1, "an integer >= 1")
+    need("sample", lambda v: _number(v, True) and v >= 1, "an integer >= 1")
+    if not problems and values["sample"] > values["clients"]:
+        problems.append(f"{name('sample')} ({values['sample']}) must be at most {name('clients')} "
+                        f"({values['clients']})")
+    need("rounds", lambda v: _number(v, True) and v >= 0, "an integer >= 0")
+    for key in ("local_epochs", "batch_size"):
+        need(key, lambda v: _number(v, True) and v >= 1, "an integer >= 1")
+    for key in ("th_warmup", "threads"):
+        need(key, lambda v: _number(v, True) and v >= 0, "an integer >= 0")
+    need("seed", lambda v: _number(v, True) and 0 <= v < 2**63, "an integer in [0, 2**63)")
+    for key in ("lr", "lr_decay", "alpha"):
+        need(key, lambda v: _number(v) and v > 0, "a finite number > 0")
+    for key in ("momentum", "weight_decay", "clip", "th_coeff"):
+        need(key, lambda v: _number(v) and v >= 0, "a finite number >= 0")
+    need("min_density", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+    need("test_fraction", lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)")
+    problem = device_problem(values["device"])
+    if problem:
+        problems.append(f"{name('device')} {problem}")
+    return problems
+
+
+def device_problem(device) -> str | None:
+    """Why ``device`` cannot run a run here (None when it can): only cpu and an existing cuda device."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"must be cpu or cuda[:N] (got {device!r})"
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":
+        return f"must be cpu or cuda[:N] (got {device!r})"
+    if not torch.cuda.is_available():
+        return f"{device!r}: CUDA is not available here (torch {torch.__version__}, no CUDA device)"
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"{device!r}: there are {torch.cuda.device_count()} CUDA devices"
+    return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,9 +113,14 @@ def _find(data_dir: str, names: list[str], subdirs: list[str]) -> dict[str, str]
 
 
 def _read_bytes(path: str) -> bytes:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        return f.read()
+    if not path.endswith(".gz"):
+        with open(path, "rb") as f:
+            return f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise ValueError(f"{path}: truncated or damaged gzip file ({error})") from None
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -123,6 +129,8 @@ def read_idx(path: str) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ValueError(f"{path}: not an IDX file of unsigned bytes")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -135,7 +143,31 @@ FMNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 CIFAR10_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
 
 
+def _check_data_dir(data_dir: str | None) -> None:
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data-dir {data_dir} is not a folder")
+
+
+def _check_labels(path: str, labels: np.ndarray, num_classes: int, count: int, images: str) -> None:
+    """Labels of ``path`` must be ``count`` values (the images of ``images``) in ``0..num_classes-1``."""
+    if labels.shape[0] != count:
+        raise ValueError(f"{path} holds {labels.shape[0]} labels but {images} holds {count} images")
+    if labels.size and int(labels.max()) >= num_classes:
+        raise ValueError(f"{path}: labels must lie in 0..{num_classes - 1}, found {int(labels.max())}")
+
+
+def _fmnist_pair(images_path: str, labels_path: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"{images_path}: images of shape {list(images.shape)}, expected [n, 28, 28]")
+    if labels.ndim != 1:
+        raise ValueError(f"{labels_path}: labels of shape {list(labels.shape)}, expected [n]")
+    _check_labels(labels_path, labels, 10, images.shape[0], images_path)
+    return images, labels
+
+
 def load_fmnist(data_dir: str | None) -> Dataset:
+    _check_data_dir(data_dir)
     subdirs = ["", "FashionMNIST/raw", "fashion-mnist", "fmnist"]
     found = _find(data_dir, FMNIST_FILES, subdirs) if data_dir else None
     if found is None:
@@ -144,7 +176,8 @@ def load_fmnist(data_dir: str | None) -> Dataset:
             f"{', '.join(FMNIST_FILES)} (each optionally .gz) in DIR or one of its subfolders "
             f"{[s for s in subdirs if s]}. Nothing is downloaded."
         )
-    x, y, xt, yt = (read_idx(found[name]) for name in FMNIST_FILES)
+    x, y = _fmnist_pair(found[FMNIST_FILES[0]], found[FMNIST_FILES[1]])
+    xt, yt = _fmnist_pair(found[FMNIST_FILES[2]], found[FMNIST_FILES[3]])
     return Dataset("fmnist", _images(x, (1, 28, 28), 255.0), _labels(y), 10,
                    _images(xt, (1, 28, 28), 255.0), _labels(yt))
 
@@ -154,11 +187,15 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     raw = np.frombuffer(_read_bytes(path), dtype=np.uint8)
     if raw.size % 3073:
         raise ValueError(f"{path}: size {raw.size} is not a multiple of 3073 (CIFAR-10 binary records)")
+    if raw.size == 0:
+        raise ValueError(f"{path} is empty")
     records = raw.reshape(-1, 3073)
+    _check_labels(path, records[:, 0], 10, records.shape[0], path)
     return records[:, 1:], records[:, 0]
 
 
 def load_cifar10(data_dir: str | None) -> Dataset:
+    _check_data_dir(data_dir)
     subdirs = ["", "cifar-10-batches-bin"]
     found = _find(data_dir, CIFAR10_FILES, subdirs) if data_dir else None
     if found is None:

@@ -51,7 +51,15 @@ from .checkpoint import atomic_write_text  # noqa: E402
 from .client import ClientUpdate, SpaFLClient, has_batchnorm, make_batches  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .server import Server  # noqa: E402
-from .simulation import RunSetup, average_evaluation, batch_seed, describe_run, prepare_run, summarize  # noqa: E402
+from .simulation import (  # noqa: E402
+    RunSetup,
+    average_evaluation,
+    batch_seed,
+    describe_run,
+    mean_train_loss,
+    prepare_run,
+    summarize,
+)
 
 log = logging.getLogger("spafl_fl")
 
@@ -61,6 +69,7 @@ RAW = "raw"
 THRESHOLDS = "thresholds"
 METRICS = "metrics"
 CONFIG = "config"
+FAILURE = "failure"  # a train reply's ConfigRecord {"reason": ...} when local training diverged
 FLOP_FIELDS = ("forward", "backward", "dense_forward", "dense_backward", "paper_forward", "paper_backward")
 
 
@@ -164,8 +173,10 @@ def client_app(config: RunConfig) -> ClientApp:
                    **{f"flops.{name}": getattr(update.flops, name) for name in FLOP_FIELDS}}
         if update.baseline_seconds is not None:
             metrics["baseline-seconds"] = update.baseline_seconds
-        return Message(RecordDict({THRESHOLDS: to_array_record(update.tensors), METRICS: MetricRecord(metrics)}),
-                       reply_to=message)
+        content = {THRESHOLDS: to_array_record(update.tensors), METRICS: MetricRecord(metrics)}
+        if update.failure:
+            content[FAILURE] = ConfigRecord({"reason": update.failure})
+        return Message(RecordDict(content), reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
@@ -298,7 +309,8 @@ class SpaFLStrategy(Strategy):
             state.updates.append(ClientUpdate(
                 k, from_array_record(record), int(metrics.get("num-examples", 0)),
                 float(metrics.get("train-loss", float("nan"))), float(metrics.get("train-seconds", 0.0)),
-                metrics.get("baseline-seconds"), flops))
+                metrics.get("baseline-seconds"), flops,
+                reply.content.config_records.get(FAILURE, ConfigRecord()).get("reason")))
         for k in sorted(set(state.sampled) - answered):
             state.rejected.append((k, "no reply"))
         # Server.aggregate sums in list order: sort as the in-process loop does.
@@ -353,7 +365,7 @@ class SpaFLStrategy(Strategy):
             "th_coeff": hp.th_coeff,
             "accuracy": accuracy,
             "loss": loss,
-            "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else float("nan"),
+            "train_loss": mean_train_loss(updates),
             "density": dens,
             "uplink_bits": state.uplink_bits,
             "downlink_bits": state.downlink_bits,

@@ -3,7 +3,8 @@
 One class serves both algorithms: SpaFL's server holds the global thresholds and averages the
 clients' thresholds uniformly (the paper's code); FedAvg's holds the global state and weights each
 client by its number of training samples (McMahan et al.). A malformed update (names, shapes,
-dtypes, non-finite values) is logged with its reason and left out; the round goes on with the rest.
+dtypes, non-finite values), or one whose client reports that its training failed (diverged), is
+logged with its reason and left out; the round goes on with the rest.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Server:
         """Average the valid updates into the new global tensors (unchanged when none is valid)."""
         good, rejected = [], []
         for update in updates:
-            problems = update_problems(update.tensors, self.tensors)
+            problems = [update.failure] if update.failure else update_problems(update.tensors, self.tensors)
             if problems:
                 reason = "; ".join(problems)
                 log.warning("round %s: rejected the update of client %d: %s", round_index, update.client, reason)

@@ -31,13 +31,15 @@ from torch import nn
 from spafl_kernels import density, thresholds
 from spafl_kernels.backends import resolve_backend
 from spafl_kernels.flops import LayerFlops
+from spafl_kernels.model import mapping_problems
 
 from .accounting import FlopPlan, dense_state, tensor_bits, threshold_count
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import POINTER, CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from .client import ClientUpdate, FedAvgClient, SpaFLClient, evaluate, has_batchnorm, make_batches
 from .config import RunConfig
 from .data import ClientData, load_dataset, split_dirichlet
 from .models import build_model
+from .rundir import METRICS, claim_out_dir, clear_outputs, read_metrics
 from .server import Server
 
 log = logging.getLogger("spafl_fl")
@@ -93,6 +95,12 @@ def describe_run(config: RunConfig, backend: str | None, client_data: list[Clien
     }
 
 
+def mean_train_loss(updates: list[ClientUpdate]) -> float | None:
+    """A round's training loss: the mean over the updates whose training finished (None if none did)."""
+    losses = [u.train_loss for u in updates if u.failure is None and np.isfinite(u.train_loss)]
+    return float(np.mean(losses)) if losses else None
+
+
 def average_evaluation(accs: list[float], losses: list[float],
                        densities: list[dict[str, float]]) -> tuple[float, float, dict[str, float]]:
     """A round's evaluation: the mean over clients of test accuracy (%), loss, and density per layer
@@ -105,11 +113,21 @@ def average_evaluation(accs: list[float], losses: list[float],
 
 class Simulation:
     """A run of ``config``; with ``out_dir``, it writes config.json, metrics.jsonl and a checkpoint
-    after every round there, and ``resume=True`` continues from the checkpoint found there."""
+    after every round there, and ``resume=True`` continues from the checkpoint found there.
 
-    def __init__(self, config: RunConfig, out_dir: str | None = None, resume: bool = False):
+    ``out_dir`` must be new or empty, unless ``resume`` (continue the run there) or ``overwrite``
+    (replace the files of the run there; other files are kept). Everything is checked (the folder, and
+    on resume the checkpoint and metrics.jsonl) before the data is loaded; errors name the file."""
+
+    def __init__(self, config: RunConfig, out_dir: str | None = None, resume: bool = False,
+                 overwrite: bool = False):
         self.config = config
         self.out_dir = out_dir
+        found = None
+        if out_dir is not None:
+            claim_out_dir(out_dir, resume=resume, overwrite=overwrite)
+            if resume:
+                found = self._read_checkpoint()
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         self.device = torch.device(config.device)
@@ -130,12 +148,15 @@ class Simulation:
             self.server = Server(state, config.clients, config.sample, config.seed, "samples")
         self.records: list[dict] = []
         self.rounds_done = 0
+        self.checkpointed = 0  # rounds in the checkpoint on disk
         if out_dir is not None:
+            if found is not None:
+                self._resume(*found)
+            elif overwrite:
+                removed = clear_outputs(out_dir)
+                if removed:
+                    log.info("--overwrite: removed %s of the previous run in %s", ", ".join(removed), out_dir)
             os.makedirs(out_dir, exist_ok=True)
-            if resume:
-                self._resume()
-            elif os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-                raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it, or another --out")
             atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(self.describe(), indent=1))
 
     def describe(self) -> dict:
@@ -182,7 +203,7 @@ class Simulation:
             "th_coeff": hp.th_coeff,
             "accuracy": accuracy,
             "loss": loss,
-            "train_loss": float(np.mean([u.train_loss for u in updates])),
+            "train_loss": mean_train_loss(updates),
             "density": dens,
             "uplink_bits": sum(tensor_bits(u.tensors) for u in updates),
             "downlink_bits": downlink,
@@ -219,19 +240,25 @@ class Simulation:
         """Run the remaining rounds (checkpointing each), write summary.json and plots; returns the summary."""
         from tqdm import tqdm
 
+        if self.rounds_done:
+            log.info("resuming %s after round %d", self.out_dir, self.rounds_done)
         bar = tqdm(total=self.config.rounds, initial=self.rounds_done, disable=not progress, unit="round",
                    desc=f"{self.config.algorithm} {self.config.model}/{self.config.dataset}")
-        for r in range(self.rounds_done, self.config.rounds):
-            record = self.run_round(r)
-            if self.out_dir is not None:
-                with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                self.save()
-            bar.set_postfix(acc=f"{record['accuracy']:.1f}", density=f"{record['density']['total']:.3f}")
-            bar.update(1)
-        bar.close()
+        try:
+            for r in range(self.rounds_done, self.config.rounds):
+                record = self.run_round(r)
+                if self.out_dir is not None:
+                    # The line goes first: a crash before the checkpoint is complete leaves a line that
+                    # resume drops, and the previous checkpoint whole.
+                    with open(os.path.join(self.out_dir, METRICS), "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                        f.flush()
+                        os.fsync(f.fileno())
+                    self.save()
+                bar.set_postfix(acc=f"{record['accuracy']:.1f}", density=f"{record['density']['total']:.3f}")
+                bar.update(1)
+        finally:
+            bar.close()
         summary = summarize(self.records, self.config.algorithm)
         if self.out_dir is not None:
             atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=1))
@@ -251,18 +278,37 @@ class Simulation:
 
     def save(self) -> None:
         save_checkpoint(self.out_dir, self.rounds_done, self.state_tensors(), {"config": self.config.to_dict()})
+        self.checkpointed = self.rounds_done
 
-    def _resume(self) -> None:
+    def _read_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], list[dict]]:
+        """The checkpoint and metrics records in ``out_dir``, checked against this config before any
+        data is loaded: ``(rounds done, tensors, records)``."""
+        pointer = os.path.join(self.out_dir, POINTER)
         found = load_checkpoint(self.out_dir)
         if found is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.out_dir}")
         rounds_done, tensors, meta = found
-        saved = dict(meta["config"])
+        saved = meta.get("config")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{pointer} is damaged: 'meta' has no 'config' object")
         mine = self.config.to_dict()
         differ = sorted(k for k in mine if k != "rounds" and saved.get(k) != mine[k])
         if differ:
             raise ValueError("--resume: the run in {} was made with other settings: {}".format(
                 self.out_dir, ", ".join(f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in differ)))
+        if self.config.rounds < rounds_done:
+            raise ValueError(f"--resume: --rounds {self.config.rounds} is fewer than the {rounds_done} rounds "
+                             f"already done in {self.out_dir}; pass --rounds {rounds_done} or more")
+        metrics = os.path.join(self.out_dir, METRICS)
+        if not os.path.isfile(metrics):
+            raise CheckpointError(f"{metrics} is missing (the checkpoint holds {rounds_done} rounds)")
+        return rounds_done, tensors, read_metrics(metrics, rounds_done)
+
+    def _resume(self, rounds_done: int, tensors: dict[str, torch.Tensor], records: list[dict]) -> None:
+        problems = mapping_problems(tensors, self.state_tensors(), same_dtype=True)
+        if problems:
+            path = os.path.join(self.out_dir, f"checkpoint-{rounds_done:06d}.safetensors")
+            raise CheckpointError(f"{path} does not fit this run: " + "; ".join(problems[:5]))
         self.server.tensors = {name[len("server."):]: t.to(self.device) for name, t in tensors.items()
                                if name.startswith("server.")}
         if self.sparse:
@@ -273,18 +319,10 @@ class Simulation:
                 client.global_thresholds = {k: v.clone() for k, v in self.server.tensors.items()}
         else:
             self.global_model.load_state_dict(self.server.tensors)
-        metrics = os.path.join(self.out_dir, "metrics.jsonl")
-        records = []
-        if os.path.exists(metrics):
-            with open(metrics) as f:
-                records = [json.loads(line) for line in f if line.strip()]
-        # A crash between a round's metrics line and its checkpoint leaves a line the checkpoint lacks.
-        self.records = [rec for rec in records if rec["round"] <= rounds_done]
-        if len(self.records) != rounds_done:
-            raise ValueError(f"--resume: metrics.jsonl holds {len(self.records)} of {rounds_done} checkpointed rounds")
-        atomic_write_text(metrics, "".join(json.dumps(rec) + "\n" for rec in self.records))
-        self.rounds_done = rounds_done
-        log.info("resuming %s after round %d", self.out_dir, rounds_done)
+        # Rewritten without a line of a round the checkpoint lacks or a torn last line (read_metrics).
+        self.records = records
+        atomic_write_text(os.path.join(self.out_dir, METRICS), "".join(json.dumps(rec) + "\n" for rec in records))
+        self.rounds_done = self.checkpointed = rounds_done
 
 
 def summarize(records: list[dict], algorithm: str) -> dict:

@@ -9,3 +9,10 @@ def tiny_config(**overrides) -> RunConfig:
                   lr=0.05, th_coeff=0.002, alpha=0.5, threads=0, seed=3)
     values.update(overrides)
     return RunConfig(**values)
+
+
+def tiny_flags(rounds: int = 2) -> list[str]:
+    """``spafl-fl run`` flags of ``tiny_config(rounds=rounds, measure_baseline=False)``, without --out."""
+    return ["--dataset", "synthetic", "--model", "mlp", "--clients", "4", "--sample", "2", "--rounds", str(rounds),
+            "--local-epochs", "1", "--batch-size", "64", "--lr", "0.05", "--alpha", "0.5", "--seed", "3",
+            "--no-baseline", "--no-progress"]

@@ -147,3 +147,14 @@ def test_flower_simulation_engine_matches_the_loop(tmp_path):
         assert got["uplink_bits"] == 8 * payload * config.sample == want["uplink_bits"]
         # Ray's actors may run another number of threads: equal up to float reordering.
         assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1.0)
+
+
+def test_strategy_rejects_a_diverged_client(server_identity):
+    """A client whose training diverges says so in its reply; the strategy rejects it and the round completes."""
+    config = tiny_config(rounds=1, lr=1e6, measure_baseline=False)
+    strategy = SpaFLStrategy(config)
+    strategy.start(FakeGrid(client_app(config), config.clients), strategy.initial_arrays(), num_rounds=1)
+    rejected = strategy.records[0]["rejected"]
+    assert sorted(r["client"] for r in rejected) == strategy.server.sample_clients(0)
+    assert all("training diverged" in r["reason"] for r in rejected)
+    assert all(bool(torch.isfinite(t).all()) for t in strategy.server.tensors.values())
