@@ -27,8 +27,10 @@ import torch.nn.functional as F
 
 from .backends import BACKEND_NAMES, get_backend
 from .backends.base import CallSpec
+from .bench_models import density_profile, model_table, model_targets, plot_models, run_models, write_model_markdown
 from .flops import layer_flops
 from .functional import sparse_conv2d, sparse_linear
+from .models import MODELS
 from .semantics import STES, fan_in
 
 
@@ -75,6 +77,7 @@ LAYER_GROUPS = {
 DENSITIES = (1.0, 0.75, 0.5, 0.25, 0.1, 0.05)
 MODES = ("fwd", "fwd+bwd")
 BASELINES = ("dense", "masked")  # plain PyTorch op; the paper's masked dense (= reference backend)
+MODEL_DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
 QUICK = {
     "layers": ["linear-large", "conv4-conv2", "lenet5-fc1", "vit-mlp1"],
     "densities": [1.0, 0.5, 0.1],
@@ -489,6 +492,13 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write the rows and run metadata to this JSON file")
     parser.add_argument("--markdown", help="write a Markdown report (targets + table) to this file")
     parser.add_argument("--plot", help="draw speedup against density (PNG) to this file (needs matplotlib)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
+                        help="time whole training steps of these paper models instead of single layers (dense, "
+                        "masked dense, the static limit and every backend; densities from --densities, "
+                        f"default {list(MODEL_DENSITIES)})")
+    parser.add_argument("--density-from", metavar="RUN_DIR",
+                        help="with --models: also time the per-layer densities of the last round of this "
+                        "spafl-fl run (its model must be among --models)")
     parser.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads < 1:
@@ -511,11 +521,27 @@ def main(argv=None) -> None:
         if not 0.0 < density <= 1.0:
             parser.error(f"--densities must lie in (0, 1], got {density}")
     problems = argument_problems(args, layers)
+    profiles = {}
+    if args.density_from:
+        if not args.models:
+            problems.append("--density-from needs --models")
+        else:
+            try:
+                model, profile = density_profile(args.density_from)
+            except ValueError as error:
+                problems.append(str(error))
+            else:
+                if model not in args.models:
+                    problems.append(f"--density-from: that run trained {model!r}; add it to --models")
+                profiles[model] = profile
     if problems:
         parser.error("; ".join(problems))
     candidates = list(dict.fromkeys(args.backends)) if args.backends else default_candidates(args.device)
     meta = {**machine(), "reps": args.reps, "device": args.device,
             "command": "spafl-bench " + " ".join(sys.argv[1:] if argv is None else argv)}
+    if args.models:
+        _main_models(args, candidates, meta, profiles, explicit_densities="--densities" in (argv or sys.argv))
+        return
     print(f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, {args.reps} reps, medians")
     print(format_table([]))
     rows = run(layers, args.densities, candidates, args.stes, args.modes, args.reps, args.device, args.memory,
@@ -531,6 +557,24 @@ def main(argv=None) -> None:
         lines = target_lines(rows, backend)
         if lines:
             print(f"\ntargets, {backend} (forward+backward, outer STE):\n" + "\n".join(lines))
+
+
+def _main_models(args, candidates: list[str], meta: dict, profiles: dict, explicit_densities: bool) -> None:
+    """``spafl-bench --models``: whole training steps (``bench_models``)."""
+    densities = args.densities if explicit_densities else list(MODEL_DENSITIES)
+    print(f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, {args.reps} reps, medians; "
+          "one training step per model")
+    print(model_table([]))
+    rows = run_models(args.models, densities, candidates, args.reps, args.device, profiles,
+                      progress=lambda line: print(line, flush=True))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    if args.markdown:
+        write_model_markdown(args.markdown, rows, meta, meta["command"])
+    if args.plot:
+        plot_models(args.plot, rows)
+    print("\ntargets (issue 11):\n" + "\n".join(model_targets(rows)))
 
 
 if __name__ == "__main__":
