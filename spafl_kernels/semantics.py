@@ -42,9 +42,17 @@ def row_score(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """
     acc = acc_dtype(weight.dtype)
     rows = weight.reshape(weight.shape[0], -1)
-    # The L1 norm reduces without materialising |W| (one pass over the weight, no temporary).
-    l1 = torch.linalg.vector_norm(rows, ord=1, dim=1, dtype=acc)
+    if weight.device.type == "cpu" and rows.numel() < _ABS_SUM_LIMIT:
+        l1 = rows.abs().sum(1, dtype=acc)
+    else:  # the L1 norm reduces without materialising |W| (one pass over the weight, no temporary)
+        l1 = torch.linalg.vector_norm(rows, ord=1, dim=1, dtype=acc)
     return l1 / max(rows.shape[1], 1) - threshold.to(acc)
+
+
+# On the CPU, vector_norm(ord=1) costs 2-8x abs().sum() on the paper's small weights (LeNet-5's conv1
+# 20x25: 29 vs 3.5 us; fc 500x800: 1.0 vs 0.5 ms, one thread) and wins only once the |W| temporary
+# passes ~32 MiB (4096x4096: 119 vs 234 ms). The scores run every step (forward, mask(), density()).
+_ABS_SUM_LIMIT = 1 << 23
 
 
 def ste_gate(score: torch.Tensor, ste: str) -> torch.Tensor:
