@@ -88,10 +88,7 @@ CONFIG_HEADER = "[tool.flwr.app.config]\n"
 def app_config(config: RunConfig | None = None, **deploy) -> dict:
     """Every run-config value of the app: ``config``'s (default ``RunConfig()``), then ``DEPLOY_KEYS``
     with ``deploy`` overriding their defaults."""
-    values = to_run_config(config or RunConfig())
-    values.update(DEPLOY_KEYS)
-    values.update(to_run_config(config or RunConfig(), **deploy))
-    return values
+    return {**to_run_config(config or RunConfig()), **DEPLOY_KEYS, **to_run_config(config or RunConfig(), **deploy)}
 
 
 def app_pyproject(values: dict) -> str:
@@ -102,11 +99,11 @@ def app_pyproject(values: dict) -> str:
     return head + "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items())
 
 
-def write_app(folder: str, values: dict | None = None) -> str:
-    """Write the app into ``folder`` (created; must not hold a pyproject.toml yet): ``APP_TEMPLATE``'s
-    files, its config set to ``values`` (default ``app_config()``). Flower names an app after its
-    folder: use letters, digits and hyphens."""
-    if os.path.exists(os.path.join(folder, "pyproject.toml")):
+def write_app(folder: str, values: dict | None = None, overwrite: bool = False) -> str:
+    """Write the app into ``folder`` (created; must not hold a pyproject.toml yet unless ``overwrite``):
+    ``APP_TEMPLATE``'s files, its config set to ``values`` (default ``app_config()``). Flower names an
+    app after its folder: use letters, digits and hyphens."""
+    if not overwrite and os.path.exists(os.path.join(folder, "pyproject.toml")):
         raise FileExistsError(f"{folder} already holds a pyproject.toml; choose another folder")
     os.makedirs(folder, exist_ok=True)
     for name in sorted(os.listdir(APP_TEMPLATE)):
