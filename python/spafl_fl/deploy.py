@@ -129,8 +129,9 @@ class LocalDeployment:
         self.state_dir = os.path.join(self.folder, "nodes")
         self.processes: dict[str, subprocess.Popen] = {}
         self.port: int | None = None
-        self._known: set[int] = set()
+        self.seen: set[int] = set()  # every pid of the deployment seen so far
         self._log_files = []
+        self._reported: set[str] = set()
         atexit.register(self.stop)
 
     # -- processes ---------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ class LocalDeployment:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=self.env(extra_env), cwd=self.folder, start_new_session=True)
         self.processes[name] = process
-        self._known.add(process.pid)
+        self.seen.add(process.pid)
         return process
 
     def start(self, timeout: float = 60.0) -> None:
@@ -189,16 +190,22 @@ class LocalDeployment:
                               f"(see {self.logs}/superlink.log)")
 
     def check_alive(self) -> None:
-        """Raise if the SuperLink or a SuperNode has exited."""
+        """Raise if the SuperLink has exited. A SuperNode that exits is reported once: the run decides
+        (its round timeout turns the node's silence into a failed client, as across machines)."""
         for name, process in self.processes.items():
-            if process.poll() is not None:
+            if process.poll() is None:
+                continue
+            if name == "superlink":
                 raise DeploymentError(f"{name} exited with code {process.returncode} (see {self.logs}/{name}.log)")
+            if name not in self._reported:
+                self._reported.add(name)
+                self.say(f"{name} exited with code {process.returncode} (see {self.logs}/{name}.log)")
 
     def pids(self) -> set[int]:
         """Every running process of the deployment: those started here and their descendants (Flower's
         SuperExec, ServerApp and ClientApp processes)."""
-        self._known |= process_tree([p.pid for p in self.processes.values()])
-        return {pid for pid in self._known if alive(pid)}
+        self.seen |= process_tree([p.pid for p in self.processes.values()])
+        return {pid for pid in self.seen if alive(pid)}
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop every process of the deployment: SIGTERM to each process and process group, SIGKILL to
@@ -316,19 +323,26 @@ def deploy_local(config: RunConfig, out_dir: str, supernodes: int, *, resume: bo
     write_app(app_dir, app_config(config, out_dir=out_dir, resume=resume, round_timeout=round_timeout,
                                   connect_timeout=connect_timeout), overwrite=True)
     started = time.perf_counter()
-    with LocalDeployment(folder, supernodes, node_env=node_env, say=say) as deployment:
+    record: dict = {"supernodes": supernodes}
+    deployment = LocalDeployment(folder, supernodes, node_env=node_env, say=say)
+    try:
         deployment.start()
-        run_id = deployment.submit(app_dir)
+        record["superlink_port"] = deployment.port
+        run_id = record["run_id"] = deployment.submit(app_dir)
         say(f"submitted run {run_id}; waiting for {config.rounds} rounds")
-        status = wait_for_run(deployment, run_id, out_dir, timeout)
+        status = record["status"] = wait_for_run(deployment, run_id, out_dir, timeout)
         info = deployment.run_info(run_id)
-        record = {"run_id": run_id, "supernodes": supernodes, "superlink_port": deployment.port,
-                  "status": status, "flower_status": info.get("status"),
-                  # What the SuperLink counted for the run (every message in and out, framing included).
-                  "flower_network_traffic": info.get("network-traffic"),
-                  "flower_compute_time": info.get("compute-time"),
-                  "wall_seconds": time.perf_counter() - started}
-    atomic_write_text(os.path.join(out_dir, "deployment.json"), json.dumps(record, indent=1))
+        # What the SuperLink counted for the run (every message in and out, framing included).
+        record.update({"flower_status": info.get("status"), "flower_network_traffic": info.get("network-traffic"),
+                       "flower_compute_time": info.get("compute-time")})
+    except BaseException as error:
+        record["error"] = f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        deployment.stop()
+        record["wall_seconds"] = time.perf_counter() - started
+        record["pids"] = sorted(deployment.seen)  # all stopped by now
+        atomic_write_text(os.path.join(out_dir, "deployment.json"), json.dumps(record, indent=1))
     if status.get("status") != "finished":
         raise DeploymentError(f"the run failed: {status.get('error')} (logs in {folder}/logs and {out_dir}/run.log)")
     return record
