@@ -271,7 +271,7 @@ class LocalDeployment:
 
 
 def wait_for_run(deployment: LocalDeployment, run_id: int, out_dir: str, timeout: float,
-                 poll_flwr: float = 10.0) -> dict:
+                 poll_flwr: float = 30.0) -> dict:
     """Wait until the ServerApp writes ``status.json`` in ``out_dir``; return it. Raise ``DeploymentError``
     when a process of the deployment exits, when Flower reports the run finished without it (the
     ServerApp crashed before writing it), or after ``timeout`` seconds."""

@@ -19,7 +19,7 @@ from helpers_fl import tiny_config  # noqa: E402
 from test_fl_flower import FakeGrid, server_identity  # noqa: E402, F401
 
 from spafl_fl import SUMMARY_KEYS, RunConfig, Simulation  # noqa: E402
-from spafl_fl.deploy import DeploymentError, alive, deploy_local  # noqa: E402
+from spafl_fl.deploy import DeploymentError, LocalDeployment, alive, deploy_local  # noqa: E402
 from spafl_fl.flower import to_array_record  # noqa: E402
 from spafl_fl.flower_app import (  # noqa: E402
     APP_TEMPLATE,
@@ -150,6 +150,37 @@ def test_deployed_app_rejects_a_tampered_update(tmp_path, server_identity):  # n
 
 
 # -- real processes on loopback --------------------------------------------------------------------
+
+def test_stop_ends_the_whole_process_tree_also_in_other_sessions(tmp_path):
+    """Flower starts its SuperExec, ServerApp and ClientApp processes below the SuperLink and SuperNodes,
+    some in sessions of their own: ``stop`` finds them through /proc and ends them all."""
+    deployment = LocalDeployment(str(tmp_path), 1, say=lambda line: None)
+    os.makedirs(deployment.logs)
+    script = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+              "start_new_session=True); time.sleep(120)")
+    deployment._spawn("parent", [sys.executable, "-c", script])
+    deadline = time.monotonic() + 30
+    while len(deployment.pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(deployment.pids()) == 2
+    deployment.stop(grace=2.0)
+    assert len(deployment.seen) == 2 and not any(alive(pid) for pid in deployment.seen)
+    deployment.stop()  # twice is fine
+
+
+def test_deploy_local_usage_errors(tmp_path, capsys):
+    from spafl_fl.cli import main
+
+    with pytest.raises(SystemExit) as error:
+        main(["deploy-local", "--supernodes", "3", "--clients", "4", "--out", str(tmp_path / "a")])
+    assert error.value.code == 2 and "one SuperNode per client" in capsys.readouterr().err
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit) as error:
+        main(["deploy-local", "--supernodes", "2", "--sample", "1", "--out", str(tmp_path / "b")])
+    assert error.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "deployment").exists()  # nothing started, nothing written
+
 
 # digits + MLP, 3 clients (2 a round), 2 rounds: pruning visibly starts (density < 1) in round 2.
 RUN_CONFIG = dict(dataset="digits", model="mlp", clients=3, sample=2, rounds=2, local_epochs=2, batch_size=64, lr=0.2,
