@@ -261,7 +261,7 @@ def _deploy_local(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so the deployment's processes are stopped.
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
-        deploy_local(config, args.out, args.clients, resume=args.resume, round_timeout=args.round_timeout,
+        record = deploy_local(config, args.out, args.clients, resume=args.resume, round_timeout=args.round_timeout,
                      connect_timeout=args.connect_timeout, timeout=args.timeout,
                      say=lambda line: print(line, file=sys.stderr))
     except (ValueError, FileExistsError, FileNotFoundError) as error:
@@ -276,6 +276,12 @@ def _deploy_local(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         signal.signal(signal.SIGTERM, previous)
     summary, described, _ = _load_run(args.out)
     print(savings_report(summary, described))
+    traffic = record.get("flower_network_traffic") or {}
+    print(f"  Flower carried  up {_si(record.get('uplink_wire_bits'), 'b')} + down "
+          f"{_si(record.get('downlink_wire_bits'), 'b')} (messages serialised); the SuperLink counted in "
+          f"{_si(8 * traffic.get('inbound-bytes', 0), 'b')}, out {_si(8 * traffic.get('outbound-bytes', 0), 'b')}")
+    print(f"  time            clients computed {record.get('client_compute_seconds', 0):.1f} s; the run took "
+          f"{record['wall_seconds']:.1f} s (processes, network, queues)")
     print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, deployment.json, plots")
     return 0
 

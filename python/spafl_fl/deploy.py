@@ -299,6 +299,19 @@ def wait_for_run(deployment: LocalDeployment, run_id: int, out_dir: str, timeout
         time.sleep(0.5)
 
 
+WIRE_KEYS = ("uplink_wire_bits", "downlink_wire_bits", "client_compute_seconds", "client_cpu_seconds")
+
+
+def wire_totals(out_dir: str) -> dict:
+    """The run's totals of what Flower carried and of the clients' handler time (``metrics.jsonl``)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return {key: sum(rec.get(key, 0) for rec in records) for key in WIRE_KEYS}
+
+
 def deploy_local(config: RunConfig, out_dir: str, supernodes: int, *, resume: bool = False,
                  round_timeout: float = 600.0, connect_timeout: float = 300.0, timeout: float = 3600.0,
                  node_env: dict[int, dict[str, str]] | None = None,
@@ -340,6 +353,7 @@ def deploy_local(config: RunConfig, out_dir: str, supernodes: int, *, resume: bo
         raise
     finally:
         deployment.stop()
+        record.update(wire_totals(out_dir))
         record["wall_seconds"] = time.perf_counter() - started
         record["pids"] = sorted(deployment.seen)  # all stopped by now
         atomic_write_text(os.path.join(out_dir, "deployment.json"), json.dumps(record, indent=1))

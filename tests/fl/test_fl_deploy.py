@@ -229,6 +229,8 @@ def test_deploy_local_matches_spafl_fl_run(tmp_path):
     assert record["flower_status"] == "finished:completed"
     assert not _leftovers(record, str(out)), "processes of the deployment still run"
     assert record["flower_network_traffic"]["inbound-bytes"] > 0
+    assert record["uplink_wire_bits"] > 0 and record["client_compute_seconds"] > 0
+    assert "Flower carried" in done.stdout
 
     reference = tmp_path / "in-process"
     subprocess.run([sys.executable, "-m", "spafl_fl", "run", "--clients", "3", *RUN_FLAGS, "--no-progress",
