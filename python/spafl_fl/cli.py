@@ -264,11 +264,11 @@ def _deploy_local(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         record = deploy_local(config, args.out, args.clients, resume=args.resume, round_timeout=args.round_timeout,
                      connect_timeout=args.connect_timeout, timeout=args.timeout,
                      say=lambda line: print(line, file=sys.stderr))
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        parser.error(str(error))
     except DeploymentError as error:
         print(f"spafl-fl deploy-local: {error}", file=sys.stderr)
         return 1
+    except (ValueError, OSError, RuntimeError) as error:  # flags, data files, an occupied --out: nothing started
+        parser.error(str(error))
     except KeyboardInterrupt:
         print("spafl-fl deploy-local: interrupted; stopped the SuperLink and SuperNodes", file=sys.stderr)
         return 130

@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 from .checkpoint import atomic_write_text
 from .config import RunConfig
+from .data import load_dataset
 
 CONNECTION = "local"
 STATUS = "status.json"  # written by the ServerApp (flower_app.server)
@@ -328,6 +329,8 @@ def deploy_local(config: RunConfig, out_dir: str, supernodes: int, *, resume: bo
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it, or another --out")
     if resume and not os.path.exists(os.path.join(out_dir, "checkpoint.json")):
         raise FileNotFoundError(f"--resume: no checkpoint in {out_dir}")
+    # The data files, before any process starts (a missing --data-dir is a usage error, not a failed run).
+    load_dataset(config.dataset, config.data_dir, seed=config.seed)
     folder = os.path.join(out_dir, "deployment")
     app_dir = os.path.join(folder, "spafl-app")
     os.makedirs(folder, exist_ok=True)
