@@ -57,7 +57,9 @@ def test_shipped_app_is_a_valid_flower_app_with_every_setting(tmp_path):
     with open(os.path.join(APP_TEMPLATE, "pyproject.toml"), "rb") as f:
         shipped = tomllib.load(f)
     # Every RunConfig field (and nothing else) with its default: a new flag must reach the app too.
-    assert shipped["tool"]["flwr"]["app"]["config"] == app_config()
+    assert shipped["tool"]["flwr"]["app"]["config"] == app_config(), (
+        "regenerate the shipped app's settings: python -c \"from spafl_fl.flower_app import *; "
+        "text = app_pyproject(app_config()); open(APP_TEMPLATE + '/pyproject.toml', 'w').write(text)\"")
     ok, errors, _ = validate_config(shipped, check_module=True, project_dir=APP_TEMPLATE)
     assert ok, errors
     config = tiny_config(dataset="digits", lr=0.125, data_dir=None)
