@@ -67,6 +67,8 @@ if __name__ == "__main__":
         packages=find_packages(include=["spafl_kernels", "spafl_kernels.*"])
         + find_packages("python", include=["spafl_fl", "spafl_fl.*"]),
         package_dir={"spafl_fl": "python/spafl_fl"},
+        # The Flower app folder (`flwr run` reads its pyproject.toml): data, not a Python package.
+        package_data={"spafl_fl.flower_app": ["spafl-app/*"]},
         python_requires=">=3.10",
         install_requires=["torch>=2.4", "numpy"],
         extras_require={

@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"run": _run_parser(sub), "flower": _run_parser(
         sub, "flower", "run SpaFL on Flower's simulation engine (Ray); writes the files of `run` "
         "(needs pip install .[flower])")}
+    _deploy_parser(sub)
+    commands.update({name: sub.choices[name] for name in ("deploy-local", "flower-app")})
     cp = sub.add_parser("compare", help="print one table over finished runs", formatter_class=_HelpFormatter)
     cp.add_argument("dirs", nargs="+", metavar="DIR", help="folders of finished runs")
     cp.add_argument("--plots", metavar="OUT", help="also write the comparison plots into OUT (new or empty folder)")
@@ -219,11 +221,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "compare":
         return _compare(usage, args)
+    if args.command == "deploy-local":  # one SuperNode per client: --supernodes sets --clients
+        if args.clients is not None and args.supernodes is not None and args.clients != args.supernodes:
+            usage.error(f"one SuperNode per client: --supernodes {args.supernodes} but --clients {args.clients}")
+        args.clients = args.clients or args.supernodes or _D.clients
     problems = flag_problems(args)
     if problems:
         usage.error("; ".join(problems))
     if args.command == "flower":
         return _flower(usage, args, argv)
+    if args.command == "deploy-local":
+        return _deploy_local(usage, args)
+    if args.command == "flower-app":
+        return _flower_app(usage, args)
 
     from .simulation import Simulation
 
@@ -310,4 +320,81 @@ def _flower(usage: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         return EXIT_INTERRUPTED
     print(savings_report(strategy.finish_summary, strategy.description))
     print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, accuracy/density/bits/time .png")
+    return 0
+
+
+def _deploy_parser(sub) -> None:
+    """``deploy-local`` (the ``run`` flags plus the deployment's) and ``flower-app``."""
+    _run_parser(sub, "deploy-local", "run on Flower's deployment engine: a SuperLink and one SuperNode per client "
+                "as processes on loopback, the app submitted with `flwr run`; writes the files of `run` "
+                "(needs pip install .[flower])")
+    p = sub.choices["deploy-local"]
+    p.add_argument("--supernodes", type=int, help="SuperNodes, one per client (default: --clients; sets it)")
+    p.add_argument("--round-timeout", type=float, default=600.0,
+                   help="seconds a round waits for the replies (a node that does not answer counts as failed)")
+    p.add_argument("--connect-timeout", type=float, default=300.0, help="seconds to wait for all SuperNodes")
+    p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds the whole run may take")
+    p.set_defaults(clients=None)
+    _run_parser(sub, "flower-app", "write the Flower app (pyproject.toml for `flwr run`) with these settings "
+                "into --out, to run on SuperNodes you start yourself (README: Run across machines)")
+    p = sub.choices["flower-app"]
+    p.add_argument("--out-dir", default="", help="where the ServerApp writes the run, on the SuperLink's machine")
+    p.add_argument("--round-timeout", type=float, default=600.0)
+    p.add_argument("--connect-timeout", type=float, default=300.0)
+
+
+def _deploy_local(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``spafl-fl deploy-local``: the run on real Flower processes; stops them on any exit."""
+    import signal
+
+    try:
+        config = config_from_args(args)
+        from .deploy import DeploymentError, deploy_local
+    except ImportError as error:
+        parser.error(f"{error}: install the Flower extra, pip install --no-build-isolation '.[flower]'")
+    except (ValueError, OSError, RuntimeError) as error:
+        parser.error(str(error))
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so the deployment's processes are stopped.
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        record = deploy_local(config, args.out, args.clients, resume=args.resume, round_timeout=args.round_timeout,
+                     connect_timeout=args.connect_timeout, timeout=args.timeout,
+                     say=lambda line: print(line, file=sys.stderr))
+    except DeploymentError as error:
+        print(f"spafl-fl deploy-local: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, RuntimeError) as error:  # flags, data files, an occupied --out: nothing started
+        parser.error(str(error))
+    except KeyboardInterrupt:
+        print("spafl-fl deploy-local: interrupted; stopped the SuperLink and SuperNodes", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    summary, described, _ = _load_run(args.out)
+    print(savings_report(summary, described))
+    traffic = record.get("flower_network_traffic") or {}
+    print(f"  Flower carried  up {_si(record.get('uplink_wire_bits'), 'b')} + down "
+          f"{_si(record.get('downlink_wire_bits'), 'b')} (messages serialised); the SuperLink counted in "
+          f"{_si(8 * traffic.get('inbound-bytes', 0), 'b')}, out {_si(8 * traffic.get('outbound-bytes', 0), 'b')}")
+    print(f"  time            clients computed {record.get('client_compute_seconds', 0):.1f} s; the run took "
+          f"{record['wall_seconds']:.1f} s (processes, network, queues)")
+    print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, deployment.json, plots")
+    return 0
+
+
+def _flower_app(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``spafl-fl flower-app``: write the app folder for ``flwr run``."""
+    try:
+        config = config_from_args(args)
+        from .flower_app import app_config, write_app
+
+        write_app(args.out, app_config(config, out_dir=args.out_dir, resume=args.resume,
+                                       round_timeout=args.round_timeout, connect_timeout=args.connect_timeout))
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    print(f"wrote {os.path.join(args.out, 'pyproject.toml')}; submit with: flwr run {args.out} <superlink connection>")
     return 0

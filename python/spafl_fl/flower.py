@@ -48,7 +48,7 @@ from spafl_kernels.flops import LayerFlops  # noqa: E402
 
 from .accounting import dense_state, tensor_bits, threshold_count  # noqa: E402
 from .checkpoint import atomic_write_text  # noqa: E402
-from .client import ClientUpdate, SpaFLClient, has_batchnorm, make_batches  # noqa: E402
+from .client import ClientUpdate, LocalTraining, SpaFLClient, has_batchnorm, make_batches  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .server import Server  # noqa: E402
 from .simulation import (  # noqa: E402
@@ -138,17 +138,27 @@ def _save_client(client: SpaFLClient, received: int, context: Context) -> None:
     context.state["client"] = ConfigRecord({"received": received})
 
 
+def round_batches(config: RunConfig, r: int, cid: int) -> tuple[LocalTraining, list[torch.Tensor]]:
+    """Client ``cid``'s hyperparameters and batches of round ``r``, as ``spafl-fl run`` draws them."""
+    setup = _setup(config)
+    hp = config.local_training(r)
+    gen = torch.Generator().manual_seed(batch_seed(config.seed, r, cid))
+    return hp, make_batches(setup.client_data[cid].num_train, hp.epochs, hp.batch_size, gen,
+                            drop_single=has_batchnorm(setup.init))
+
+
+def identify(message: Message, context: Context) -> Message:
+    """A ``query`` handler: tell the server which client (data partition) this node is."""
+    pid = int(context.node_config["partition-id"])
+    return Message(RecordDict({METRICS: MetricRecord({"partition-id": pid})}), reply_to=message)
+
+
 def client_app(config: RunConfig) -> ClientApp:
     """A ``ClientApp`` running SpaFL clients of ``config``; node ``partition-id`` k is client k."""
     if config.algorithm != "spafl":
         raise ValueError(f"the Flower apps run SpaFL; got algorithm={config.algorithm!r}")
     app = ClientApp()
-
-    @app.query()
-    def identify(message: Message, context: Context) -> Message:
-        """Tell the server which client (data partition) this node is."""
-        pid = int(context.node_config["partition-id"])
-        return Message(RecordDict({METRICS: MetricRecord({"partition-id": pid})}), reply_to=message)
+    app.query()(identify)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -161,10 +171,7 @@ def client_app(config: RunConfig) -> ClientApp:
             raise RuntimeError(f"client {client.cid} holds {received} global broadcasts, the server sent "
                                f"{int(cfg['received'])}")
         setup = _setup(config)
-        hp = config.local_training(r)
-        gen = torch.Generator().manual_seed(batch_seed(config.seed, r, client.cid))
-        batches = make_batches(client.data.num_train, hp.epochs, hp.batch_size, gen,
-                               drop_single=has_batchnorm(setup.init))
+        hp, batches = round_batches(config, r, client.cid)
         update = client.fit(hp, batches, plan=setup.plan, measure_baseline=bool(cfg["measure-baseline"]),
                             baseline_first=bool(cfg["baseline-first"]))
         _save_client(client, received, context)
@@ -216,6 +223,9 @@ class SpaFLStrategy(Strategy):
     Bits on the wire are the array bytes of the messages built here (downlink) and of the replies
     received (uplink), times 8.
     """
+
+    update_record = THRESHOLDS
+    """The reply record that holds a client's update."""
 
     def __init__(self, config: RunConfig, out_dir: str | None = None):
         if config.algorithm != "spafl":
@@ -300,7 +310,7 @@ class SpaFLStrategy(Strategy):
                 state.rejected.append((k, f"error reply: {reply.error.reason}"))
                 log.warning("round %d: client %d failed: %s", server_round - 1, k, reply.error.reason)
                 continue
-            record = reply.content.array_records.get(THRESHOLDS, ArrayRecord())
+            record = reply.content.array_records.get(self.update_record, ArrayRecord())
             sent = payload_bytes(record)
             state.uplink_bits += 8 * sent
             state.uplink_bytes_per_client[k] = sent
@@ -378,12 +388,17 @@ class SpaFLStrategy(Strategy):
             "rejected": [{"client": k, "reason": reason} for k, reason in state.rejected],
             "uplink_bytes_per_client": {str(k): v for k, v in sorted(state.uplink_bytes_per_client.items())},
         }
+        record.update(self.round_extras(server_round))
         record["wall_seconds"] = time.perf_counter() - state.started
         self.records.append(record)
         if self.out_dir is not None:
             with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
         return MetricRecord({"accuracy": accuracy, "loss": loss, "density": dens["total"]})
+
+    def round_extras(self, server_round: int) -> dict:
+        """More fields for round ``server_round``'s record (a subclass's accounting); none here."""
+        return {}
 
     def finish(self) -> dict:
         """summary.json (same keys as ``spafl-fl run``) and the plots, in ``out_dir`` if given."""

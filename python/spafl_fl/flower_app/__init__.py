@@ -1,0 +1,114 @@
+"""SpaFL as a Flower app for the deployment engine (``flwr run``): a SuperLink, one SuperNode per
+device, the app submitted by ``flwr run``.
+
+- ``spafl-app/`` (shipped with the package; ``spafl-fl flower-app DIR`` copies it out) is the app:
+  a ``pyproject.toml`` whose ``[tool.flwr.app.components]`` name the module-level apps below and
+  whose ``[tool.flwr.app.config]`` holds every ``spafl-fl run`` setting (``RUN_KEYS``: the
+  ``RunConfig`` fields with hyphens) plus where the ServerApp writes and how long it waits
+  (``DEPLOY_KEYS``). ``flwr run --run-config 'rounds=50 lr=0.01'`` overrides any of them.
+- ``spafl_fl.flower_app.server:app``: the ``ServerApp``; runs SpaFL (``SpaFLStrategy``) or FedAvg
+  (``FedAvgStrategy``) from ``context.run_config``, writes the files of ``spafl-fl run`` into
+  ``out-dir`` on the SuperLink's machine, checkpoints every round and resumes (``resume = true``).
+- ``spafl_fl.flower_app.client:app``: the ``ClientApp``; node config ``partition-id`` picks the
+  client (its data partition). With node config ``state-dir``, a SpaFL client also keeps its model
+  on the node's disk, so that a resumed run continues from it.
+- ``spafl_fl.flower_app.mods.wire_mod``: message sizes and client compute time, for any ClientApp.
+
+The app bundle (FAB) Flower sends carries only text files, not this package and its compiled
+kernels: every SuperNode (and the SuperLink's machine) needs ``spafl-kernels[fl,flower]`` installed,
+and the SuperLink runs with ``--disable-runtime-dependency-installation``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import fields
+
+from ..config import RunConfig
+
+APP_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spafl-app")
+"""The app folder shipped with the package (``pyproject.toml``, README.md)."""
+
+RUN_KEYS = {f.name.replace("_", "-"): f.name for f in fields(RunConfig)}
+"""run-config key -> ``RunConfig`` field."""
+
+DEPLOY_KEYS = {"out-dir": "", "resume": False, "round-timeout": 600.0, "connect-timeout": 300.0}
+"""run-config keys of the deployment and their defaults: the ServerApp's output folder on the
+SuperLink's machine ("": ``spafl-runs/run-<run id>`` under its working directory), continue the run
+found there, seconds a round waits for replies (a node that does not answer in time counts as
+failed), seconds the run waits for all its SuperNodes to connect."""
+
+
+def to_run_config(config: RunConfig, **deploy) -> dict:
+    """``config`` (and ``DEPLOY_KEYS`` values, by field name with underscores) as run-config values
+    (TOML has no null: ``data_dir=None`` is "")."""
+    values = {key: getattr(config, name) for key, name in RUN_KEYS.items()}
+    values["data-dir"] = values["data-dir"] or ""
+    for name, value in deploy.items():
+        key = name.replace("_", "-")
+        if key not in DEPLOY_KEYS:
+            raise ValueError(f"unknown deployment setting {name!r}; known: {sorted(DEPLOY_KEYS)}")
+        values[key] = value
+    return values
+
+
+def from_run_config(run_config) -> tuple[RunConfig, dict]:
+    """The ``RunConfig`` and the deployment settings (``DEPLOY_KEYS``, defaults filled) of a Flower
+    ``context.run_config``. Values are cast to the field types (a TOML ``lr=1`` arrives as an int)."""
+    defaults = RunConfig()
+    values = {}
+    for key, name in RUN_KEYS.items():
+        if key not in run_config:
+            continue
+        default, value = getattr(defaults, name), run_config[key]
+        if name == "data_dir":
+            value = str(value) or None
+        elif isinstance(default, bool):
+            value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        elif default is not None:
+            value = type(default)(value)
+        values[name] = value
+    deploy = {key: type(default)(run_config.get(key, default)) for key, default in DEPLOY_KEYS.items()}
+    return RunConfig(**values), deploy
+
+
+def toml_value(value) -> str:
+    """``value`` as a TOML literal (bool, int, float, str)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+CONFIG_HEADER = "[tool.flwr.app.config]\n"
+
+
+def app_config(config: RunConfig | None = None, **deploy) -> dict:
+    """Every run-config value of the app: ``config``'s (default ``RunConfig()``), then ``DEPLOY_KEYS``
+    with ``deploy`` overriding their defaults."""
+    return {**to_run_config(config or RunConfig()), **DEPLOY_KEYS, **to_run_config(config or RunConfig(), **deploy)}
+
+
+def app_pyproject(values: dict) -> str:
+    """The app's pyproject.toml (``APP_TEMPLATE``'s) with ``values`` as its ``[tool.flwr.app.config]``."""
+    with open(os.path.join(APP_TEMPLATE, "pyproject.toml")) as f:
+        template = f.read()
+    head = template[:template.index(CONFIG_HEADER) + len(CONFIG_HEADER)]
+    return head + "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items())
+
+
+def write_app(folder: str, values: dict | None = None, overwrite: bool = False) -> str:
+    """Write the app into ``folder`` (created; must not hold a pyproject.toml yet unless ``overwrite``):
+    ``APP_TEMPLATE``'s files, its config set to ``values`` (default ``app_config()``). Flower names an
+    app after its folder: use letters, digits and hyphens."""
+    if not overwrite and os.path.exists(os.path.join(folder, "pyproject.toml")):
+        raise FileExistsError(f"{folder} already holds a pyproject.toml; choose another folder")
+    os.makedirs(folder, exist_ok=True)
+    for name in sorted(os.listdir(APP_TEMPLATE)):
+        if name != "pyproject.toml":
+            shutil.copyfile(os.path.join(APP_TEMPLATE, name), os.path.join(folder, name))
+    with open(os.path.join(folder, "pyproject.toml"), "w") as f:
+        f.write(app_pyproject(app_config() if values is None else values))
+    return folder
