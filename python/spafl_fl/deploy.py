@@ -139,6 +139,9 @@ class LocalDeployment:
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
+        # Flower's processes start more of Flower's executables by name (flower-superexec, ...): put this
+        # Python's bin/ first on PATH, so they are found when the environment is not activated (make test).
+        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
         env.update({"FLWR_HOME": self.home, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"})
         env.update(extra or {})
