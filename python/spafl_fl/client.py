@@ -28,7 +28,7 @@ from spafl_kernels import (
 )
 from spafl_kernels.flops import LayerFlops
 
-from .accounting import FlopPlan, total_flops
+from .accounting import FlopPlan, authors_flops, total_flops
 from .data import ClientData
 
 
@@ -57,6 +57,7 @@ class ClientUpdate:
     train_seconds: float
     baseline_seconds: float | None = None  # the same batches with backend="reference"; None: not measured
     flops: LayerFlops = field(default_factory=LayerFlops)
+    authors_flops: float = 0.0  # the authors' count for this round (accounting.authors_flops); 0: not counted
 
 
 def make_batches(num_samples: int, epochs: int, batch_size: int, generator: torch.Generator,
@@ -192,7 +193,8 @@ class SpaFLClient:
         seconds, loss, flops = train_local(self.model, self.data, batches, hp, sparse=True, plan=plan)
         if twin is not None and not baseline_first:
             baseline = train_local(twin, self.data, batches, hp, sparse=True)[0]
-        return ClientUpdate(self.cid, thresholds(self.model), self.data.num_train, loss, seconds, baseline, flops)
+        return ClientUpdate(self.cid, thresholds(self.model), self.data.num_train, loss, seconds, baseline, flops,
+                            _authors(plan, self.model, self.data, hp))
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.model, self.data)
@@ -211,4 +213,30 @@ class FedAvgClient:
         model.load_state_dict(global_state)
         seconds, loss, flops = train_local(model, self.data, batches, hp, sparse=False, plan=plan)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return ClientUpdate(self.cid, state, self.data.num_train, loss, seconds, None, flops)
+        return ClientUpdate(self.cid, state, self.data.num_train, loss, seconds, None, flops,
+                            _authors(plan, model, self.data, hp))
+
+
+class LocalClient:
+    """The Local baseline's client: its own dense model, trained on its own data, never communicated."""
+
+    def __init__(self, cid: int, model: nn.Module, data: ClientData):
+        self.cid = cid
+        self.model = model
+        self.data = data
+
+    def fit(self, hp: LocalTraining, batches: list[torch.Tensor], *, plan: FlopPlan | None = None) -> ClientUpdate:
+        """Train the own model on ``batches``; the update carries no tensors (nothing goes on the wire)."""
+        seconds, loss, flops = train_local(self.model, self.data, batches, hp, sparse=False, plan=plan)
+        return ClientUpdate(self.cid, {}, self.data.num_train, loss, seconds, None, flops,
+                            _authors(plan, self.model, self.data, hp))
+
+    def evaluate(self) -> tuple[float, float]:
+        return evaluate(self.model, self.data)
+
+
+def _authors(plan: FlopPlan | None, model: nn.Module, data: ClientData, hp: LocalTraining) -> float:
+    """The authors' FLOP count of the round just trained (0 without a plan)."""
+    if plan is None:
+        return 0.0
+    return authors_flops(plan, model, data.num_train, hp.epochs, -(-data.num_train // hp.batch_size))

@@ -15,12 +15,15 @@ def _records(folder):
         return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f]
 
 
-@pytest.mark.parametrize("algorithm", ["spafl", "fedavg"])
-def test_resume_matches_uninterrupted(tmp_path, algorithm):
-    config = tiny_config(algorithm=algorithm, rounds=3, measure_baseline=False)
+@pytest.mark.parametrize(("algorithm", "update"), [("spafl", "lazy"), ("spafl", "eager"), ("fedavg", "lazy"),
+                                                  ("local", "lazy")])
+def test_resume_matches_uninterrupted(tmp_path, algorithm, update):
+    # Lazy SpaFL: each client's last-held global thresholds must survive the checkpoint.
+    config = tiny_config(algorithm=algorithm, rounds=3, measure_baseline=False, global_update=update)
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
     Simulation(config, whole).run()
-    first = Simulation(tiny_config(algorithm=algorithm, rounds=2, measure_baseline=False), split)
+    first = Simulation(tiny_config(algorithm=algorithm, rounds=2, measure_baseline=False, global_update=update),
+                       split)
     first.run()
     # A crash after a metrics line was written but before its checkpoint: resume drops the line.
     with open(os.path.join(split, "metrics.jsonl"), "a") as f:
