@@ -81,8 +81,9 @@ def test_records_carry_raw_threshold_bytes():
     assert all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype for k in tensors)
 
 
-def test_strategy_in_process_matches_the_loop(tmp_path, server_identity):
-    config = tiny_config(rounds=2, measure_baseline=False)
+@pytest.mark.parametrize("update", ["lazy", "eager"])
+def test_strategy_in_process_matches_the_loop(tmp_path, server_identity, update):
+    config = tiny_config(rounds=3, measure_baseline=False, global_update=update)
     strategy = SpaFLStrategy(config, str(tmp_path / "flower"))
     grid = FakeGrid(client_app(config), config.clients)
     strategy.start(grid, strategy.initial_arrays(), num_rounds=config.rounds)
@@ -96,11 +97,16 @@ def test_strategy_in_process_matches_the_loop(tmp_path, server_identity):
         assert got["density"] == pytest.approx(want["density"])
         assert got["train_flops"] == want["train_flops"]
         assert got["uplink_bits"] == want["uplink_bits"] and got["downlink_bits"] == want["downlink_bits"]
+        for key in ("weight_density", "mean_row_density", "authors_train_flops", "authors_flops_per_client"):
+            assert got[key] == pytest.approx(want[key], rel=1e-12), key
     payload = reference.num_thresholds * 4  # float32 thresholds
     for record in strategy.records:
         assert set(record["uplink_bytes_per_client"].values()) == {payload}
-    # Train instructions carry no arrays: the thresholds only go down in the evaluate broadcast.
-    assert all(not m.content.array_records for m in grid.sent if m.metadata.message_type == "train")
+        # lazy: the thresholds go down to the sampled clients only; eager: to every client
+        assert record["downlink_bits"] == 8 * payload * (config.sample if update == "lazy" else config.clients)
+    # The thresholds go down in the train instructions (lazy) or in the evaluate broadcast (eager), never both.
+    carrying = {m.metadata.message_type for m in grid.sent if m.content.array_records}
+    assert carrying == ({"train"} if update == "lazy" else {"evaluate"})
     assert tuple(summary) == SUMMARY_KEYS
     with open(tmp_path / "flower" / "summary.json") as f:
         assert json.load(f) == json.loads(json.dumps(summary))
