@@ -14,7 +14,6 @@ import json
 import os
 import shlex
 import sys
-import time
 
 from .config import PRESETS, RunConfig
 
@@ -201,7 +200,8 @@ def write_report(out: str, command: str, results: dict[str, dict[str, tuple[str,
         "```",
         "",
         f"torch {torch.__version__}, {first['torch_threads']} thread(s), sparse backend "
-        f"`{first['resolved_backend']}`; {seconds / 60:.1f} minutes in all.",
+        f"`{first['resolved_backend']}`; the runs took {seconds / 60:.1f} minutes of wall time (sum of their "
+        "rounds' `wall_seconds`; a run left by an earlier call with the same settings is read back, not rerun).",
         "",
         "Columns. *weight density*: fraction of the sparse layers' weights in active rows. *mean row density*: "
         "unweighted mean over sparse layers of their fraction of active rows (what the authors' code calls "
@@ -256,7 +256,7 @@ def reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(str(error))
     command = "spafl-fl " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] \
         else "spafl-fl reproduce " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "command")
-    start = time.perf_counter()
+    wall = 0.0
     results: dict[str, dict[str, tuple[str, dict, dict]]] = {}
     records: dict[str, list[tuple[str, list[dict]]]] = {}
     for dataset, folder, label, config in runs:
@@ -267,19 +267,21 @@ def reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         except (ValueError, OSError, RuntimeError) as error:
             parser.error(str(error))
         results.setdefault(dataset, {})[folder] = (label, summary, described)
+        wall += sum(rec["wall_seconds"] for rec in recs)
         records.setdefault(dataset, []).append((label, recs))
     bits = []
     for update, label, config in bits_configs(args):
         where = os.path.join(args.out, "runs", "bits", update)
         print(f"bits check: {label} -> {where}", flush=True)
-        summary, described, _ = _run_or_load(config, where, progress=not args.no_progress)
+        summary, described, recs = _run_or_load(config, where, progress=not args.no_progress)
         bits.append((label, summary, described))
+        wall += sum(rec["wall_seconds"] for rec in recs)
     plots = {}
     for dataset, runs_records in records.items():
         folder = os.path.join(args.out, "plots", dataset)
         os.makedirs(folder, exist_ok=True)
         plots[dataset] = plot_runs(runs_records, folder)
-    path = write_report(args.out, command, results, plots, time.perf_counter() - start, bits)
+    path = write_report(args.out, command, results, plots, wall, bits)
     print(f"wrote {path}")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({d: {k: s for k, (_, s, _) in r.items()} for d, r in results.items()}, f, indent=1)
