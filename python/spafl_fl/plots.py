@@ -66,7 +66,7 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out_dir: str) -> list[str]:
                     label=f"{label}: same batches, masked dense")
 
     figure("accuracy.png", "mean client test accuracy (%)", accuracy)
-    figure("density.png", "density (solid: weights in active rows; dotted: mean of per-layer row fractions)", density)
+    figure("density.png", "density (solid: weight; dotted: mean row)", density)
     figure("bits.png", "cumulative bits on the wire", bits)
     figure("time.png", "client training seconds per round", seconds)
     return paths
