@@ -232,8 +232,8 @@ def _flower(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``spafl-fl flower``: the same run on Flower's simulation engine, one virtual SuperNode per client."""
     try:
         config = config_from_args(args)
-        if config.algorithm != "spafl":
-            raise ValueError("spafl-fl flower runs SpaFL only; FedAvg runs on Flower's own FedAvg strategy")
+        if config.algorithm == "fedavg":
+            raise ValueError("spafl-fl flower runs SpaFL and Local; FedAvg runs on Flower's own FedAvg strategy")
         if args.resume:
             raise ValueError("spafl-fl flower does not resume (no checkpoints); start a new --out")
         from .flower import SpaFLStrategy, run_flower_simulation

@@ -15,6 +15,9 @@ the messages. A round, as ``Strategy.start`` drives it:
   applies the threshold update; with the lazy one, no arrays. The client replies with accuracy, loss
   and density (``MetricRecord``).
 
+The Local baseline (``algorithm="local"``) runs on the same apps: each node trains its own dense model,
+and no message carries arrays.
+
 Which node is which client: a ``query`` message at the start asks every node for its
 ``partition-id``, so the clients a round samples, their data and batch orders match ``spafl-fl run``.
 A client's model lives in its node's ``Context.state`` between rounds (its weights are personal and
@@ -51,7 +54,7 @@ from spafl_kernels.flops import LayerFlops  # noqa: E402
 
 from .accounting import dense_state, tensor_bits, threshold_count  # noqa: E402
 from .checkpoint import atomic_write_text  # noqa: E402
-from .client import ClientUpdate, SpaFLClient, has_batchnorm, make_batches  # noqa: E402
+from .client import ClientUpdate, LocalClient, SpaFLClient, has_batchnorm, make_batches  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .server import Server  # noqa: E402
 from .simulation import (  # noqa: E402
@@ -73,6 +76,8 @@ THRESHOLDS = "thresholds"
 METRICS = "metrics"
 CONFIG = "config"
 FLOP_FIELDS = ("forward", "backward", "dense_forward", "dense_backward", "paper_forward", "paper_backward")
+FLOWER_ALGORITHMS = ("spafl", "local")
+"""What the apps run: SpaFL, and the Local baseline (own dense models, messages without arrays)."""
 
 
 # -- tensors <-> records ---------------------------------------------------------------------------
@@ -119,13 +124,13 @@ def _setup(config: RunConfig) -> RunSetup:
     return _SETUPS[key]
 
 
-def _load_client(config: RunConfig, context: Context) -> tuple[SpaFLClient, int]:
+def _load_client(config: RunConfig, context: Context) -> tuple[SpaFLClient | LocalClient, int]:
     """This node's ``SpaFLClient`` as the last message left it (``Context.state``), or fresh from the
     run's initial model; and the number of global broadcasts it has received."""
     setup = _setup(config)
     cid = int(context.node_config["partition-id"])
     model = copy.deepcopy(setup.init)
-    client = SpaFLClient(cid, model, setup.client_data[cid])
+    client = (LocalClient if config.algorithm == "local" else SpaFLClient)(cid, model, setup.client_data[cid])
     received = 0
     if "model" in context.state:
         model.load_state_dict(from_array_record(context.state["model"]))
@@ -136,14 +141,14 @@ def _load_client(config: RunConfig, context: Context) -> tuple[SpaFLClient, int]
 
 def _save_client(client: SpaFLClient, received: int, context: Context) -> None:
     context.state["model"] = to_array_record(client.model.state_dict())
-    context.state["global"] = to_array_record(client.global_thresholds)
+    context.state["global"] = to_array_record(getattr(client, "global_thresholds", {}))  # none for Local
     context.state["client"] = ConfigRecord({"received": received})
 
 
 def client_app(config: RunConfig) -> ClientApp:
     """A ``ClientApp`` running SpaFL clients of ``config``; node ``partition-id`` k is client k."""
-    if config.algorithm != "spafl":
-        raise ValueError(f"the Flower apps run SpaFL; got algorithm={config.algorithm!r}")
+    if config.algorithm not in FLOWER_ALGORITHMS:
+        raise ValueError(f"the Flower apps run {FLOWER_ALGORITHMS}; got algorithm={config.algorithm!r}")
     app = ClientApp()
 
     @app.query()
@@ -161,7 +166,7 @@ def client_app(config: RunConfig) -> ClientApp:
         if THRESHOLDS in message.content.array_records:
             # Lazy update: the global change since this client last trained, applied before training.
             client.receive_global(from_array_record(message.content[THRESHOLDS]))
-        elif received != int(cfg["received"]):
+        elif config.algorithm == "spafl" and received != int(cfg["received"]):
             # Training on stale global thresholds would corrupt the average: refuse instead.
             raise RuntimeError(f"client {client.cid} holds {received} global broadcasts, the server sent "
                                f"{int(cfg['received'])}")
@@ -170,8 +175,11 @@ def client_app(config: RunConfig) -> ClientApp:
         gen = torch.Generator().manual_seed(batch_seed(config.seed, r, client.cid))
         batches = make_batches(client.data.num_train, hp.epochs, hp.batch_size, gen,
                                drop_single=has_batchnorm(setup.init))
-        update = client.fit(hp, batches, plan=setup.plan, measure_baseline=bool(cfg["measure-baseline"]),
-                            baseline_first=bool(cfg["baseline-first"]))
+        if config.algorithm == "local":
+            update = client.fit(hp, batches, plan=setup.plan)
+        else:
+            update = client.fit(hp, batches, plan=setup.plan, measure_baseline=bool(cfg["measure-baseline"]),
+                                baseline_first=bool(cfg["baseline-first"]))
         _save_client(client, received, context)
         metrics = {"num-examples": update.num_samples, "train-loss": update.train_loss,
                    "train-seconds": update.train_seconds, "authors-flops": update.authors_flops,
@@ -224,10 +232,11 @@ class SpaFLStrategy(Strategy):
     """
 
     def __init__(self, config: RunConfig, out_dir: str | None = None):
-        if config.algorithm != "spafl":
-            raise ValueError(f"the Flower apps run SpaFL; got algorithm={config.algorithm!r}")
+        if config.algorithm not in FLOWER_ALGORITHMS:
+            raise ValueError(f"the Flower apps run {FLOWER_ALGORITHMS}; got algorithm={config.algorithm!r}")
         self.config = config
         self.out_dir = out_dir
+        self.sends = config.algorithm == "spafl"  # Local: no thresholds, nothing goes down
         self.lazy = config.global_update == "lazy"
         setup = prepare_run(config, torch.device(config.device))
         self.backend = setup.backend
@@ -290,7 +299,7 @@ class SpaFLStrategy(Strategy):
             cfg = ConfigRecord({"round": r, "received": r, "measure-baseline": measure,
                                 "baseline-first": (r + j) % 2 == 1})
             content = RecordDict({CONFIG: cfg})
-            if self.lazy:
+            if self.sends and self.lazy:
                 content[THRESHOLDS] = to_array_record(self.server.tensors)
                 self._round.downlink_bits += 8 * payload_bytes(content[THRESHOLDS])
             messages.append(Message(content, dst_node_id=self.nodes[k], message_type="train",
@@ -338,7 +347,7 @@ class SpaFLStrategy(Strategy):
         messages = []
         for k in range(self.config.clients):
             content = RecordDict()
-            if not self.lazy:
+            if self.sends and not self.lazy:
                 content[THRESHOLDS] = to_array_record(self.server.tensors)
                 self._round.downlink_bits += 8 * payload_bytes(content[THRESHOLDS])
             messages.append(Message(content, dst_node_id=self.nodes[k], message_type="evaluate",
@@ -408,7 +417,7 @@ class SpaFLStrategy(Strategy):
             atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=1))
             from .plots import plot_runs
 
-            plot_runs([(f"spafl on flower ({self.backend})", self.records)], self.out_dir)
+            plot_runs([(f"{self.config.algorithm} on flower ({self.backend or 'dense'})", self.records)], self.out_dir)
         return summary
 
 

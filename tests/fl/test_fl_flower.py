@@ -112,6 +112,22 @@ def test_strategy_in_process_matches_the_loop(tmp_path, server_identity, update)
         assert json.load(f) == json.loads(json.dumps(summary))
 
 
+def test_local_baseline_on_flower_matches_the_loop(server_identity):
+    config = tiny_config(algorithm="local", rounds=2, measure_baseline=False)
+    strategy = SpaFLStrategy(config)
+    grid = FakeGrid(client_app(config), config.clients)
+    strategy.start(grid, strategy.initial_arrays(), num_rounds=config.rounds)
+    reference = Simulation(config)
+    reference.run()
+    for got, want in zip(strategy.records, reference.records, strict=True):
+        assert got["sampled"] == want["sampled"]
+        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-9)
+        assert got["uplink_bits"] == got["downlink_bits"] == want["uplink_bits"] == want["downlink_bits"] == 0
+        assert got["mean_row_density"] == got["weight_density"] == 1.0
+        assert got["authors_train_flops"] == pytest.approx(want["authors_train_flops"], rel=1e-12)
+    assert not any(m.content.array_records for m in grid.sent)
+
+
 def test_strategy_rejects_a_malformed_update(server_identity):
     config = tiny_config(rounds=1, measure_baseline=False)
     app = client_app(config)
