@@ -169,3 +169,23 @@ def test_flower_simulation_engine_matches_the_loop(tmp_path):
         assert got["uplink_bits"] == 8 * payload * config.sample == want["uplink_bits"]
         # Ray's actors may run another number of threads: equal up to float reordering.
         assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1.0)
+
+
+def test_cli_run_and_flower_give_identical_metrics(tmp_path, capsys):
+    """Issue 12's target: same seed and config, lazy update, one thread: `spafl-fl run` and `spafl-fl flower`
+    (Ray) write the very same metrics, timings aside."""
+    from spafl_fl.cli import main
+    from spafl_fl.simulation import TIMING_KEYS
+
+    flags = ["--dataset", "synthetic", "--model", "mlp", "--clients", "4", "--sample", "2", "--rounds", "3",
+             "--local-epochs", "1", "--batch-size", "64", "--lr", "0.05", "--alpha", "0.5", "--seed", "3",
+             "--threads", "1", "--no-baseline", "--no-progress", "--global-update", "lazy"]
+    assert main(["run", *flags, "--out", str(tmp_path / "run")]) == 0
+    assert main(["flower", *flags, "--out", str(tmp_path / "flower")]) == 0
+
+    def records(name):
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            return [{k: v for k, v in json.loads(line).items() if k not in (*TIMING_KEYS, "uplink_bytes_per_client")}
+                    for line in f]
+
+    assert records("flower") == records("run")
