@@ -130,7 +130,7 @@ def test_presets_set_the_paper_values_and_overrides_win():
     assert (config.dataset, config.model, config.ste, config.lr, config.batch_size, config.local_epochs,
             config.alpha, config.th_coeff, config.clients, config.sample, config.momentum, config.clip) == (
         "mnist5k", "lenet5", "identity", 1e-3, 64, 5, 0.2, 2e-3, 100, 10, 0.9, 0.0)
-    assert config.rounds == 3 and config.preset == "fmnist-lenet5"
+    assert config.rounds == 3 and config.preset == "fmnist-lenet5" and config.th_warmup == 1
     conv4 = RunConfig.from_preset("cifar10-conv4")
     assert (conv4.ste, conv4.clip, conv4.lr, conv4.batch_size, conv4.th_coeff) == ("outer", 3.0, 1e-2, 16, 1.5e-4)
     resnet = RunConfig.from_preset("cifar100-resnet18")
