@@ -27,7 +27,7 @@ from .models import MODELS
 _D = RunConfig()
 
 
-_RUN_HELP = "run SpaFL or FedAvg and write config.json, metrics.jsonl, summary.json, plots"
+_RUN_HELP = "run SpaFL, FedAvg or Local and write config.json, metrics.jsonl, summary.json, plots"
 
 
 def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argparse.ArgumentParser:

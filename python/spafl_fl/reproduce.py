@@ -47,11 +47,11 @@ def add_reproduce_parser(sub) -> None:
         help="fmnist and cifar10 need --data-dir")
     add("--data-dir", default=None, help="folder with the Fashion-MNIST IDX or CIFAR-10 binary files")
     add("--rounds", type=int, default=40, help="rounds per run (the paper: 500 for FMNIST)")
-    add("--clients", type=int, default=None, help="clients (default: the preset's 100)")
-    add("--sample", type=int, default=None, help="clients per round (default: the preset's 10)")
-    add("--local-epochs", type=int, default=None, help="local epochs (default: the preset's)")
-    add("--lr", type=float, default=None, help="learning rate (default: the preset's)")
-    add("--th-coeff", type=float, default=None, help="th_coeff (default: the preset's)")
+    add("--clients", type=int, default=None, help="clients (None: the preset's 100)")
+    add("--sample", type=int, default=None, help="clients per round (None: the preset's 10)")
+    add("--local-epochs", type=int, default=None, help="local epochs (None: the preset's)")
+    add("--lr", type=float, default=None, help="learning rate (None: the preset's)")
+    add("--th-coeff", type=float, default=None, help="th_coeff (None: the preset's)")
     add("--input-scale", type=float, default=255.0,
         help="multiply the [0, 1] images by this; 255 gives the raw pixels the presets were tuned on")
     add("--bits-rounds", type=int, default=3,
@@ -273,7 +273,10 @@ def reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for update, label, config in bits_configs(args):
         where = os.path.join(args.out, "runs", "bits", update)
         print(f"bits check: {label} -> {where}", flush=True)
-        summary, described, recs = _run_or_load(config, where, progress=not args.no_progress)
+        try:
+            summary, described, recs = _run_or_load(config, where, progress=not args.no_progress)
+        except (ValueError, OSError, RuntimeError) as error:
+            parser.error(str(error))
         bits.append((label, summary, described))
         wall += sum(rec["wall_seconds"] for rec in recs)
     plots = {}
