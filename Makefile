@@ -11,7 +11,7 @@ TOOLS := numpy==2.4.6 pytest==9.2.0 hypothesis==6.170.17 pytest-benchmark==5.3.1
 	'flwr[simulation]==1.42.0' ray==2.55.1
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install test lint cuda-check triton-check demo bench info clean
+.PHONY: install test lint cuda-check triton-check demo reproduce bench info clean
 
 # Re-run when the pins above change (pip skips what is already there); the package build below does
 # not depend on it, so a new tool pin does not recompile the extension.
@@ -58,6 +58,14 @@ demo: install
 	$(BIN)/spafl-fl run --dataset mnist5k --model lenet5 --clients 10 --sample 5 --rounds 20 \
 		--local-epochs 3 --batch-size 32 --lr 0.01 --th-coeff 0.002 --alpha 0.2 --seed 1 --threads 1 \
 		--out $(DEMO_OUT)
+
+# Issue 12's reproduction page: SpaFL (lazy, eager), masked-dense SpaFL, FedAvg and Local with the paper's
+# FMNIST/LeNet-5 preset on mnist5k and digits, plus the bits check at 100 clients / 10 per round; writes
+# $(REPRO_OUT)/report.md and its plots (about 20 minutes on 2 shared cores; a rerun reads finished runs back).
+REPRO_OUT ?= out/reproduce
+reproduce: install
+	$(BIN)/spafl-fl reproduce --out $(REPRO_OUT) --datasets mnist5k digits --clients 20 --sample 5 --rounds 30 \
+		--threads 1
 
 bench: install
 	$(BIN)/python -m spafl_kernels.bench --layer linear-large --densities 1 0.5 0.25 0.1

@@ -6,8 +6,17 @@ Reusable pieces: ``SpaFLClient``/``FedAvgClient`` (local training, updates, eval
 ``load_dataset``/``split_dirichlet``.
 """
 
-from .client import ClientUpdate, FedAvgClient, LocalTraining, SpaFLClient, evaluate, make_batches, train_local
-from .config import ALGORITHMS, RunConfig
+from .client import (
+    ClientUpdate,
+    FedAvgClient,
+    LocalClient,
+    LocalTraining,
+    SpaFLClient,
+    evaluate,
+    make_batches,
+    train_local,
+)
+from .config import ALGORITHMS, GLOBAL_UPDATES, PRESETS, RunConfig
 from .data import DATASETS, ClientData, Dataset, load_dataset, split_dirichlet
 from .models import MODELS, build_model
 from .server import Aggregate, Server, update_problems
@@ -17,12 +26,15 @@ __all__ = [
     "ALGORITHMS",
     "DATASETS",
     "MODELS",
+    "PRESETS",
     "SUMMARY_KEYS",
     "Aggregate",
     "ClientData",
     "ClientUpdate",
     "Dataset",
     "FedAvgClient",
+    "GLOBAL_UPDATES",
+    "LocalClient",
     "LocalTraining",
     "RunConfig",
     "Server",

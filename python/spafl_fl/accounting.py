@@ -126,3 +126,33 @@ def _masked_dense(layer: SparseLayer, op: str) -> bool:
 
 def total_flops(per_layer: Mapping[str, LayerFlops]) -> LayerFlops:
     return sum(per_layer.values(), LayerFlops())
+
+
+@torch.no_grad()
+def authors_flops(plan: FlopPlan, model: nn.Module, num_train: int, epochs: int, batches_per_epoch: int) -> float:
+    """One client's training FLOPs for one round, counted as the authors' code counts them
+    (``FLOP_count_weight`` + ``FLOP_count_threshold`` of its ``Client_Class``), not as executed:
+
+    - one FLOP per multiply-add; forward = ``epochs * num_train * sum over sparse layers of
+      density * rows * fan_in * output positions``, with each layer's density taken at the END of
+      the round and applied to the whole round; backward = 2 x forward (input gradients counted even
+      where the input is the data);
+    - plus ``thresholds * batches_per_epoch`` (the code's ``len(tr_loader)``: one epoch's batches,
+      whatever the number of epochs) plus the sparse layers' weight count (the threshold update).
+
+    Only sparse layers count (layers the paper keeps dense are left out, as in the code). A model
+    without sparse layers (FedAvg, Local) counts every Linear/Conv2d at density 1 and no threshold
+    terms. The authors then average the run's total over ALL clients, sampled or not
+    (``Simulator.FLOP_cal``): ``authors_flops_per_client`` in the records.
+    """
+    modules = dict(model.named_modules())
+    layers = dict(sparse_layers(model))
+    forward = 0.0
+    for call in plan.calls:
+        if layers and not call.sparse:
+            continue
+        ratio = modules[call.name].density() if call.sparse else 1.0
+        forward += ratio * call.rows * call.fan_in * call.positions_per_sample
+    forward *= epochs * num_train
+    extra = sum(layer.threshold.numel() * batches_per_epoch + layer.weight.numel() for layer in layers.values())
+    return float(3 * forward + extra)

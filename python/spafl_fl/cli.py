@@ -3,7 +3,10 @@
     spafl-fl run --dataset mnist5k --model lenet5 --rounds 30 --out runs/spafl
     spafl-fl run --algorithm fedavg --out runs/fedavg
     spafl-fl run --backend reference --out runs/masked-dense
-    spafl-fl compare runs/spafl runs/fedavg runs/masked-dense --plots runs/compare
+    spafl-fl run --algorithm local --out runs/local
+    spafl-fl run --preset fmnist-lenet5 --dataset mnist5k --rounds 30 --out runs/paper   (flags given win)
+    spafl-fl compare runs/spafl runs/fedavg runs/local runs/masked-dense --plots runs/compare
+    spafl-fl reproduce --out runs/reproduce   (SpaFL vs FedAvg vs Local vs masked dense, one Markdown page)
     spafl-fl flower --dataset mnist5k --model lenet5 --rounds 30 --out runs/flower   (pip install .[flower])
 """
 
@@ -18,7 +21,7 @@ import sys
 from spafl_kernels import BACKEND_NAMES, STES
 
 from .checkpoint import POINTER, read_json_object
-from .config import ALGORITHMS, RunConfig, config_problems
+from .config import ALGORITHMS, GLOBAL_UPDATES, PRESETS, RunConfig, config_problems
 from .data import DATASETS
 from .models import MODELS
 from .rundir import METRICS, PLOTS, claim_out_dir, clear_outputs, read_metrics
@@ -37,7 +40,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-_RUN_HELP = "run SpaFL or FedAvg and write config.json, metrics.jsonl, summary.json, plots"
+_RUN_HELP = "run SpaFL, FedAvg or Local and write config.json, metrics.jsonl, summary.json, plots"
 
 
 def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argparse.ArgumentParser:
@@ -83,7 +86,22 @@ def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argpar
     once.add_argument("--overwrite", action="store_true",
                       help="replace the files a previous run wrote in DIR (other files are kept)")
     add("--no-progress", action="store_true", help="no progress bar")
+    add("--global-update", choices=GLOBAL_UPDATES, default=_D.global_update,
+        help="lazy: a client applies the global threshold change when next sampled (the authors' FMNIST "
+        "code); eager: every client after every round (their CIFAR code)")
+    add("--input-scale", type=float, default=_D.input_scale,
+        help="multiply the [0, 1] images by this (255: the raw pixels the authors trained on)")
+    add("--preset", choices=tuple(PRESETS), default=None,
+        help="the paper's setting for this experiment; flags given on the command line override it")
     return p
+
+
+def apply_preset(sub_parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv`` again with the chosen preset's values as the defaults of ``sub_parser``, so
+    that every flag given explicitly still wins."""
+    first = sub_parser.parse_known_args(argv)[0]
+    sub_parser.set_defaults(**PRESETS[first.preset])
+    return sub_parser.parse_args(argv)
 
 
 def _values(args: argparse.Namespace) -> dict:
@@ -99,7 +117,8 @@ def _values(args: argparse.Namespace) -> dict:
         weight_decay=args.weight_decay, clip=args.clip, th_coeff=args.th_coeff, th_warmup=args.th_warmup,
         alpha=args.alpha, test_fraction=args.test_fraction, ste=args.ste, backend=args.backend,
         min_density=args.min_density, seed=args.seed, device=args.device, threads=args.threads,
-        measure_baseline=not args.no_baseline,
+        measure_baseline=not args.no_baseline, global_update=args.global_update, input_scale=args.input_scale,
+        preset=args.preset,
     )
 
 
@@ -133,7 +152,11 @@ def savings_report(summary: dict, config: dict) -> str:
     if summary["accuracy"] is None:
         return lines[0] + "\n  (no rounds run)"
     lines.append(f"  accuracy        {summary['accuracy']:.2f} % (mean of the clients' own test splits)")
-    lines.append(f"  density         {summary['density']:.3f} (fraction of sparse-layer weights in active rows)")
+    lines.append(f"  density         {summary['density']:.3f} weight density (fraction of sparse-layer weights in "
+                 "active rows)")
+    if summary.get("mean_row_density") is not None:
+        lines.append(f"                  {summary['mean_row_density']:.3f} mean row density (mean over layers of the "
+                     "fraction of active rows: the authors' 'density')")
     wire = summary["uplink_bits"] + summary["downlink_bits"]
     fedavg = 2 * summary["dense_uplink_bits"]  # FedAvg: the full state down to and up from each sampled client
     bits = f"  bits on wire    up {_si(summary['uplink_bits'], 'b')} + down {_si(summary['downlink_bits'], 'b')}"
@@ -144,6 +167,9 @@ def savings_report(summary: dict, config: dict) -> str:
                  f"{_si(summary['dense_train_flops'])} ({summary['train_flops'] / summary['dense_train_flops']:.3f}x);"
                  " paper formula "
                  f"{_si(summary['paper_train_flops'])}")
+    if summary.get("authors_flops_per_client"):
+        lines.append(f"  authors' FLOPs  {_si(summary['authors_flops_per_client'])} per client (their count: 1 per "
+                     "multiply-add, end-of-round density for the whole round, averaged over all clients)")
     base = summary["baseline_train_seconds"]
     time_line = f"  train time      {summary['train_seconds']:.2f} s"
     if base:
@@ -177,16 +203,19 @@ def _load_run(folder: str) -> tuple[dict, dict, list[dict]]:
 
 def compare_table(runs: list[tuple[str, dict, dict]]) -> str:
     """One row per run (folder, summary, config)."""
-    header = ["run", "algorithm", "backend", "data/model", "rounds", "acc %", "density", "wire bits",
-              "FedAvg bits", "train FLOPs", "dense FLOPs", "train s", "masked-dense s"]
+    header = ["run", "algorithm", "backend", "data/model", "rounds", "acc %", "density", "row density",
+              "wire bits", "FedAvg bits", "train FLOPs", "dense FLOPs", "authors FLOPs/client", "train s",
+              "masked-dense s"]
     rows = [header]
     for folder, s, c in runs:
         rows.append([
             folder, s["algorithm"], str(c.get("resolved_backend") or "dense"), f"{c['dataset']}/{c['model']}",
             str(s["rounds"]), "-" if s["accuracy"] is None else f"{s['accuracy']:.2f}",
             "-" if s["density"] is None else f"{s['density']:.3f}",
+            "-" if s.get("mean_row_density") is None else f"{s['mean_row_density']:.3f}",
             _si(s["uplink_bits"] + s["downlink_bits"]), _si(2 * s["dense_uplink_bits"]),
-            _si(s["train_flops"]), _si(s["dense_train_flops"]), f"{s['train_seconds']:.2f}",
+            _si(s["train_flops"]), _si(s["dense_train_flops"]), _si(s.get("authors_flops_per_client")),
+            f"{s['train_seconds']:.2f}",
             "-" if s["baseline_train_seconds"] is None else f"{s['baseline_train_seconds']:.2f}",
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -215,12 +244,22 @@ def main(argv: list[str] | None = None) -> int:
     cp.add_argument("--plots", metavar="OUT", help="also write the comparison plots into OUT (new or empty folder)")
     cp.add_argument("--overwrite", action="store_true", help="replace the plots a previous compare wrote in OUT")
     commands["compare"] = cp
+    from .reproduce import add_reproduce_parser, reproduce
+
+    add_reproduce_parser(sub)
+    commands["reproduce"] = sub.choices["reproduce"]
     args = parser.parse_args(argv)
+    if getattr(args, "preset", None):  # the run commands: re-parse with the preset's values as defaults
+        command = args.command  # the subcommand is the first word: the rest are its flags
+        args = apply_preset(commands[command], argv[1:])
+        args.command = command
     usage = commands[args.command]
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "compare":
         return _compare(usage, args)
+    if args.command == "reproduce":
+        return reproduce(usage, args)
     if args.command == "deploy-local":  # one SuperNode per client: --supernodes sets --clients
         if args.clients is not None and args.supernodes is not None and args.clients != args.supernodes:
             usage.error(f"one SuperNode per client: --supernodes {args.supernodes} but --clients {args.clients}")
@@ -295,8 +334,8 @@ def _flower(usage: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     """``spafl-fl flower``: the same run on Flower's simulation engine, one virtual SuperNode per client."""
     try:
         config = config_from_args(args)
-        if config.algorithm != "spafl":
-            raise ValueError("spafl-fl flower runs SpaFL only; FedAvg runs on Flower's own FedAvg strategy")
+        if config.algorithm == "fedavg":
+            raise ValueError("spafl-fl flower runs SpaFL and Local; FedAvg runs on Flower's own FedAvg strategy")
         if args.resume:
             raise ValueError("spafl-fl flower does not resume (no checkpoints); start a new --out")
         claim_out_dir(args.out, overwrite=args.overwrite, resumable=False)

@@ -29,7 +29,7 @@ from spafl_kernels import (
 )
 from spafl_kernels.flops import LayerFlops
 
-from .accounting import FlopPlan, total_flops
+from .accounting import FlopPlan, authors_flops, total_flops
 from .data import ClientData
 
 
@@ -59,6 +59,7 @@ class ClientUpdate:
     baseline_seconds: float | None = None  # the same batches with backend="reference"; None: not measured
     flops: LayerFlops = field(default_factory=LayerFlops)
     failure: str | None = None  # why local training failed (the server rejects the update); None: it did not
+    authors_flops: float = 0.0  # the authors' count for this round (accounting.authors_flops); 0: not counted
 
 
 class TrainingDiverged(RuntimeError):
@@ -250,7 +251,7 @@ class SpaFLClient:
         if failure is not None:
             self.model.load_state_dict(start)
         return ClientUpdate(self.cid, thresholds(self.model), self.data.num_train, loss, seconds, baseline, flops,
-                            failure)
+                            failure=failure, authors_flops=_authors(plan, self.model, self.data, hp))
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.model, self.data)
@@ -269,4 +270,34 @@ class FedAvgClient:
         model.load_state_dict(global_state)
         seconds, loss, flops, failure = train_or_fail(model, self.data, batches, hp, sparse=False, plan=plan)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return ClientUpdate(self.cid, state, self.data.num_train, loss, seconds, None, flops, failure)
+        return ClientUpdate(self.cid, state, self.data.num_train, loss, seconds, None, flops,
+                            failure=failure, authors_flops=_authors(plan, model, self.data, hp))
+
+
+class LocalClient:
+    """The Local baseline's client: its own dense model, trained on its own data, never communicated."""
+
+    def __init__(self, cid: int, model: nn.Module, data: ClientData):
+        self.cid = cid
+        self.model = model
+        self.data = data
+
+    def fit(self, hp: LocalTraining, batches: list[torch.Tensor], *, plan: FlopPlan | None = None) -> ClientUpdate:
+        """Train the own model on ``batches``; the update carries no tensors (nothing goes on the wire).
+        A diverged round is undone (the model goes back to its state before it) and reported in ``failure``."""
+        start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        seconds, loss, flops, failure = train_or_fail(self.model, self.data, batches, hp, sparse=False, plan=plan)
+        if failure is not None:
+            self.model.load_state_dict(start)
+        return ClientUpdate(self.cid, {}, self.data.num_train, loss, seconds, None, flops,
+                            failure=failure, authors_flops=_authors(plan, self.model, self.data, hp))
+
+    def evaluate(self) -> tuple[float, float]:
+        return evaluate(self.model, self.data)
+
+
+def _authors(plan: FlopPlan | None, model: nn.Module, data: ClientData, hp: LocalTraining) -> float:
+    """The authors' FLOP count of the round just trained (0 without a plan)."""
+    if plan is None:
+        return 0.0
+    return authors_flops(plan, model, data.num_train, hp.epochs, -(-data.num_train // hp.batch_size))

@@ -6,11 +6,17 @@ client side is a ``SpaFLClient`` (training, update, ``receive_global``, evaluati
 the messages. A round, as ``Strategy.start`` drives it:
 
 - ``train`` to the sampled clients: a ``ConfigRecord`` (round, which global broadcast the client must
-  hold, whether to time the masked-dense replay). The client trains and replies with its thresholds
+  hold, whether to time the masked-dense replay) and, with the lazy global update (the default), the
+  current global thresholds (``ArrayRecord`` "thresholds"): the client applies the paper's threshold
+  update with the global change since it last trained, then trains. It replies with its thresholds
   only (``ArrayRecord`` "thresholds") and a ``MetricRecord`` (samples, loss, seconds, FLOPs).
-- ``evaluate`` to every client: the new global thresholds (``ArrayRecord`` "thresholds"). The client
-  derives the global difference from the previous broadcast it holds, applies the paper's threshold
-  update to its weights, and replies with accuracy, loss and density (``MetricRecord``).
+- ``evaluate`` to every client: with the eager update, the new global thresholds (``ArrayRecord``
+  "thresholds"), from which the client derives the global difference to the previous broadcast and
+  applies the threshold update; with the lazy one, no arrays. The client replies with accuracy, loss
+  and density (``MetricRecord``).
+
+The Local baseline (``algorithm="local"``) runs on the same apps: each node trains its own dense model,
+and no message carries arrays.
 
 Which node is which client: a ``query`` message at the start asks every node for its
 ``partition-id``, so the clients a round samples, their data and batch orders match ``spafl-fl run``.
@@ -48,7 +54,7 @@ from spafl_kernels.flops import LayerFlops  # noqa: E402
 
 from .accounting import dense_state, tensor_bits, threshold_count  # noqa: E402
 from .checkpoint import atomic_write_text  # noqa: E402
-from .client import ClientUpdate, LocalTraining, SpaFLClient, has_batchnorm, make_batches  # noqa: E402
+from .client import ClientUpdate, LocalClient, LocalTraining, SpaFLClient, has_batchnorm, make_batches  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .server import Server  # noqa: E402
 from .simulation import (  # noqa: E402
@@ -57,6 +63,7 @@ from .simulation import (  # noqa: E402
     batch_seed,
     describe_run,
     mean_train_loss,
+    paper_metrics,
     prepare_run,
     summarize,
 )
@@ -71,6 +78,8 @@ METRICS = "metrics"
 CONFIG = "config"
 FAILURE = "failure"  # a train reply's ConfigRecord {"reason": ...} when local training diverged
 FLOP_FIELDS = ("forward", "backward", "dense_forward", "dense_backward", "paper_forward", "paper_backward")
+FLOWER_ALGORITHMS = ("spafl", "local")
+"""What the apps run: SpaFL, and the Local baseline (own dense models, messages without arrays)."""
 
 
 # -- tensors <-> records ---------------------------------------------------------------------------
@@ -117,13 +126,13 @@ def _setup(config: RunConfig) -> RunSetup:
     return _SETUPS[key]
 
 
-def _load_client(config: RunConfig, context: Context) -> tuple[SpaFLClient, int]:
+def _load_client(config: RunConfig, context: Context) -> tuple[SpaFLClient | LocalClient, int]:
     """This node's ``SpaFLClient`` as the last message left it (``Context.state``), or fresh from the
     run's initial model; and the number of global broadcasts it has received."""
     setup = _setup(config)
     cid = int(context.node_config["partition-id"])
     model = copy.deepcopy(setup.init)
-    client = SpaFLClient(cid, model, setup.client_data[cid])
+    client = (LocalClient if config.algorithm == "local" else SpaFLClient)(cid, model, setup.client_data[cid])
     received = 0
     if "model" in context.state:
         model.load_state_dict(from_array_record(context.state["model"]))
@@ -134,7 +143,7 @@ def _load_client(config: RunConfig, context: Context) -> tuple[SpaFLClient, int]
 
 def _save_client(client: SpaFLClient, received: int, context: Context) -> None:
     context.state["model"] = to_array_record(client.model.state_dict())
-    context.state["global"] = to_array_record(client.global_thresholds)
+    context.state["global"] = to_array_record(getattr(client, "global_thresholds", {}))  # none for Local
     context.state["client"] = ConfigRecord({"received": received})
 
 
@@ -155,8 +164,8 @@ def identify(message: Message, context: Context) -> Message:
 
 def client_app(config: RunConfig) -> ClientApp:
     """A ``ClientApp`` running SpaFL clients of ``config``; node ``partition-id`` k is client k."""
-    if config.algorithm != "spafl":
-        raise ValueError(f"the Flower apps run SpaFL; got algorithm={config.algorithm!r}")
+    if config.algorithm not in FLOWER_ALGORITHMS:
+        raise ValueError(f"the Flower apps run {FLOWER_ALGORITHMS}; got algorithm={config.algorithm!r}")
     app = ClientApp()
     app.query()(identify)
 
@@ -166,17 +175,23 @@ def client_app(config: RunConfig) -> ClientApp:
         cfg = message.content[CONFIG]
         r = int(cfg["round"])
         client, received = _load_client(config, context)
-        if received != int(cfg["received"]):
+        if THRESHOLDS in message.content.array_records:
+            # Lazy update: the global change since this client last trained, applied before training.
+            client.receive_global(from_array_record(message.content[THRESHOLDS]))
+        elif config.algorithm == "spafl" and received != int(cfg["received"]):
             # Training on stale global thresholds would corrupt the average: refuse instead.
             raise RuntimeError(f"client {client.cid} holds {received} global broadcasts, the server sent "
                                f"{int(cfg['received'])}")
         setup = _setup(config)
         hp, batches = round_batches(config, r, client.cid)
-        update = client.fit(hp, batches, plan=setup.plan, measure_baseline=bool(cfg["measure-baseline"]),
-                            baseline_first=bool(cfg["baseline-first"]))
+        if config.algorithm == "local":
+            update = client.fit(hp, batches, plan=setup.plan)
+        else:
+            update = client.fit(hp, batches, plan=setup.plan, measure_baseline=bool(cfg["measure-baseline"]),
+                                baseline_first=bool(cfg["baseline-first"]))
         _save_client(client, received, context)
         metrics = {"num-examples": update.num_samples, "train-loss": update.train_loss,
-                   "train-seconds": update.train_seconds,
+                   "train-seconds": update.train_seconds, "authors-flops": update.authors_flops,
                    **{f"flops.{name}": getattr(update.flops, name) for name in FLOP_FIELDS}}
         if update.baseline_seconds is not None:
             metrics["baseline-seconds"] = update.baseline_seconds
@@ -189,10 +204,12 @@ def client_app(config: RunConfig) -> ClientApp:
     def evaluate(message: Message, context: Context) -> Message:
         """Apply the global broadcast (threshold update with the difference), then test the own model."""
         client, received = _load_client(config, context)
-        client.receive_global(from_array_record(message.content[THRESHOLDS]))
+        if THRESHOLDS in message.content.array_records:  # eager update: every client, every round
+            client.receive_global(from_array_record(message.content[THRESHOLDS]))
+            received += 1
         accuracy, loss = client.evaluate()
         dens = density(client.model)
-        _save_client(client, received + 1, context)
+        _save_client(client, received, context)
         metrics = {"num-examples": int(client.data.y_test.shape[0]), "accuracy": accuracy, "loss": loss,
                    **{f"density.{name}": value for name, value in dens.items()}}
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)
@@ -217,7 +234,8 @@ class _Round:
 
 class SpaFLStrategy(Strategy):
     """SpaFL's server as a Flower strategy: samples like ``Server.sample_clients``, aggregates with
-    ``Server.aggregate``, broadcasts the new global thresholds to every client, and keeps the same
+    ``Server.aggregate``, sends the global thresholds to the sampled clients as they start training
+    (lazy update) or to every client after aggregation (eager), and keeps the same
     per-round records as ``Simulation`` (metrics.jsonl, summary.json) in ``out_dir`` if given.
 
     Bits on the wire are the array bytes of the messages built here (downlink) and of the replies
@@ -228,10 +246,12 @@ class SpaFLStrategy(Strategy):
     """The reply record that holds a client's update."""
 
     def __init__(self, config: RunConfig, out_dir: str | None = None):
-        if config.algorithm != "spafl":
-            raise ValueError(f"the Flower apps run SpaFL; got algorithm={config.algorithm!r}")
+        if config.algorithm not in FLOWER_ALGORITHMS:
+            raise ValueError(f"the Flower apps run {FLOWER_ALGORITHMS}; got algorithm={config.algorithm!r}")
         self.config = config
         self.out_dir = out_dir
+        self.sends = config.algorithm == "spafl"  # Local: no thresholds, nothing goes down
+        self.lazy = config.global_update == "lazy"
         setup = prepare_run(config, torch.device(config.device))
         self.backend = setup.backend
         self.server = Server(thresholds(setup.init), config.clients, config.sample, config.seed, "uniform")
@@ -278,8 +298,9 @@ class SpaFLStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Round ``server_round`` (1-based): a train instruction to each sampled client. No arrays: every
-        client already holds the global thresholds from the last evaluate broadcast."""
+        """Round ``server_round`` (1-based): a train instruction to each sampled client. Lazy update: with
+        the current global thresholds (the only downlink of the round). Eager: no arrays, every client
+        already holds the global thresholds from the last evaluate broadcast."""
         if not self.nodes:
             self._discover(grid)
         r = server_round - 1
@@ -291,7 +312,11 @@ class SpaFLStrategy(Strategy):
         for j, k in enumerate(sampled):
             cfg = ConfigRecord({"round": r, "received": r, "measure-baseline": measure,
                                 "baseline-first": (r + j) % 2 == 1})
-            messages.append(Message(RecordDict({CONFIG: cfg}), dst_node_id=self.nodes[k], message_type="train",
+            content = RecordDict({CONFIG: cfg})
+            if self.sends and self.lazy:
+                content[THRESHOLDS] = to_array_record(self.server.tensors)
+                self._round.downlink_bits += 8 * payload_bytes(content[THRESHOLDS])
+            messages.append(Message(content, dst_node_id=self.nodes[k], message_type="train",
                                     group_id=str(server_round)))
         return messages
 
@@ -320,7 +345,8 @@ class SpaFLStrategy(Strategy):
                 k, from_array_record(record), int(metrics.get("num-examples", 0)),
                 float(metrics.get("train-loss", float("nan"))), float(metrics.get("train-seconds", 0.0)),
                 metrics.get("baseline-seconds"), flops,
-                reply.content.config_records.get(FAILURE, ConfigRecord()).get("reason")))
+                failure=reply.content.config_records.get(FAILURE, ConfigRecord()).get("reason"),
+                authors_flops=float(metrics.get("authors-flops", 0.0))))
         for k in sorted(set(state.sampled) - answered):
             state.rejected.append((k, "no reply"))
         # Server.aggregate sums in list order: sort as the in-process loop does.
@@ -332,13 +358,16 @@ class SpaFLStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """The new global thresholds to every client (they apply the update, then evaluate)."""
+        """An evaluate instruction to every client; eager update: with the new global thresholds (they
+        apply the update, then evaluate)."""
         messages = []
         for k in range(self.config.clients):
-            record = to_array_record(self.server.tensors)
-            self._round.downlink_bits += 8 * payload_bytes(record)
-            messages.append(Message(RecordDict({THRESHOLDS: record}), dst_node_id=self.nodes[k],
-                                    message_type="evaluate", group_id=str(server_round)))
+            content = RecordDict()
+            if self.sends and not self.lazy:
+                content[THRESHOLDS] = to_array_record(self.server.tensors)
+                self._round.downlink_bits += 8 * payload_bytes(content[THRESHOLDS])
+            messages.append(Message(content, dst_node_id=self.nodes[k], message_type="evaluate",
+                                    group_id=str(server_round)))
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -387,6 +416,7 @@ class SpaFLStrategy(Strategy):
             "baseline_train_seconds": None if not updates or None in baselines else float(sum(baselines)),
             "rejected": [{"client": k, "reason": reason} for k, reason in state.rejected],
             "uplink_bytes_per_client": {str(k): v for k, v in sorted(state.uplink_bytes_per_client.items())},
+            **paper_metrics(dens, updates, self.config.clients),
         }
         record.update(self.round_extras(server_round))
         record["wall_seconds"] = time.perf_counter() - state.started
@@ -408,7 +438,7 @@ class SpaFLStrategy(Strategy):
             atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=1))
             from .plots import plot_runs
 
-            plot_runs([(f"spafl on flower ({self.backend})", self.records)], self.out_dir)
+            plot_runs([(f"{self.config.algorithm} on flower ({self.backend or 'dense'})", self.records)], self.out_dir)
         return summary
 
 

@@ -45,7 +45,10 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out_dir: str) -> list[str]:
         ax.plot(x, [rec["accuracy"] for rec in records], color=color, label=label)
 
     def density(ax, color, label, x, records):
-        ax.plot(x, [rec["density"]["total"] for rec in records], color=color, label=label)
+        ax.plot(x, [rec["density"]["total"] for rec in records], color=color, label=f"{label}: weight density")
+        if all("mean_row_density" in rec for rec in records):
+            ax.plot(x, [rec["mean_row_density"] for rec in records], color=color, linestyle=":",
+                    label=f"{label}: mean row density")
 
     def bits(ax, color, label, x, records):
         wire = np.cumsum([rec["uplink_bits"] + rec["downlink_bits"] for rec in records])
@@ -63,7 +66,7 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out_dir: str) -> list[str]:
                     label=f"{label}: same batches, masked dense")
 
     figure("accuracy.png", "mean client test accuracy (%)", accuracy)
-    figure("density.png", "density (fraction of weights in active rows)", density)
+    figure("density.png", "density (solid: weight; dotted: mean row)", density)
     figure("bits.png", "cumulative bits on the wire", bits)
     figure("time.png", "client training seconds per round", seconds)
     return paths

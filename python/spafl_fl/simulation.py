@@ -3,16 +3,31 @@ checkpoints and resume.
 
 SpaFL round ``r`` (DESIGN §2, the paper's code): the server samples clients; each sampled client
 loads the global thresholds it holds, trains weights and thresholds, and uploads its thresholds; the
-server averages them and broadcasts the new global thresholds to every client, which applies
-``apply_threshold_update`` with the difference to the previous ones; every client is then evaluated
-on its own test split with its own model. FedAvg round ``r``: the sampled clients receive the global
-dense state, train it and upload it; the server averages (weighted by samples); the global model is
-evaluated on every client's test split.
+server averages them. When the clients apply the global change to their weights
+(``apply_threshold_update`` with the difference of the global thresholds) is ``global_update``:
 
-Wire accounting per round. SpaFL: uplink = the sampled clients' thresholds; downlink = the new
-global thresholds to every client. FedAvg: uplink = the sampled clients' full state; downlink = the
-global state to the sampled clients. ``dense_uplink_bits`` is FedAvg's uplink for the same
-architecture (full dense state, buffers included, per sampled client).
+- ``lazy`` (default; the authors' FMNIST code): a sampled client receives the current global
+  thresholds at the start of the round and applies the sum of the global differences since it last
+  trained (new global minus the one it last held); a client not sampled receives nothing.
+- ``eager`` (the authors' CIFAR-10/100 code): after aggregation the new global thresholds go to every
+  client, which applies the difference at once.
+
+Every client is then evaluated on its own test split with its own model. FedAvg round ``r``: the
+sampled clients receive the global dense state, train it and upload it; the server averages
+(weighted by samples); the global model is evaluated on every client's test split. Local round
+``r``: the sampled clients train their own dense models; nothing is sent; every client's own model
+is evaluated.
+
+Wire accounting per round. SpaFL: uplink = the sampled clients' thresholds; downlink = the global
+thresholds to the sampled clients (lazy) or to every client (eager). FedAvg: uplink = the sampled
+clients' full state; downlink = the global state to the sampled clients. Local: nothing.
+``dense_uplink_bits`` is FedAvg's uplink for the same architecture (full dense state, buffers
+included, per sampled client).
+
+Two densities, named apart: ``weight_density`` (also ``density["total"]``), the fraction of the
+sparse layers' weights in active rows; ``mean_row_density``, the unweighted mean over sparse layers of
+their fraction of active rows (what the authors' code reports as "density"). Both are means over
+all clients.
 """
 
 from __future__ import annotations
@@ -35,7 +50,7 @@ from spafl_kernels.model import mapping_problems
 
 from .accounting import FlopPlan, dense_state, tensor_bits, threshold_count
 from .checkpoint import POINTER, CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
-from .client import ClientUpdate, FedAvgClient, SpaFLClient, evaluate, has_batchnorm, make_batches
+from .client import ClientUpdate, FedAvgClient, LocalClient, SpaFLClient, evaluate, has_batchnorm, make_batches
 from .config import RunConfig
 from .data import ClientData, load_dataset, split_dirichlet
 from .models import build_model
@@ -45,7 +60,8 @@ from .server import Server
 log = logging.getLogger("spafl_fl")
 
 SUMMARY_KEYS = ("algorithm", "rounds", "accuracy", "density", "uplink_bits", "downlink_bits", "dense_uplink_bits",
-                "train_flops", "dense_train_flops", "paper_train_flops", "train_seconds", "baseline_train_seconds")
+                "train_flops", "dense_train_flops", "paper_train_flops", "train_seconds", "baseline_train_seconds",
+                "weight_density", "mean_row_density", "authors_train_flops", "authors_flops_per_client")
 TIMING_KEYS = ("train_seconds", "baseline_train_seconds", "wall_seconds")
 """Record keys that measure time: they differ between any two runs; everything else is reproducible."""
 
@@ -74,10 +90,33 @@ def prepare_run(config: RunConfig, device: torch.device) -> RunSetup:
     dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
     client_data = split_dirichlet(dataset, config.clients, config.alpha, config.seed,
                                   test_fraction=config.test_fraction, min_train=2)
+    if config.input_scale != 1.0:
+        client_data = [scale_inputs(d, config.input_scale) for d in client_data]
     init = build_model(config.model, dataset.input_shape, dataset.num_classes, sparse=sparse,
                        ste=config.ste, backend=config.backend, seed=config.seed).to(device)
     plan = FlopPlan(init, client_data[0].x_train[:2].to(device))
     return RunSetup(backend, client_data, init, plan)
+
+
+def scale_inputs(data: ClientData, scale: float) -> ClientData:
+    """``data`` with its images multiplied by ``scale`` (255: the raw pixels the authors' code trains on)."""
+    return ClientData(data.x_train * scale, data.y_train, data.x_test * scale, data.y_test)
+
+
+def mean_row_density(dens: dict[str, float]) -> float:
+    """The authors' density: the unweighted mean over sparse layers of their fraction of active rows,
+    from a per-layer ``density`` dict (``"total"`` left out); 1.0 for a dense model."""
+    layers = [v for name, v in dens.items() if name != "total"]
+    return float(np.mean(layers)) if layers else 1.0
+
+
+def paper_metrics(dens: dict[str, float], updates: list[ClientUpdate], num_clients: int) -> dict:
+    """A round record's density and FLOP fields in the paper's terms (``Simulation`` and the Flower
+    strategy add the same): both densities, and the authors' FLOP count of the round (sum over the
+    sampled clients, and that sum over all ``num_clients``, the authors' per-client average)."""
+    authors = float(sum(u.authors_flops for u in updates))
+    return {"weight_density": dens["total"], "mean_row_density": mean_row_density(dens),
+            "authors_train_flops": authors, "authors_flops_per_client": authors / num_clients}
 
 
 def describe_run(config: RunConfig, backend: str | None, client_data: list[ClientData], num_thresholds: int,
@@ -132,6 +171,7 @@ class Simulation:
             torch.set_num_threads(config.threads)
         self.device = torch.device(config.device)
         self.sparse = config.algorithm == "spafl"
+        self.local = config.algorithm == "local"
         setup = prepare_run(config, self.device)
         self.backend, self.client_data, init, self.plan = setup.backend, setup.client_data, setup.init, setup.plan
         self.batchnorm = has_batchnorm(init)
@@ -140,6 +180,9 @@ class Simulation:
         if self.sparse:
             self.clients = [SpaFLClient(k, copy.deepcopy(init), d) for k, d in enumerate(self.client_data)]
             self.server = Server(thresholds(init), config.clients, config.sample, config.seed, "uniform")
+        elif self.local:
+            self.clients = [LocalClient(k, copy.deepcopy(init), d) for k, d in enumerate(self.client_data)]
+            self.server = Server({}, config.clients, config.sample, config.seed, "uniform")  # sampling only
         else:
             self.fedavg_clients = [FedAvgClient(k, d) for k, d in enumerate(self.client_data)]
             self.global_model = init
@@ -172,24 +215,34 @@ class Simulation:
         hp = cfg.local_training(r)
         sampled = self.server.sample_clients(r)
         broadcast_bits = tensor_bits(self.server.tensors)
+        lazy = self.sparse and cfg.global_update == "lazy"
         updates: list[ClientUpdate] = []
         for j, k in enumerate(sampled):
             gen = torch.Generator().manual_seed(batch_seed(cfg.seed, r, k))
             batches = make_batches(self.client_data[k].num_train, hp.epochs, hp.batch_size, gen,
                                    drop_single=self.batchnorm)
             if self.sparse:
+                if lazy:
+                    # The global change since this client last trained, applied as it starts training.
+                    self.clients[k].receive_global(self.server.tensors)
                 # With reference chosen, the replay would time the same thing twice.
                 measure = cfg.measure_baseline and self.backend != "reference"
                 updates.append(self.clients[k].fit(hp, batches, plan=self.plan, measure_baseline=measure,
                                                    baseline_first=(r + j) % 2 == 1))
+            elif self.local:
+                updates.append(self.clients[k].fit(hp, batches, plan=self.plan))
             else:
                 updates.append(self.fedavg_clients[k].fit(self.scratch, self.server.tensors, hp, batches,
                                                           plan=self.plan))
         result = self.server.aggregate(updates, round_index=r)
-        if self.sparse:
+        if lazy:
+            downlink = broadcast_bits * len(sampled)
+        elif self.sparse:
             for client in self.clients:
                 client.receive_global(result.tensors)
             downlink = tensor_bits(result.tensors) * len(self.clients)
+        elif self.local:
+            downlink = 0
         else:
             self.global_model.load_state_dict(result.tensors)
             downlink = broadcast_bits * len(sampled)
@@ -214,6 +267,7 @@ class Simulation:
             "train_seconds": sum(u.train_seconds for u in updates),
             "baseline_train_seconds": None if None in baselines else sum(baselines),
             "rejected": [{"client": k, "reason": reason} for k, reason in result.rejected],
+            **paper_metrics(dens, updates, cfg.clients),
         }
         record["wall_seconds"] = time.perf_counter() - wall
         self.records.append(record)
@@ -228,6 +282,8 @@ class Simulation:
                 model = self.clients[k].model
                 acc, loss = self.clients[k].evaluate()
                 densities.append(density(model))
+            elif self.local:
+                acc, loss = self.clients[k].evaluate()
             else:
                 acc, loss = evaluate(self.global_model, data)
             accs.append(acc)
@@ -271,9 +327,13 @@ class Simulation:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything a resumed run needs that is not a function of the config: models and server."""
         tensors = {f"server.{name}": t for name, t in self.server.tensors.items()}
-        if self.sparse:
+        if self.sparse or self.local:
             for client in self.clients:
                 tensors.update({f"client.{client.cid}.{k}": v for k, v in client.model.state_dict().items()})
+        if self.sparse and self.config.global_update == "lazy":
+            # Lazy: each client holds the global thresholds of the last round it trained in.
+            for client in self.clients:
+                tensors.update({f"held.{client.cid}.{k}": v for k, v in client.global_thresholds.items()})
         return tensors
 
     def save(self) -> None:
@@ -311,13 +371,21 @@ class Simulation:
             raise CheckpointError(f"{path} does not fit this run: " + "; ".join(problems[:5]))
         self.server.tensors = {name[len("server."):]: t.to(self.device) for name, t in tensors.items()
                                if name.startswith("server.")}
-        if self.sparse:
+        if self.sparse or self.local:
             for client in self.clients:
                 prefix = f"client.{client.cid}."
                 client.model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-                # Every client received every broadcast, so the last global thresholds it holds are the server's.
-                client.global_thresholds = {k: v.clone() for k, v in self.server.tensors.items()}
-        else:
+        if self.sparse:
+            for client in self.clients:
+                held = f"held.{client.cid}."
+                if self.config.global_update == "lazy":
+                    client.global_thresholds = {k[len(held):]: v.to(self.device) for k, v in tensors.items()
+                                                if k.startswith(held)}
+                else:
+                    # Eager: every client received every broadcast, so the last global thresholds it holds are
+                    # the server's.
+                    client.global_thresholds = {k: v.clone() for k, v in self.server.tensors.items()}
+        elif not self.local:
             self.global_model.load_state_dict(self.server.tensors)
         # Rewritten without a line of a round the checkpoint lacks or a torn last line (read_metrics).
         self.records = records
@@ -342,4 +410,8 @@ def summarize(records: list[dict], algorithm: str) -> dict:
         "paper_train_flops": sum(rec["paper_train_flops"] for rec in records),
         "train_seconds": sum(rec["train_seconds"] for rec in records),
         "baseline_train_seconds": None if not records or None in baselines else sum(baselines),
+        "weight_density": last.get("weight_density") if last else None,
+        "mean_row_density": last.get("mean_row_density") if last else None,
+        "authors_train_flops": sum(rec.get("authors_train_flops", 0.0) for rec in records),
+        "authors_flops_per_client": sum(rec.get("authors_flops_per_client", 0.0) for rec in records),
     }

@@ -58,3 +58,47 @@ def test_setup_errors_are_reported_without_a_traceback(tmp_path, capsys):
         main(["run", "--dataset", "fmnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x"), "--no-progress"])
     assert exit_info.value.code == 2
     assert "t10k-images-idx3-ubyte" in capsys.readouterr().err
+
+
+def test_preset_values_are_resolved_and_flags_given_win(tmp_path, capsys):
+    out = str(tmp_path / "preset")
+    flags = ["--preset", "fmnist-lenet5", "--dataset", "synthetic", "--model", "mlp", "--clients", "4", "--sample",
+             "2", "--rounds", "1", "--local-epochs", "1", "--no-baseline", "--no-progress", "--threads", "1"]
+    assert main(["run", *flags, "--out", out]) == 0
+    report = capsys.readouterr().out
+    assert "mean row density" in report and "authors' FLOPs" in report
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    # from the preset: lr, batch, alpha, th_coeff, STE, clip; given: dataset, model, clients, sample, rounds, epochs
+    assert (config["lr"], config["batch_size"], config["alpha"], config["th_coeff"], config["ste"], config["clip"]) == (
+        1e-3, 64, 0.2, 2e-3, "identity", 0.0)
+    assert (config["dataset"], config["model"], config["clients"], config["sample"], config["rounds"],
+            config["local_epochs"]) == ("synthetic", "mlp", 4, 2, 1, 1)
+    assert config["preset"] == "fmnist-lenet5" and config["global_update"] == "lazy"
+
+
+def test_local_run_in_compare(tmp_path, capsys):
+    local = str(tmp_path / "local")
+    assert main(["run", *FLAGS, "--algorithm", "local", "--out", local]) == 0
+    assert "nothing" not in capsys.readouterr().err
+    assert main(["compare", local]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "row density" in table[0] and "authors FLOPs/client" in table[0]
+    assert table[1].split()[1] == "local"
+
+
+def test_reproduce_writes_one_page(tmp_path, capsys):
+    out = tmp_path / "repro"
+    argv = ["reproduce", "--out", str(out), "--datasets", "digits", "--rounds", "1", "--clients", "4", "--sample",
+            "2", "--local-epochs", "1", "--bits-rounds", "1", "--no-progress"]
+    assert main(argv) == 0
+    page = (out / "report.md").read_text()
+    for phrase in ("## Targets", "FedAvg / SpaFL bits, LeNet-5, 100 clients, 10 per round, lazy: ",
+                   "SpaFL (lazy update)", "SpaFL (eager update)", "masked dense", "FedAvg (dense)", "Local",
+                   "mean row density", "authors' FLOPs / client", "](plots/digits/accuracy.png)"):
+        assert phrase in page, phrase
+    assert (out / "plots" / "digits" / "bits.png").is_file()
+    # A second call reads the finished runs back instead of running them again.
+    before = (out / "runs" / "digits" / "spafl" / "metrics.jsonl").read_text()
+    assert main(argv) == 0
+    assert (out / "runs" / "digits" / "spafl" / "metrics.jsonl").read_text() == before

@@ -81,8 +81,9 @@ def test_records_carry_raw_threshold_bytes():
     assert all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype for k in tensors)
 
 
-def test_strategy_in_process_matches_the_loop(tmp_path, server_identity):
-    config = tiny_config(rounds=2, measure_baseline=False)
+@pytest.mark.parametrize("update", ["lazy", "eager"])
+def test_strategy_in_process_matches_the_loop(tmp_path, server_identity, update):
+    config = tiny_config(rounds=3, measure_baseline=False, global_update=update)
     strategy = SpaFLStrategy(config, str(tmp_path / "flower"))
     grid = FakeGrid(client_app(config), config.clients)
     strategy.start(grid, strategy.initial_arrays(), num_rounds=config.rounds)
@@ -96,14 +97,35 @@ def test_strategy_in_process_matches_the_loop(tmp_path, server_identity):
         assert got["density"] == pytest.approx(want["density"])
         assert got["train_flops"] == want["train_flops"]
         assert got["uplink_bits"] == want["uplink_bits"] and got["downlink_bits"] == want["downlink_bits"]
+        for key in ("weight_density", "mean_row_density", "authors_train_flops", "authors_flops_per_client"):
+            assert got[key] == pytest.approx(want[key], rel=1e-12), key
     payload = reference.num_thresholds * 4  # float32 thresholds
     for record in strategy.records:
         assert set(record["uplink_bytes_per_client"].values()) == {payload}
-    # Train instructions carry no arrays: the thresholds only go down in the evaluate broadcast.
-    assert all(not m.content.array_records for m in grid.sent if m.metadata.message_type == "train")
+        # lazy: the thresholds go down to the sampled clients only; eager: to every client
+        assert record["downlink_bits"] == 8 * payload * (config.sample if update == "lazy" else config.clients)
+    # The thresholds go down in the train instructions (lazy) or in the evaluate broadcast (eager), never both.
+    carrying = {m.metadata.message_type for m in grid.sent if m.content.array_records}
+    assert carrying == ({"train"} if update == "lazy" else {"evaluate"})
     assert tuple(summary) == SUMMARY_KEYS
     with open(tmp_path / "flower" / "summary.json") as f:
         assert json.load(f) == json.loads(json.dumps(summary))
+
+
+def test_local_baseline_on_flower_matches_the_loop(server_identity):
+    config = tiny_config(algorithm="local", rounds=2, measure_baseline=False)
+    strategy = SpaFLStrategy(config)
+    grid = FakeGrid(client_app(config), config.clients)
+    strategy.start(grid, strategy.initial_arrays(), num_rounds=config.rounds)
+    reference = Simulation(config)
+    reference.run()
+    for got, want in zip(strategy.records, reference.records, strict=True):
+        assert got["sampled"] == want["sampled"]
+        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-9)
+        assert got["uplink_bits"] == got["downlink_bits"] == want["uplink_bits"] == want["downlink_bits"] == 0
+        assert got["mean_row_density"] == got["weight_density"] == 1.0
+        assert got["authors_train_flops"] == pytest.approx(want["authors_train_flops"], rel=1e-12)
+    assert not any(m.content.array_records for m in grid.sent)
 
 
 def test_strategy_rejects_a_malformed_update(server_identity):
@@ -158,3 +180,23 @@ def test_strategy_rejects_a_diverged_client(server_identity):
     assert sorted(r["client"] for r in rejected) == strategy.server.sample_clients(0)
     assert all("training diverged" in r["reason"] for r in rejected)
     assert all(bool(torch.isfinite(t).all()) for t in strategy.server.tensors.values())
+
+
+def test_cli_run_and_flower_give_identical_metrics(tmp_path, capsys):
+    """Issue 12's target: same seed and config, lazy update, one thread: `spafl-fl run` and `spafl-fl flower`
+    (Ray) write the very same metrics, timings aside."""
+    from spafl_fl.cli import main
+    from spafl_fl.simulation import TIMING_KEYS
+
+    flags = ["--dataset", "synthetic", "--model", "mlp", "--clients", "4", "--sample", "2", "--rounds", "3",
+             "--local-epochs", "1", "--batch-size", "64", "--lr", "0.05", "--alpha", "0.5", "--seed", "3",
+             "--threads", "1", "--no-baseline", "--no-progress", "--global-update", "lazy"]
+    assert main(["run", *flags, "--out", str(tmp_path / "run")]) == 0
+    assert main(["flower", *flags, "--out", str(tmp_path / "flower")]) == 0
+
+    def records(name):
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            return [{k: v for k, v in json.loads(line).items() if k not in (*TIMING_KEYS, "uplink_bytes_per_client")}
+                    for line in f]
+
+    assert records("flower") == records("run")

@@ -15,7 +15,7 @@ from spafl_kernels.flops import FlopCounter
 
 @pytest.fixture(scope="module")
 def spafl_round():
-    sim = Simulation(tiny_config(clients=5, sample=3))
+    sim = Simulation(tiny_config(clients=5, sample=3, global_update="eager"))
     before = [copy.deepcopy(c.model) for c in sim.clients]
     record = sim.run_round(0)
     return sim, before, record
@@ -26,7 +26,7 @@ def test_spafl_round_moves_thresholds_and_sends_only_them(spafl_round):
     n_thresholds = sum(layer.threshold.numel() for _, layer in sk.sparse_layers(sim.clients[0].model))
     assert n_thresholds == 300 + 100 + 10
     assert record["uplink_bits"] == 32 * n_thresholds * 3
-    assert record["downlink_bits"] == 32 * n_thresholds * 5  # new global thresholds to every client
+    assert record["downlink_bits"] == 32 * n_thresholds * 5  # eager: new global thresholds to every client
     assert record["dense_uplink_bits"] == tensor_bits(dense_state(sim.clients[0].model)) * 3
     assert record["dense_uplink_bits"] == 32 * (784 * 300 + 300 * 100 + 100 * 10) * 3
     assert record["rejected"] == []
