@@ -384,9 +384,11 @@ class SpaFLStrategy(Strategy):
                 continue
             evaluations[k] = reply.content.metric_records[METRICS]
         if len(evaluations) != self.config.clients:
-            # A client that missed the broadcast no longer holds the global thresholds; the run cannot go on.
+            # Eager: a client that missed the broadcast no longer holds the global thresholds. Either way
+            # the round's accuracy would average over fewer clients: the run cannot go on as configured.
             missing = sorted(set(range(self.config.clients)) - set(evaluations))
-            raise RuntimeError(f"round {server_round - 1}: clients {missing} did not apply the global thresholds")
+            what = "apply the global thresholds" if self.config.global_update == "eager" else "evaluate (lost?)"
+            raise RuntimeError(f"round {server_round - 1}: clients {missing} did not {what}")
         ordered = [evaluations[k] for k in sorted(evaluations)]
         accs = [float(m["accuracy"]) for m in ordered]
         losses = [float(m["loss"]) for m in ordered]

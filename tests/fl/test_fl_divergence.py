@@ -16,8 +16,9 @@ from spafl_fl import Simulation
 from spafl_fl.cli import main
 
 
-def test_one_diverging_spafl_client_is_rejected_and_the_round_completes(caplog):
-    sim = Simulation(tiny_config(clients=4, sample=3, measure_baseline=True))
+@pytest.mark.parametrize("global_update", ["eager", "lazy"])
+def test_one_diverging_spafl_client_is_rejected_and_the_round_completes(global_update, caplog):
+    sim = Simulation(tiny_config(clients=4, sample=3, measure_baseline=True, global_update=global_update))
     victim = sim.server.sample_clients(0)[1]
     before = copy.deepcopy(sim.clients[victim].model.state_dict())
     honest_fit = sim.clients[victim].fit
@@ -32,10 +33,11 @@ def test_one_diverging_spafl_client_is_rejected_and_the_round_completes(caplog):
     assert "training diverged" in record["rejected"][0]["reason"]
     assert any(f"rejected the update of client {victim}: training diverged" in r.getMessage() for r in caplog.records)
     assert all(bool(torch.isfinite(t).all()) for t in sim.server.tensors.values())
-    # The victim trained from the global thresholds and then got the global update, on its old weights.
+    # The victim's round is undone: its old weights, plus (eager) the global update after aggregation;
+    # lazy clients get that update when next sampled.
     model = sim.clients[victim].model
     assert all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())
-    assert not torch.equal(model.out.weight, before["out.weight"])  # the broadcast's threshold update
+    assert torch.equal(model.out.weight, before["out.weight"]) == (global_update == "lazy")
     assert math.isfinite(record["accuracy"]) and math.isfinite(record["train_loss"])
     assert record["baseline_train_seconds"] is not None
 

@@ -40,11 +40,16 @@ found there, seconds a round waits for replies (a node that does not answer in t
 failed), seconds the run waits for all its SuperNodes to connect."""
 
 
+_OPTIONAL = ("data-dir", "preset")
+"""Run-config keys whose ``RunConfig`` value may be None, written as "" (TOML has no null)."""
+
+
 def to_run_config(config: RunConfig, **deploy) -> dict:
     """``config`` (and ``DEPLOY_KEYS`` values, by field name with underscores) as run-config values
     (TOML has no null: ``data_dir=None`` is "")."""
     values = {key: getattr(config, name) for key, name in RUN_KEYS.items()}
-    values["data-dir"] = values["data-dir"] or ""
+    for key in _OPTIONAL:
+        values[key] = values[key] or ""
     for name, value in deploy.items():
         key = name.replace("_", "-")
         if key not in DEPLOY_KEYS:
@@ -62,7 +67,7 @@ def from_run_config(run_config) -> tuple[RunConfig, dict]:
         if key not in run_config:
             continue
         default, value = getattr(defaults, name), run_config[key]
-        if name == "data_dir":
+        if key in _OPTIONAL:
             value = str(value) or None
         elif isinstance(default, bool):
             value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")

@@ -54,13 +54,15 @@ def load_state(folder: str, config: RunConfig, rounds_done: int, context: Contex
     differ = sorted(k for k in mine if k != "rounds" and saved.get(k) != mine[k])
     if differ:
         raise RuntimeError(f"resume: the client state in {folder} was made with other settings: {differ}")
-    if int(meta["received"]) != rounds_done:
+    # Eager: a client receives every round's broadcast. Lazy: it holds the global thresholds it last
+    # trained on (saved beside its model) and catches up when next sampled, so no count to check.
+    if config.global_update == "eager" and int(meta["received"]) != rounds_done:
         raise RuntimeError(f"resume after round {rounds_done}: the client state in {folder} holds "
                            f"{meta['received']} broadcasts")
     for part in _PARTS:
         prefix = f"{part}."
         context.state[part] = to_array_record({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    context.state["client"] = ConfigRecord({"received": rounds_done})
+    context.state["client"] = ConfigRecord({"received": int(meta["received"])})
 
 
 def persisted(handler: ClientApp, config: RunConfig, message: Message, context: Context) -> Message:
