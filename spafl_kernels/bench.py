@@ -546,17 +546,22 @@ def main(argv=None) -> None:
     print(format_table([]))
     rows = run(layers, args.densities, candidates, args.stes, args.modes, args.reps, args.device, args.memory,
                progress=lambda line: print(line, flush=True))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    if args.markdown:
-        write_markdown(args.markdown, rows, meta, meta["command"])
-    if args.plot:
-        plot(args.plot, rows)
+    _write_outputs(args, rows, meta, write_markdown, plot)
     for backend in sorted(set(candidates) - set(BASELINES)):
         lines = target_lines(rows, backend)
         if lines:
             print(f"\ntargets, {backend} (forward+backward, outer STE):\n" + "\n".join(lines))
+
+
+def _write_outputs(args, rows: list[dict], meta: dict, markdown: Callable, draw: Callable) -> None:
+    """The ``--json``, ``--markdown`` (with ``markdown``) and ``--plot`` (with ``draw``) files asked for."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    if args.markdown:
+        markdown(args.markdown, rows, meta, meta["command"])
+    if args.plot:
+        draw(args.plot, rows)
 
 
 def _main_models(args, candidates: list[str], meta: dict, profiles: dict, explicit_densities: bool) -> None:
@@ -567,13 +572,7 @@ def _main_models(args, candidates: list[str], meta: dict, profiles: dict, explic
     print(model_table([]))
     rows = run_models(args.models, densities, candidates, args.reps, args.device, profiles,
                       progress=lambda line: print(line, flush=True))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    if args.markdown:
-        write_model_markdown(args.markdown, rows, meta, meta["command"])
-    if args.plot:
-        plot_models(args.plot, rows)
+    _write_outputs(args, rows, meta, write_model_markdown, plot_models)
     print("\ntargets (issue 11):\n" + "\n".join(model_targets(rows)))
 
 
