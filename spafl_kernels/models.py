@@ -20,7 +20,7 @@ from .modules import SparseConv2d, SparseLinear
 MODELS = ("lenet5", "conv4", "resnet18", "vit", "mlp")
 
 
-class _Layers:
+class LayerFactory:
     """Factories for Linear and Conv2d: sparse twins (with ``ste``, ``backend``) or dense."""
 
     def __init__(self, sparse: bool, ste: str, backend: str):
@@ -40,7 +40,7 @@ class LeNet5(nn.Module):
     Inputs under 16 pixels (``digits``: 8x8) get padding 2 so both 5x5 convolutions fit.
     """
 
-    def __init__(self, layers: _Layers, input_shape: tuple[int, int, int], num_classes: int):
+    def __init__(self, layers: LayerFactory, input_shape: tuple[int, int, int], num_classes: int):
         super().__init__()
         c, h, w = input_shape
         pad = 2 if min(h, w) < 16 else 0
@@ -63,7 +63,7 @@ class Conv4(nn.Module):
     """The paper's CIFAR-10 model: four 5x5 convs (64, 64, 128, 128) with BatchNorm, two pools, then
     dense 128 -> 128 -> classes with BatchNorm."""
 
-    def __init__(self, layers: _Layers, input_shape: tuple[int, int, int], num_classes: int):
+    def __init__(self, layers: LayerFactory, input_shape: tuple[int, int, int], num_classes: int):
         super().__init__()
         c, h, w = input_shape
         if min(h, w) < 28:
@@ -94,7 +94,7 @@ class PreActBlock(nn.Module):
     """The paper's ResNet block (pre-activation): BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus the shortcut,
     a 1x1 conv on the activated input when the shape changes."""
 
-    def __init__(self, layers: _Layers, planes_in: int, planes_out: int, stride: int):
+    def __init__(self, layers: LayerFactory, planes_in: int, planes_out: int, stride: int):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(planes_in)
         self.conv1 = layers.conv(planes_in, planes_out, 3, stride=stride, padding=1, bias=False)
@@ -114,7 +114,7 @@ class ResNet18(nn.Module):
     """The paper's half-width ResNet-18 for CIFAR-100: stem conv 3x3 (32), four stages of two blocks
     (32, 64, 128, 256 channels; strides 1, 2, 2, 2), global average pool, dense classifier."""
 
-    def __init__(self, layers: _Layers, input_shape: tuple[int, int, int], num_classes: int):
+    def __init__(self, layers: LayerFactory, input_shape: tuple[int, int, int], num_classes: int):
         super().__init__()
         self.conv1 = layers.conv(input_shape[0], 32, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(32)
@@ -137,7 +137,7 @@ class Attention(nn.Module):
     """Multi-head self-attention (``heads`` x ``dim_head``) with sparse ``to_qkv`` and ``to_out``.
     ``[B, T, dim] -> [B, T, dim]``."""
 
-    def __init__(self, layers: _Layers, dim: int, heads: int, dim_head: int):
+    def __init__(self, layers: LayerFactory, dim: int, heads: int, dim_head: int):
         super().__init__()
         self.heads = heads
         self.to_qkv = layers.linear(dim, 3 * heads * dim_head, bias=False)
@@ -153,7 +153,7 @@ class Attention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))`` with a GELU MLP of width ``mlp_dim``."""
 
-    def __init__(self, layers: _Layers, dim: int, heads: int, dim_head: int, mlp_dim: int):
+    def __init__(self, layers: LayerFactory, dim: int, heads: int, dim_head: int, mlp_dim: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(layers, dim, heads, dim_head)
@@ -170,7 +170,7 @@ class ViT(nn.Module):
     """The paper's CIFAR ViT: patch 4, dim 128, depth 6, 8 heads of 64, MLP 256, class token, every
     Linear of attention and MLP sparse; patch embedding and head dense (as in the paper's code)."""
 
-    def __init__(self, layers: _Layers, input_shape: tuple[int, int, int], num_classes: int, patch: int = 4,
+    def __init__(self, layers: LayerFactory, input_shape: tuple[int, int, int], num_classes: int, patch: int = 4,
                  dim: int = 128, depth: int = 6, heads: int = 8, dim_head: int = 64, mlp_dim: int = 256):
         super().__init__()
         c, h, w = input_shape
@@ -197,7 +197,7 @@ class ViT(nn.Module):
 class MLP(nn.Module):
     """LeNet-300-100: flatten -> 300 -> 100 -> classes, ReLU between, every layer sparse."""
 
-    def __init__(self, layers: _Layers, input_shape: tuple[int, int, int], num_classes: int,
+    def __init__(self, layers: LayerFactory, input_shape: tuple[int, int, int], num_classes: int,
                  hidden: tuple[int, ...] = (300, 100)):
         super().__init__()
         sizes = [math.prod(input_shape), *hidden]
@@ -230,4 +230,4 @@ def build_model(
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
     if seed is not None:
         torch.manual_seed(seed)
-    return _BUILDERS[name](_Layers(sparse, ste, backend), tuple(input_shape), num_classes)
+    return _BUILDERS[name](LayerFactory(sparse, ste, backend), tuple(input_shape), num_classes)

@@ -27,7 +27,7 @@ from .models import MODELS
 from .rundir import METRICS, PLOTS, claim_out_dir, clear_outputs, read_metrics
 from .simulation import SUMMARY_KEYS
 
-_D = RunConfig()
+_DEFAULTS = RunConfig()  # every run flag's default
 EXIT_INTERRUPTED = 130  # what a shell reports for a command stopped by Ctrl-C (128 + SIGINT)
 
 
@@ -47,37 +47,37 @@ def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argpar
     """The ``run`` subcommand's flags, for ``run`` and for ``flower`` (same flags, another engine)."""
     p = sub.add_parser(command, help=help_text, description=help_text, formatter_class=_HelpFormatter)
     add = p.add_argument
-    add("--algorithm", choices=ALGORITHMS, default=_D.algorithm,
+    add("--algorithm", choices=ALGORITHMS, default=_DEFAULTS.algorithm,
         help="spafl (thresholds on the wire) or fedavg (dense model, full state on the wire)")
-    add("--dataset", choices=DATASETS, default=_D.dataset,
+    add("--dataset", choices=DATASETS, default=_DEFAULTS.dataset,
         help="bundled data (mnist5k, digits, synthetic) or files read from --data-dir (fmnist, cifar10)")
-    add("--data-dir", default=_D.data_dir,
+    add("--data-dir", default=_DEFAULTS.data_dir,
         help="folder with the fmnist IDX or CIFAR-10 binary files (read for those datasets only)")
-    add("--model", choices=MODELS, default=_D.model, help="architecture")
-    add("--clients", type=int, default=_D.clients, help="number of clients")
+    add("--model", choices=MODELS, default=_DEFAULTS.model, help="architecture")
+    add("--clients", type=int, default=_DEFAULTS.clients, help="number of clients")
     add("--sample", type=int, default=None,
-        help=f"clients sampled per round (default: {_D.sample}, or --clients when that is fewer)")
-    add("--rounds", type=int, default=_D.rounds, help="rounds in all (with --resume: including the rounds done)")
-    add("--local-epochs", type=int, default=_D.local_epochs, help="passes over its data per client and round")
-    add("--batch-size", type=int, default=_D.batch_size, help="local SGD batch size")
-    add("--lr", type=float, default=_D.lr, help="local SGD learning rate (finite, > 0)")
-    add("--lr-decay", type=float, default=_D.lr_decay, help="lr of round r = lr * lr_decay**r")
-    add("--momentum", type=float, default=_D.momentum, help="local SGD momentum")
-    add("--weight-decay", type=float, default=_D.weight_decay, help="local SGD weight decay (>= 0)")
-    add("--clip", type=float, default=_D.clip, help="max gradient norm (0: off)")
-    add("--th-coeff", type=float, default=_D.th_coeff, help="weight of sum(exp(-threshold)) in the loss")
-    add("--th-warmup", type=int, default=_D.th_warmup, help="rounds of sigmoid warm-up of th-coeff (0: off)")
-    add("--alpha", type=float, default=_D.alpha, help="Dirichlet concentration of the non-IID split")
-    add("--test-fraction", type=float, default=_D.test_fraction,
+        help=f"clients sampled per round (default: {_DEFAULTS.sample}, or --clients when that is fewer)")
+    add("--rounds", type=int, default=_DEFAULTS.rounds, help="rounds in all (with --resume: including the rounds done)")
+    add("--local-epochs", type=int, default=_DEFAULTS.local_epochs, help="passes over its data per client and round")
+    add("--batch-size", type=int, default=_DEFAULTS.batch_size, help="local SGD batch size")
+    add("--lr", type=float, default=_DEFAULTS.lr, help="local SGD learning rate (finite, > 0)")
+    add("--lr-decay", type=float, default=_DEFAULTS.lr_decay, help="lr of round r = lr * lr_decay**r")
+    add("--momentum", type=float, default=_DEFAULTS.momentum, help="local SGD momentum")
+    add("--weight-decay", type=float, default=_DEFAULTS.weight_decay, help="local SGD weight decay (>= 0)")
+    add("--clip", type=float, default=_DEFAULTS.clip, help="max gradient norm (0: off)")
+    add("--th-coeff", type=float, default=_DEFAULTS.th_coeff, help="weight of sum(exp(-threshold)) in the loss")
+    add("--th-warmup", type=int, default=_DEFAULTS.th_warmup, help="rounds of sigmoid warm-up of th-coeff (0: off)")
+    add("--alpha", type=float, default=_DEFAULTS.alpha, help="Dirichlet concentration of the non-IID split")
+    add("--test-fraction", type=float, default=_DEFAULTS.test_fraction,
         help="per-client test share (datasets without an official test set)")
-    add("--ste", choices=STES, default=_D.ste, help="straight-through estimator of the sparse layers")
-    add("--backend", choices=("auto", *BACKEND_NAMES), default=_D.backend,
+    add("--ste", choices=STES, default=_DEFAULTS.ste, help="straight-through estimator of the sparse layers")
+    add("--backend", choices=("auto", *BACKEND_NAMES), default=_DEFAULTS.backend,
         help="sparse-layer backend; 'reference' is the masked-dense baseline")
-    add("--min-density", type=float, default=_D.min_density,
+    add("--min-density", type=float, default=_DEFAULTS.min_density,
         help="layer-collapse guard of reset_collapsed, in [0, 1]")
-    add("--seed", type=int, default=_D.seed, help="seed of the split, the model, the sampling and the batches")
-    add("--device", default=_D.device, help="cpu or cuda[:N]")
-    add("--threads", type=int, default=_D.threads, help="torch threads (0: torch's default)")
+    add("--seed", type=int, default=_DEFAULTS.seed, help="seed of the split, the model, the sampling and the batches")
+    add("--device", default=_DEFAULTS.device, help="cpu or cuda[:N]")
+    add("--threads", type=int, default=_DEFAULTS.threads, help="torch threads (0: torch's default)")
     add("--no-baseline", action="store_true", help="do not replay client training with backend=reference")
     add("--out", required=True, metavar="DIR",
         help="run folder; must be new or empty unless --resume or --overwrite")
@@ -86,10 +86,10 @@ def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argpar
     once.add_argument("--overwrite", action="store_true",
                       help="replace the files a previous run wrote in DIR (other files are kept)")
     add("--no-progress", action="store_true", help="no progress bar")
-    add("--global-update", choices=GLOBAL_UPDATES, default=_D.global_update,
+    add("--global-update", choices=GLOBAL_UPDATES, default=_DEFAULTS.global_update,
         help="lazy: a client applies the global threshold change when next sampled (the authors' FMNIST "
         "code); eager: every client after every round (their CIFAR code)")
-    add("--input-scale", type=float, default=_D.input_scale,
+    add("--input-scale", type=float, default=_DEFAULTS.input_scale,
         help="multiply the [0, 1] images by this (255: the raw pixels the authors trained on)")
     add("--preset", choices=tuple(PRESETS), default=None,
         help="the paper's setting for this experiment; flags given on the command line override it")
@@ -109,7 +109,7 @@ def _values(args: argparse.Namespace) -> dict:
     sample = args.sample
     if sample is None:
         fits = isinstance(args.clients, int) and args.clients >= 1
-        sample = min(_D.sample, args.clients) if fits else _D.sample
+        sample = min(_DEFAULTS.sample, args.clients) if fits else _DEFAULTS.sample
     return dict(
         algorithm=args.algorithm, dataset=args.dataset, data_dir=args.data_dir, model=args.model,
         clients=args.clients, sample=sample, rounds=args.rounds, local_epochs=args.local_epochs,
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "deploy-local":  # one SuperNode per client: --supernodes sets --clients
         if args.clients is not None and args.supernodes is not None and args.clients != args.supernodes:
             usage.error(f"one SuperNode per client: --supernodes {args.supernodes} but --clients {args.clients}")
-        args.clients = args.clients or args.supernodes or _D.clients
+        args.clients = args.clients or args.supernodes or _DEFAULTS.clients
     problems = flag_problems(args)
     if problems:
         usage.error("; ".join(problems))

@@ -350,7 +350,13 @@ def deploy_local(config: RunConfig, out_dir: str, supernodes: int, *, resume: bo
         run_id = record["run_id"] = deployment.submit(app_dir)
         say(f"submitted run {run_id}; waiting for {config.rounds} rounds")
         status = record["status"] = wait_for_run(deployment, run_id, out_dir, timeout)
+        # The ServerApp writes status.json just before it returns: give Flower a moment to book the run
+        # as finished, so that its counts below are final (every ~2 s, at most 60 s).
         info = deployment.run_info(run_id)
+        settle = time.monotonic() + 60
+        while not str(info.get("status", "")).startswith("finished") and time.monotonic() < settle:
+            time.sleep(2)
+            info = deployment.run_info(run_id)
         # What the SuperLink counted for the run (every message in and out, framing included).
         record.update({"flower_status": info.get("status"), "flower_network_traffic": info.get("network-traffic"),
                        "flower_compute_time": info.get("compute-time")})

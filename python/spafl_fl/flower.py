@@ -62,9 +62,8 @@ from .simulation import (  # noqa: E402
     average_evaluation,
     batch_seed,
     describe_run,
-    mean_train_loss,
-    paper_metrics,
     prepare_run,
+    round_record,
     summarize,
 )
 
@@ -395,31 +394,11 @@ class SpaFLStrategy(Strategy):
         densities = [{key[len("density."):]: float(v) for key, v in m.items() if key.startswith("density.")}
                      for m in ordered]
         accuracy, loss, dens = average_evaluation(accs, losses, densities)
-        updates = state.updates
-        baselines = [u.baseline_seconds for u in updates]
-        flops = sum((u.flops for u in updates), LayerFlops())
-        hp = self.config.local_training(server_round - 1)
-        record = {
-            "round": server_round,
-            "sampled": state.sampled,
-            "lr": hp.lr,
-            "th_coeff": hp.th_coeff,
-            "accuracy": accuracy,
-            "loss": loss,
-            "train_loss": mean_train_loss(updates),
-            "density": dens,
-            "uplink_bits": state.uplink_bits,
-            "downlink_bits": state.downlink_bits,
-            "dense_uplink_bits": self.dense_state_bits * len(state.sampled),
-            "train_flops": flops.train,
-            "dense_train_flops": flops.dense_train,
-            "paper_train_flops": flops.paper_train,
-            "train_seconds": sum(u.train_seconds for u in updates),
-            "baseline_train_seconds": None if not updates or None in baselines else float(sum(baselines)),
-            "rejected": [{"client": k, "reason": reason} for k, reason in state.rejected],
-            "uplink_bytes_per_client": {str(k): v for k, v in sorted(state.uplink_bytes_per_client.items())},
-            **paper_metrics(dens, updates, self.config.clients),
-        }
+        record = round_record(server_round, state.sampled, self.config.local_training(server_round - 1),
+                              (accuracy, loss, dens), state.updates, state.rejected, self.config.clients,
+                              uplink_bits=state.uplink_bits, downlink_bits=state.downlink_bits,
+                              dense_uplink_bits=self.dense_state_bits * len(state.sampled))
+        record["uplink_bytes_per_client"] = {str(k): v for k, v in sorted(state.uplink_bytes_per_client.items())}
         record.update(self.round_extras(server_round))
         record["wall_seconds"] = time.perf_counter() - state.started
         self.records.append(record)

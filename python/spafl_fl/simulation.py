@@ -134,6 +134,36 @@ def describe_run(config: RunConfig, backend: str | None, client_data: list[Clien
     }
 
 
+def round_record(round_number: int, sampled: list[int], hp, evaluation: tuple[float, float, dict[str, float]],
+                 updates: list[ClientUpdate], rejected: list[tuple[int, str]], clients: int, *,
+                 uplink_bits: int, downlink_bits: int, dense_uplink_bits: int) -> dict:
+    """A round's ``metrics.jsonl`` record (without ``wall_seconds``), the same for every engine.
+    ``evaluation``: ``(accuracy, loss, density per layer)``; ``hp``: the round's ``LocalTraining``."""
+    accuracy, loss, dens = evaluation
+    baselines = [u.baseline_seconds for u in updates]
+    flops = sum((u.flops for u in updates), LayerFlops())
+    return {
+        "round": round_number,
+        "sampled": sampled,
+        "lr": hp.lr,
+        "th_coeff": hp.th_coeff,
+        "accuracy": accuracy,
+        "loss": loss,
+        "train_loss": mean_train_loss(updates),
+        "density": dens,
+        "uplink_bits": uplink_bits,
+        "downlink_bits": downlink_bits,
+        "dense_uplink_bits": dense_uplink_bits,
+        "train_flops": flops.train,
+        "dense_train_flops": flops.dense_train,
+        "paper_train_flops": flops.paper_train,
+        "train_seconds": sum(u.train_seconds for u in updates),
+        "baseline_train_seconds": None if not updates or None in baselines else float(sum(baselines)),
+        "rejected": [{"client": k, "reason": reason} for k, reason in rejected],
+        **paper_metrics(dens, updates, clients),
+    }
+
+
 def mean_train_loss(updates: list[ClientUpdate]) -> float | None:
     """A round's training loss: the mean over the updates whose training finished (None if none did)."""
     losses = [u.train_loss for u in updates if u.failure is None and np.isfinite(u.train_loss)]
@@ -246,29 +276,9 @@ class Simulation:
         else:
             self.global_model.load_state_dict(result.tensors)
             downlink = broadcast_bits * len(sampled)
-        accuracy, loss, dens = self._evaluate()
-        baselines = [u.baseline_seconds for u in updates]
-        flops = sum((u.flops for u in updates), LayerFlops())
-        record = {
-            "round": r + 1,
-            "sampled": sampled,
-            "lr": hp.lr,
-            "th_coeff": hp.th_coeff,
-            "accuracy": accuracy,
-            "loss": loss,
-            "train_loss": mean_train_loss(updates),
-            "density": dens,
-            "uplink_bits": sum(tensor_bits(u.tensors) for u in updates),
-            "downlink_bits": downlink,
-            "dense_uplink_bits": self.dense_state_bits * len(sampled),
-            "train_flops": flops.train,
-            "dense_train_flops": flops.dense_train,
-            "paper_train_flops": flops.paper_train,
-            "train_seconds": sum(u.train_seconds for u in updates),
-            "baseline_train_seconds": None if None in baselines else sum(baselines),
-            "rejected": [{"client": k, "reason": reason} for k, reason in result.rejected],
-            **paper_metrics(dens, updates, cfg.clients),
-        }
+        record = round_record(r + 1, sampled, hp, self._evaluate(), updates, result.rejected, cfg.clients,
+                              uplink_bits=sum(tensor_bits(u.tensors) for u in updates), downlink_bits=downlink,
+                              dense_uplink_bits=self.dense_state_bits * len(sampled))
         record["wall_seconds"] = time.perf_counter() - wall
         self.records.append(record)
         self.rounds_done = r + 1
