@@ -4,12 +4,6 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(spafl, m) {
-  // Fused score / mask / active-index step of every sparse layer (DESIGN §2):
-  //   score[i]  = mean_j |weight[i, j]| - threshold[i]        (float32 for 16-bit weights)
-  //   active[:num_active] = ascending indices i with score[i] > 0; active[num_active:] = -1
-  //   num_active = 0-d int64 tensor (stays on the device)
-  m.def("score_mask(Tensor weight, Tensor threshold) -> (Tensor score, Tensor active, Tensor num_active)");
-
   // Kernels of the `cpp` backend (csrc/cpu/linear.cpp, conv2d.cpp), float32/float64, CPU only. They
   // compute what spafl_kernels/backends/base.py specifies for linear_fwd/bwd and conv2d_fwd/bwd;
   // score is in the weight's dtype, and empty tensors stand for gradients not asked for.

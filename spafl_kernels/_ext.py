@@ -11,7 +11,7 @@ import torch
 BUILD_HINT = "pip install --no-build-isolation .   (from the repository root; see README 'Building')"
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.spafl.score_mask and the C++ kernels)
+    from . import _C  # noqa: F401  (registers the schemas and kernels of the native torch.ops.spafl ops)
 
     EXTENSION_ERROR: str | None = None
 except ImportError as error:  # built with SPAFL_SKIP_EXT=1, no compiler, or an ABI mismatch
@@ -31,14 +31,6 @@ def require_extension() -> None:
 
 
 if EXTENSION_ERROR is None:
-
-    @torch.library.register_fake("spafl::score_mask")
-    def _(weight, threshold):
-        from .semantics import acc_dtype
-
-        rows = weight.shape[0]
-        score = weight.new_empty(rows, dtype=acc_dtype(weight.dtype))
-        return score, weight.new_empty(rows, dtype=torch.long), weight.new_empty((), dtype=torch.long)
 
     # The `cpp` backend's kernels (float32/float64: the score is in the weight's dtype).
     def _fake_grads(x, weight, bias, need_dx, need_params):
@@ -68,11 +60,3 @@ if EXTENSION_ERROR is None:
     def _(grad_y, x, weight, bias, score, stride, padding, dilation, groups, ste, need_dx, need_params):
         return _fake_grads(x, weight, bias, need_dx, need_params)
 
-
-def score_mask(weight: torch.Tensor, threshold: torch.Tensor):
-    """``(score [N], active [N] int64 padded with -1, num_active 0-d int64)`` from the C++ kernel.
-
-    weight: ``[N, ...]``; threshold: ``[N]``, same dtype.
-    """
-    require_extension()
-    return torch.ops.spafl.score_mask(weight, threshold)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .semantics import ste_gate
+from .model import sparse_layers
+from .semantics import is_active, row_score, ste_gate
 
 
 @dataclass
@@ -73,8 +74,6 @@ def layer_flops(
 
 def _row_counts(layer) -> tuple[int, int]:
     """``(active, open_pruned)`` rows of a sparse layer now."""
-    from .semantics import is_active, row_score
-
     with torch.no_grad():
         score = row_score(layer.weight, layer.threshold)
         mask = is_active(score)
@@ -93,8 +92,6 @@ class FlopCounter:
     """
 
     def __init__(self, model: nn.Module):
-        from .model import sparse_layers
-
         self.model = model
         self.layers = dict(sparse_layers(model))
         self.per_layer: dict[str, LayerFlops] = {name: LayerFlops() for name in self.layers}

@@ -20,7 +20,6 @@ import spafl_kernels as sk
 from spafl_kernels import _ext
 from spafl_kernels.backends import get_backend, resolve_backend
 from spafl_kernels.backends.base import CallSpec
-from spafl_kernels.semantics import row_score
 
 pytestmark = pytest.mark.skipif(not _ext.extension_available(), reason=f"extension not built: {_ext.EXTENSION_ERROR}")
 
@@ -34,27 +33,6 @@ def threshold_for_rows(weight: torch.Tensor, active: torch.Tensor, seed: int = 0
     magnitude = (mean_abs - threshold.double()).abs()
     score = torch.where(active, magnitude, -magnitude)
     return (mean_abs - score).to(weight.dtype)
-
-
-# --------------------------------------------------------------------------------- score_mask
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (63, 129), (5, 6, 3, 3), (130, 1000)])
-@pytest.mark.parametrize("density", [0.0, "one", 0.5, 1.0])
-def test_score_mask_matches_semantics(dtype, shape, density):
-    g = torch.Generator().manual_seed(shape[0])
-    weight = torch.randn(shape, generator=g, dtype=torch.float64)
-    threshold = controlled_threshold(weight, rows_for_density(shape[0], density), g)
-    weight, threshold = weight.to(dtype), threshold.to(dtype)
-    score, active, count = _ext.score_mask(weight, threshold)
-    expected = row_score(weight, threshold)
-    assert score.dtype == expected.dtype
-    torch.testing.assert_close(score, expected, rtol=1e-3 if dtype.itemsize == 2 else 1e-5, atol=1e-5)
-    rows = (expected > 0).nonzero().squeeze(1)
-    assert int(count) == rows.numel()
-    assert torch.equal(active[: rows.numel()], rows)
-    assert bool((active[rows.numel() :] == -1).all())
 
 
 # ------------------------------------------------------------------------------------ linear

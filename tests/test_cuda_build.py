@@ -66,7 +66,7 @@ def test_setup_builds_cuda_only_with_cuda_torch_and_toolkit(torch_cuda, cuda_hom
 def test_setup_sources():
     sources = _setup_module()["extension_sources"]
     cpu, cuda = sources(False, str(ROOT)), sources(True, str(ROOT))
-    assert "csrc/spafl.cpp" in cpu and "csrc/cuda_schemas.cpp" in cpu and "csrc/cpu/score_mask.cpp" in cpu
+    assert "csrc/spafl.cpp" in cpu and "csrc/cuda_schemas.cpp" in cpu and "csrc/cpu/linear.cpp" in cpu
     assert not any(path.startswith("csrc/cuda/") for path in cpu)
     added = sorted(set(cuda) - set(cpu))
     assert added == sorted(f"csrc/cuda/{p.name}" for p in [*CUDA_SOURCES.glob("*.cu"), *CUDA_SOURCES.glob("*.cpp")])

@@ -212,28 +212,6 @@ def test_opcheck_linear_and_conv2d():
     torch.library.opcheck(torch.ops.spafl.conv2d_fwd.default, (*args, [1, 1], [1, 1], [1, 1], 1, "identity", "triton"))
 
 
-def test_opcheck_triton_ops():
-    """The backend functions registered as triton_ops: schemas, and on a GPU their fakes traced through
-    wrap_triton (the interpreter would run the kernels on the fake tensors)."""
-    require_backend("triton", "conv2d", DEVICE)
-    checks = ("test_schema", "test_autograd_registration") + (("test_faketensor", "test_aot_dispatch_dynamic")
-                                                              if HAS_CUDA else ())
-    opcheck = functools.partial(torch.library.opcheck, test_utils=checks)
-    weight, b, threshold = (t.float().to(DEVICE) for t in make_params((5, 4), 2, True, seed=7))
-    x, grad_y = torch.randn(3, 4, device=DEVICE), torch.randn(3, 5, device=DEVICE)
-    score = sk.semantics.row_score(weight, threshold)
-    opcheck(torch.ops.spafl.triton_linear_fwd.default, (x, weight, b, threshold))
-    opcheck(torch.ops.spafl.triton_linear_bwd.default,
-            (grad_y, x, weight, b, score, "clipped", True, True))
-    weight, b, threshold = (t.float().to(DEVICE) for t in make_params((4, 1, 3, 3), 2, True, seed=7))
-    x, grad_y = torch.randn(1, 2, 5, 5, device=DEVICE), torch.randn(1, 4, 3, 5, device=DEVICE)
-    score = sk.semantics.row_score(weight, threshold)
-    geometry = ([2, 1], [1, 1], [1, 1], 2)
-    opcheck(torch.ops.spafl.triton_conv2d_fwd.default, (x, weight, b, threshold, *geometry))
-    opcheck(torch.ops.spafl.triton_conv2d_bwd.default,
-            (grad_y, x, weight, b, score, *geometry, "outer", True, True))
-
-
 def test_compile_fullgraph_matches_eager():
     require_backend("triton", "conv2d", DEVICE)
     torch.manual_seed(0)

@@ -1,7 +1,6 @@
 // Row machinery of the CPU kernels; see rows.h.
 #include "rows.h"
 
-#include <ATen/OpMathType.h>
 
 #include <cmath>
 #include <cstdint>
@@ -96,14 +95,6 @@ namespace {
 float row_abs_sum(const float* p, int64_t n) { return abs_sum(p, n); }
 double row_abs_sum(const double* p, int64_t n) { return abs_sum(p, n); }
 
-// 16-bit weights: widened element by element (no backend's hot path here).
-template <typename T>
-float row_abs_sum(const T* p, int64_t n) {
-  float s = 0;
-  for (int64_t j = 0; j < n; ++j) s += std::abs(static_cast<float>(p[j]));
-  return s;
-}
-
 }  // namespace
 
 at::Tensor row_scores(const at::Tensor& weight, const at::Tensor& threshold) {
@@ -114,16 +105,15 @@ at::Tensor row_scores(const at::Tensor& weight, const at::Tensor& threshold) {
               " differs from weight dtype ", weight.scalar_type());
   const at::Tensor t = threshold.contiguous();
   const int64_t fan = rows ? weight.numel() / rows : 0;
-  at::Tensor score = at::empty({rows}, weight.options().dtype(at::toOpMathType(weight.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "spafl_row_scores", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor score = at::empty({rows}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "spafl_row_scores", [&] {
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     const scalar_t* tau = t.const_data_ptr<scalar_t>();
-    acc_t* s = score.mutable_data_ptr<acc_t>();
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(std::max<int64_t>(fan, 1));
+    scalar_t* s = score.mutable_data_ptr<scalar_t>();
+    const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(fan, 1));
     at::parallel_for(0, rows, grain(fan), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        s[i] = row_abs_sum(w + i * fan, fan) * inv - static_cast<acc_t>(tau[i]);
+        s[i] = row_abs_sum(w + i * fan, fan) * inv - tau[i];
       }
     });
   });

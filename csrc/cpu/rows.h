@@ -43,8 +43,8 @@ inline bool gate_open(T score, Ste ste) {
 }
 
 // s_i = sum_j |W_ij| / fan - tau_i for every row, rows split across threads. weight: [N, ...]
-// contiguous, threshold: [N] in the weight's dtype. Returns [N] in the accumulation dtype (float32
-// for 16-bit weights, else the weight's dtype).
+// contiguous, float32 or float64; threshold: [N] in the weight's dtype. Returns [N] in the weight's dtype
+// (the accumulation dtype of both).
 at::Tensor row_scores(const at::Tensor& weight, const at::Tensor& threshold);
 
 // Index sets over the N rows, from the scores (ascending indices).

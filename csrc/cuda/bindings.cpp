@@ -1,7 +1,7 @@
-// CUDA implementations of spafl::score_mask and the spafl::cuda_* ops (schemas: csrc/spafl.cpp and
-// csrc/cuda_schemas.cpp): argument checks, output allocation, then the C launchers of spafl_cuda.h on the
-// current stream. Compiled only against a CUDA build of torch (setup.py). Nothing here reads device
-// memory or synchronises: row counts stay on the device, and the ops can be captured in CUDA graphs.
+// CUDA implementations of the spafl::cuda_* ops (schemas: csrc/cuda_schemas.cpp): argument checks, output
+// allocation, then the C launchers of spafl_cuda.h on the current stream. Compiled only against a CUDA build
+// of torch (setup.py). Nothing here reads device memory or synchronises: row counts stay on the device, and
+// the ops can be captured in CUDA graphs.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 // c10/cuda only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers a toolkit may lack).
@@ -128,20 +128,6 @@ std::tuple<Tensor, Tensor> param_grads(const Tensor& score, int ste, const Tenso
                                       outer, inner, stream),
                op, "param_grads");
   return {dbias, dthreshold};
-}
-
-// ------------------------------------------------------------------------------------------ score_mask
-
-std::tuple<Tensor, Tensor, Tensor> score_mask_cuda(const Tensor& weight_, const Tensor& threshold_) {
-  const char* op = "spafl::score_mask";
-  TORCH_CHECK(weight_.dim() >= 1, op, ": weight must have at least 1 dimension");
-  const int dtype = check_params(op, weight_, std::nullopt, threshold_);
-  const c10::cuda::CUDAGuard guard(weight_.device());
-  const cudaStream_t stream = current_stream(weight_);
-  const Tensor weight = weight_.contiguous(), threshold = threshold_.contiguous();
-  Tensor score = row_scores(weight, threshold, dtype, stream, op);
-  RowSet active = select_rows(score, dtype, SPAFL_SELECT_ACTIVE, false, stream, op);
-  return {score, active.index, active.count};
 }
 
 // ------------------------------------------------------------------------------------------ linear
@@ -334,7 +320,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y_, con
 }  // namespace
 
 TORCH_LIBRARY_IMPL(spafl, CUDA, m) {
-  m.impl("score_mask", &score_mask_cuda);
   m.impl("cuda_linear_fwd", &linear_fwd);
   m.impl("cuda_linear_bwd", &linear_bwd);
   m.impl("cuda_conv2d_fwd", &conv2d_fwd);

@@ -2,7 +2,7 @@
 //
 // Index arithmetic is int64 throughout: products such as row * row_size or ((b * C + c) * H + h) * W
 // overflow 32 bits on large layers. Everything marked SPAFL_HD also runs on the host, where
-// tests/cuda_emulation.cu executes the kernels' per-thread phases to check their index math without a GPU.
+// tests/cuda_emulation.cpp executes the kernels' per-thread phases to check their index math without a GPU.
 #pragma once
 
 #include <cuda_bf16.h>

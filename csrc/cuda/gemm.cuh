@@ -16,7 +16,7 @@
 //   store(m, n, acc)                      called once for every in-range (m, n) of every live tile
 //
 // The per-thread phases (load, compute, store) are SPAFL_HD functions of an explicit thread index, so
-// that tests/cuda_emulation.cu runs them on the host, thread by thread and phase by phase, exactly
+// that tests/cuda_emulation.cpp runs them on the host, thread by thread and phase by phase, exactly
 // as the kernels below order them between their __syncthreads().
 #pragma once
 

@@ -2,7 +2,7 @@
 // that turn the dense weight gradient of the needed rows into dW, db and dtau (DESIGN §2).
 //
 // As in gemm.cuh, each kernel is a thin shell around SPAFL_HD per-thread phases that
-// tests/cuda_emulation.cu also runs on the host; only the block-wide reductions and scans (CUB) are
+// tests/cuda_emulation.cpp also runs on the host; only the block-wide reductions and scans (CUB) are
 // device-only.
 #pragma once
 

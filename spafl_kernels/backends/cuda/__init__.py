@@ -32,13 +32,7 @@ NO_CUDA_BUILD = (
 
 def has_cuda_kernels() -> bool:
     """Whether the installed ``spafl_kernels._C`` carries the CUDA kernels (setup.py built ``csrc/cuda``)."""
-    if EXTENSION_ERROR is not None:
-        return False
-    try:
-        op = torch.ops.spafl.cuda_linear_fwd.default
-    except (AttributeError, RuntimeError):  # an extension built before these ops existed
-        return False
-    return op.has_kernel_for_dispatch_key("CUDA")
+    return EXTENSION_ERROR is None and torch.ops.spafl.cuda_linear_fwd.default.has_kernel_for_dispatch_key("CUDA")
 
 
 def build_reasons() -> list[str]:

@@ -1,6 +1,6 @@
 """Fake (meta) kernels of the ``spafl::cuda_*`` ops (schemas: ``csrc/cuda_schemas.cpp``), so that
 ``torch.compile`` traces them and ``opcheck`` compares against them. The schemas exist in every build of
-``spafl_kernels._C``, with or without CUDA; an older build without them registers nothing."""
+``spafl_kernels._C``, with or without CUDA."""
 
 from __future__ import annotations
 
@@ -8,14 +8,6 @@ import torch
 
 from ..._ext import extension_available
 from ...semantics import acc_dtype, conv2d_output_hw
-
-
-def _defined(name: str) -> bool:
-    try:
-        getattr(torch.ops.spafl, name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
 
 
 def _score(weight):
@@ -36,7 +28,7 @@ def _grads(x, weight, bias, need_dx, need_params):
     return dx, torch.empty_like(weight), dbias, weight.new_empty(weight.shape[0])
 
 
-if extension_available() and _defined("cuda_linear_fwd"):
+if extension_available():
 
     @torch.library.register_fake("spafl::cuda_linear_fwd")
     def _(x, weight, bias, threshold):

@@ -1,9 +1,9 @@
 """The ``triton`` backend: fused Triton kernels that skip pruned rows, with no host synchronisation.
 
 Scores, masks and the active-row lists are computed on the device; every grid is sized for all rows
-and programs past the active count exit, so a training step can be captured in a CUDA graph. Each
-backend function is also registered as a ``torch.library.triton_op`` (``spafl::triton_linear_fwd``
-etc.) whose kernels launch through ``wrap_triton``; the backend calls the functions directly.
+and programs past the active count exit, so a training step can be captured in a CUDA graph. The
+backend functions run inside the ``spafl`` ops, which ``torch.compile`` treats as opaque (their fake
+kernels give the shapes), so the kernels launch directly, not through ``triton_op``/``wrap_triton``.
 
 Importing this module needs ``triton``; without it the registry reports the import error instead.
 On the CPU the kernels run only in Triton's interpreter (``TRITON_INTERPRET=1`` set before import),

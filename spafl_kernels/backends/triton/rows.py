@@ -338,7 +338,7 @@ def row_score(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     block_r, block_k = (16, 64) if INTERPRET else (4, 256)
     if n_rows:
         grid = (triton.cdiv(n_rows, block_r),)
-        _wrap(_score_fwd_kernel)[grid](
+        _score_fwd_kernel[grid](
             weight, threshold, score, n_rows, fan_in, weight.stride(0), BLOCK_R=block_r, BLOCK_K=block_k
         )
     return score
@@ -354,7 +354,7 @@ def compact(score: torch.Tensor, groups: int, ste: str | None):
     graded = graded_count = None
     if ste is not None:
         graded, graded_count = torch.empty(n_rows, **int32), torch.empty(groups, **int32)
-    _wrap(_compact_fwd_kernel)[(groups,)](
+    _compact_fwd_kernel[(groups,)](
         score, active, active_count,
         active if graded is None else graded, active_count if graded_count is None else graded_count,
         n_rows // groups,
@@ -374,7 +374,7 @@ def row_sums(grad: torch.Tensor, rows: torch.Tensor, count: torch.Tensor) -> tor
     gsum = torch.empty(split, n_rows, device=grad.device,
                        dtype=torch.float64 if grad.dtype == torch.float64 else torch.float32)
     grid = (max(1, triton.cdiv(n_rows // groups, block_r)), groups, split)
-    _wrap(_row_sums_bwd_kernel)[grid](
+    _row_sums_bwd_kernel[grid](
         grad, gsum, rows, count, n_rows, n_rows // groups, out_h, out_w, positions, triton.cdiv(positions, split),
         *grad.stride(), BLOCK_Q=16 if INTERPRET else 64, BLOCK_R=block_r,
     )
@@ -401,7 +401,7 @@ def param_grads(
     block = min(triton.next_power_of_2(max(fan_in, 1)), 64 if INTERPRET else 8192)
     block_r = 16 if INTERPRET else max(1, 2048 // block)
     if n_rows:
-        _wrap(_param_grads_bwd_kernel)[(triton.cdiv(n_rows, block_r),)](
+        _param_grads_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
             weight, gw, gsum, bias, score, dweight, dbias, dthreshold,
             n_rows, fan_in, gw.shape[0], gsum.shape[0], gw.stride(0), weight.stride(0), dweight.stride(0),
             STE=STE_CODES[ste], HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK=block,
@@ -417,8 +417,3 @@ def launch_grid(*dims):
         d if isinstance(d, int) else max(1, triton.cdiv(d[0], meta[d[1]])) for d in dims
     )
 
-
-def _wrap(kernel):
-    """``torch.library.wrap_triton(kernel)``: lets ``torch.compile`` trace the launch inside a
-    ``triton_op``; outside tracing it launches the kernel as is."""
-    return torch.library.wrap_triton(kernel)
