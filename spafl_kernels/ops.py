@@ -20,19 +20,19 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .backends.base import Backend
+from .backends.base import Kernels
 from .semantics import acc_dtype, conv2d_output_hw
 
 
-def kernels(name: str, function: str) -> Backend:
-    """The backend ``name``, checked to provide ``function`` (e.g. ``"linear_fwd"``)."""
+def kernels_of(name: str) -> Kernels:
+    """The kernels of backend ``name``; ``ValueError`` for a backend without kernels (``reference``)."""
     backend = get_backend(name)
-    if not hasattr(backend, function):
+    if not backend.has_kernels:
         raise ValueError(
-            f"backend {name!r} provides no {function} kernel ({backend.description}); the ops take a kernel "
-            "backend, and sparse_linear/sparse_conv2d(..., backend='reference') runs the oracle"
+            f"backend {name!r} has no kernels ({backend.description}); the ops take a kernel backend, and "
+            "sparse_linear/sparse_conv2d(..., backend='reference') runs the oracle"
         )
-    return backend
+    return backend  # type: ignore[return-value]  (a backend with kernels implements Kernels)
 
 # ---------------------------------------------------------------------------------------- linear
 
@@ -42,7 +42,7 @@ def linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, ste: str, backend: str
 ) -> tuple[Tensor, Tensor]:
     """``ste`` is unused in the forward pass; it is an input so that autograd can save it."""
-    return kernels(backend, "linear_fwd").linear_fwd(x, weight, bias, threshold)
+    return kernels_of(backend).linear_fwd(x, weight, bias, threshold)
 
 
 @linear_fwd.register_fake
@@ -63,7 +63,7 @@ def linear_bwd(
     need_params: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return kernels(backend, "linear_bwd").linear_bwd(
+    return kernels_of(backend).linear_bwd(
         grad_y, x, weight, bias, score, ste, need_dx, need_params
     )
 
@@ -98,7 +98,7 @@ def conv2d_fwd(
     ste: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return kernels(backend, "conv2d_fwd").conv2d_fwd(
+    return kernels_of(backend).conv2d_fwd(
         x, weight, bias, threshold, tuple(stride), tuple(padding), tuple(dilation), groups
     )
 
@@ -126,7 +126,7 @@ def conv2d_bwd(
     need_params: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return kernels(backend, "conv2d_bwd").conv2d_bwd(
+    return kernels_of(backend).conv2d_bwd(
         grad_y, x, weight, bias, score, tuple(stride), tuple(padding), tuple(dilation), groups,
         ste, need_dx, need_params,
     )
@@ -202,7 +202,7 @@ class _EagerSparseOp(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, threshold, op, *constants):
         *geometry, _, backend = constants
-        return getattr(get_backend(backend), f"{op}_fwd")(x, weight, bias, threshold, *geometry)
+        return getattr(kernels_of(backend), f"{op}_fwd")(x, weight, bias, threshold, *geometry)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -226,7 +226,7 @@ class _EagerSparseOp(torch.autograd.Function):
         # The kernels are not differentiable: under create_graph=True they run without autograd and
         # their results refuse a second backward with a clear error instead of returning zeros.
         with torch.no_grad():
-            grads = getattr(get_backend(backend), f"{ctx.op}_bwd")(
+            grads = getattr(kernels_of(backend), f"{ctx.op}_bwd")(
                 grad_y.contiguous(), x, weight, bias, score, *geometry, ste, *_needs(ctx)
             )
         input_grads = _as_input_grads(ctx, grads, 1 + len(ctx.constants))
