@@ -8,7 +8,9 @@ backend's kernel; ``functional.py`` validates inputs and resolves the backend be
   -> (dx, dweight, dbias, dthreshold)``
 - ``spafl::conv2d_fwd`` / ``spafl::conv2d_bwd``: the same with ``stride, padding, dilation, groups``.
 
-The backward ops are ops too, with fake kernels, so ``torch.compile`` traces the backward graph.
+``ste`` is a code of ``semantics.STE_CODES``. The backward ops are ops too, with fake kernels, so
+``torch.compile`` traces the backward graph. The ``spafl::native_*`` ops (the ``cpp`` and ``cuda``
+kernels, csrc/spafl.cpp) have the same schemas without ``backend`` and share these fake kernels.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._ext import extension_available
 from .backends import get_backend
 from .backends.base import Kernels
 from .semantics import acc_dtype, conv2d_output_hw
@@ -39,16 +42,19 @@ def kernels_of(name: str) -> Kernels:
 
 @torch.library.custom_op("spafl::linear_fwd", mutates_args=())
 def linear_fwd(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, ste: str, backend: str
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, ste: int, backend: str
 ) -> tuple[Tensor, Tensor]:
     """``ste`` is unused in the forward pass; it is an input so that autograd can save it."""
     return kernels_of(backend).linear_fwd(x, weight, bias, threshold)
 
 
-@linear_fwd.register_fake
-def _(x, weight, bias, threshold, ste, backend):
-    y = x.new_empty(x.shape[0], weight.shape[0])
-    return y, threshold.new_empty(weight.shape[0], dtype=acc_dtype(weight.dtype))
+def _fake_score(weight: Tensor) -> Tensor:
+    return weight.new_empty(weight.shape[0], dtype=acc_dtype(weight.dtype))
+
+
+def _fake_linear_fwd(x, weight, bias, threshold, *_):
+    """Fake kernel of ``linear_fwd`` and ``native_linear_fwd`` (``*_``: ``ste, backend`` or nothing)."""
+    return x.new_empty(x.shape[0], weight.shape[0]), _fake_score(weight)
 
 
 @torch.library.custom_op("spafl::linear_bwd", mutates_args=())
@@ -58,7 +64,7 @@ def linear_bwd(
     weight: Tensor,
     bias: Optional[Tensor],
     score: Tensor,
-    ste: str,
+    ste: int,
     need_dx: bool,
     need_params: bool,
     backend: str,
@@ -77,8 +83,8 @@ def _fake_grads(x, weight, bias, need_dx, need_params):
     return dx, torch.empty_like(weight), dbias, weight.new_empty(weight.shape[0])
 
 
-@linear_bwd.register_fake
-def _(grad_y, x, weight, bias, score, ste, need_dx, need_params, backend):
+def _fake_linear_bwd(grad_y, x, weight, bias, score, ste, need_dx, need_params, *_):
+    """Fake kernel of ``linear_bwd`` and ``native_linear_bwd`` (``*_``: ``backend`` or nothing)."""
     return _fake_grads(x, weight, bias, need_dx, need_params)
 
 
@@ -95,7 +101,7 @@ def conv2d_fwd(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
-    ste: str,
+    ste: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     return kernels_of(backend).conv2d_fwd(
@@ -103,11 +109,10 @@ def conv2d_fwd(
     )
 
 
-@conv2d_fwd.register_fake
-def _(x, weight, bias, threshold, stride, padding, dilation, groups, ste, backend):
+def _fake_conv2d_fwd(x, weight, bias, threshold, stride, padding, dilation, *_):
+    """Fake kernel of ``conv2d_fwd`` and ``native_conv2d_fwd`` (``*_``: ``groups`` and the rest)."""
     out_hw = conv2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    y = x.new_empty(x.shape[0], weight.shape[0], *out_hw)
-    return y, threshold.new_empty(weight.shape[0], dtype=acc_dtype(weight.dtype))
+    return x.new_empty(x.shape[0], weight.shape[0], *out_hw), _fake_score(weight)
 
 
 @torch.library.custom_op("spafl::conv2d_bwd", mutates_args=())
@@ -121,7 +126,7 @@ def conv2d_bwd(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
-    ste: str,
+    ste: int,
     need_dx: bool,
     need_params: bool,
     backend: str,
@@ -132,9 +137,17 @@ def conv2d_bwd(
     )
 
 
-@conv2d_bwd.register_fake
-def _(grad_y, x, weight, bias, score, stride, padding, dilation, groups, ste, need_dx, need_params, backend):
+def _fake_conv2d_bwd(grad_y, x, weight, bias, score, stride, padding, dilation, groups, ste, need_dx, need_params, *_):
+    """Fake kernel of ``conv2d_bwd`` and ``native_conv2d_bwd`` (``*_``: ``backend`` or nothing)."""
     return _fake_grads(x, weight, bias, need_dx, need_params)
+
+
+# One fake kernel per op shape, for the op that dispatches to a backend and for the native op.
+for _name, _op, _fake in (("linear_fwd", linear_fwd, _fake_linear_fwd), ("linear_bwd", linear_bwd, _fake_linear_bwd),
+                          ("conv2d_fwd", conv2d_fwd, _fake_conv2d_fwd), ("conv2d_bwd", conv2d_bwd, _fake_conv2d_bwd)):
+    _op.register_fake(_fake)
+    if extension_available():
+        torch.library.register_fake(f"spafl::native_{_name}", _fake)
 
 
 # -------------------------------------------------------------------------------------- autograd

@@ -77,8 +77,8 @@ def test_linear_partial_gradients(need_dx, need_params):
     require_backend("cpp", "linear")
     weight, bias, threshold = (t.float() for t in make_params((9, 5), 4, True, seed=1))
     x = torch.randn(6, 5)
-    y, score = torch.ops.spafl.cpp_linear_fwd(x, weight, bias, threshold)
-    grads = torch.ops.spafl.cpp_linear_bwd(torch.ones_like(y), x, weight, bias, score, "identity", need_dx, need_params)
+    y, score = torch.ops.spafl.native_linear_fwd(x, weight, bias, threshold)
+    grads = torch.ops.spafl.native_linear_bwd(torch.ones_like(y), x, weight, bias, score, 0, need_dx, need_params)
     assert [t.numel() > 0 for t in grads] == [need_dx, need_params, need_params, need_params]
 
 
@@ -141,16 +141,16 @@ def test_conv2d_large_output(ste, every):
 def _op_samples():
     weight, bias, threshold = (t.float() for t in make_params((6, 5), 3, True, seed=4))
     x = torch.randn(4, 5)
-    y, score = torch.ops.spafl.cpp_linear_fwd(x, weight, bias, threshold)
-    yield torch.ops.spafl.cpp_linear_fwd.default, (x, weight, bias, threshold)
-    yield torch.ops.spafl.cpp_linear_bwd.default, (torch.randn_like(y), x, weight, bias, score, "clipped", True, True)
+    y, score = torch.ops.spafl.native_linear_fwd(x, weight, bias, threshold)
+    yield torch.ops.spafl.native_linear_fwd.default, (x, weight, bias, threshold)
+    yield torch.ops.spafl.native_linear_bwd.default, (torch.randn_like(y), x, weight, bias, score, 2, True, True)
     cw, cb, ct = (t.float() for t in make_params((4, 3, 3, 3), 2, True, seed=5))
     cx = torch.randn(2, 3, 6, 6)
     geometry = ([1, 1], [1, 1], [1, 1], 1)
-    cy, cscore = torch.ops.spafl.cpp_conv2d_fwd(cx, cw, cb, ct, *geometry)
-    yield torch.ops.spafl.cpp_conv2d_fwd.default, (cx, cw, cb, ct, *geometry)
+    cy, cscore = torch.ops.spafl.native_conv2d_fwd(cx, cw, cb, ct, *geometry)
+    yield torch.ops.spafl.native_conv2d_fwd.default, (cx, cw, cb, ct, *geometry)
     grad = torch.randn_like(cy)
-    yield torch.ops.spafl.cpp_conv2d_bwd.default, (grad, cx, cw, cb, cscore, *geometry, "identity", True, True)
+    yield torch.ops.spafl.native_conv2d_bwd.default, (grad, cx, cw, cb, cscore, *geometry, 0, True, True)
 
 
 @pytest.mark.parametrize("sample", range(4))

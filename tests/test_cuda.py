@@ -170,11 +170,11 @@ def test_cuda_graph_replay_follows_the_thresholds():
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
         for _ in range(2):
-            torch.ops.spafl.linear_fwd(x, weight, bias, static_threshold, "identity", "cuda")
+            torch.ops.spafl.linear_fwd(x, weight, bias, static_threshold, 0, "cuda")
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y_static, _ = torch.ops.spafl.linear_fwd(x, weight, bias, static_threshold, "identity", "cuda")
+        y_static, _ = torch.ops.spafl.linear_fwd(x, weight, bias, static_threshold, 0, "cuda")
     for density in (0.1, 0.5, 0.9):
         new = _on_gpu(_linear_case(64, 96, 130, True, density, seed=1))["threshold"]
         static_threshold.copy_(new)
@@ -186,6 +186,14 @@ def test_cuda_graph_replay_follows_the_thresholds():
 def test_opcheck_of_the_cuda_ops():
     require_backend("cuda", "linear", DEVICE)
     opcheck_cuda_ops(DEVICE)
+
+
+def test_native_conv_refuses_groups():
+    """Dispatch never sends groups > 1 to the cuda backend; a direct call of the op refuses it."""
+    require_backend("cuda", "conv2d", DEVICE)
+    x, w, t = (torch.randn(*shape, device=DEVICE) for shape in ((1, 4, 5, 5), (4, 2, 3, 3), (4,)))
+    with pytest.raises(RuntimeError, match="groups=1 only"):
+        torch.ops.spafl.native_conv2d_fwd(x, w, None, t, [1, 1], [0, 0], [1, 1], 2)
 
 
 def test_compile_fullgraph_matches_eager():

@@ -24,7 +24,7 @@ from oracle import (
 import spafl_kernels as sk
 from spafl_kernels.backends import get_backend
 from spafl_kernels.backends.base import CallSpec
-from spafl_kernels.semantics import STES, ste_gate
+from spafl_kernels.semantics import STE_CODES, STES, ste_gate
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -78,7 +78,7 @@ def test_compaction_lists_rows_per_group_on_the_device(ste, groups):
     rows = _rows()
     score = torch.tensor([0.5, -0.2, 1.5, -1.5, 0.0, 2.0, -0.7, 0.3, -3.0, 0.9, -0.1, 1.0] * 12, device=DEVICE)
     n = score.numel()
-    active, count, graded, graded_count = rows.compact(score, groups, ste)
+    active, count, graded, graded_count = rows.compact(score, groups, STE_CODES[ste])
     per_group = n // groups
     gate = ste_gate(score, ste) != 0
     for g in range(groups):
@@ -205,11 +205,11 @@ def test_opcheck_linear_and_conv2d():
     weight, b, threshold = (t.float().to(DEVICE) for t in make_params((5, 4), 2, True, seed=7))
     x = torch.randn(3, 4, device=DEVICE)
     args = [t.clone().requires_grad_() for t in (x, weight, b, threshold)]
-    torch.library.opcheck(torch.ops.spafl.linear_fwd.default, (*args, "outer", "triton"))
+    torch.library.opcheck(torch.ops.spafl.linear_fwd.default, (*args, 1, "triton"))  # ste 1: outer
     weight, b, threshold = (t.float().to(DEVICE) for t in make_params((4, 2, 3, 3), 2, True, seed=7))
     x = torch.randn(1, 2, 5, 5, device=DEVICE)
     args = [t.clone().requires_grad_() for t in (x, weight, b, threshold)]
-    torch.library.opcheck(torch.ops.spafl.conv2d_fwd.default, (*args, [1, 1], [1, 1], [1, 1], 1, "identity", "triton"))
+    torch.library.opcheck(torch.ops.spafl.conv2d_fwd.default, (*args, [1, 1], [1, 1], [1, 1], 1, 0, "triton"))
 
 
 def test_compile_fullgraph_matches_eager():

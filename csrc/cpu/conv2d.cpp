@@ -130,13 +130,13 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x, const Tensor& weight, con
                                       const Tensor& threshold, IntArrayRef stride, IntArrayRef padding,
                                       IntArrayRef dilation, int64_t groups) {
   const Geometry geo{stride.vec(), padding.vec(), dilation.vec(), groups};
-  check_inputs("cpp_conv2d_fwd", x, weight, bias, geo);
+  check_inputs("spafl::native_conv2d_fwd", x, weight, bias, geo);
   const Tensor w = weight.contiguous();
   const int64_t N = w.size(0);
   Tensor score = row_scores(w, threshold);
   Tensor y;
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_conv2d_fwd", [&] {
-    const RowSets rows(score.const_data_ptr<scalar_t>(), N, Ste::identity, /*with_gates=*/false);
+    const RowSets rows(score.const_data_ptr<scalar_t>(), N, SPAFL_STE_IDENTITY, /*with_gates=*/false);
     if (rows.num_active() == N) {  // density 1: exactly the dense op
       y = at::convolution(x, w, bias, geo.stride, geo.padding, geo.dilation, false, {0, 0}, groups);
       return;
@@ -165,19 +165,19 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x, const Tensor& weight, con
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
                                                       const std::optional<Tensor>& bias, const Tensor& score,
                                                       IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-                                                      int64_t groups, const std::string& ste, bool need_dx,
+                                                      int64_t groups, int64_t ste, bool need_dx,
                                                       bool need_params) {
   const Geometry geo{stride.vec(), padding.vec(), dilation.vec(), groups};
-  check_inputs("cpp_conv2d_bwd", x, weight, bias, geo);
-  const Ste gate_kind = parse_ste(ste);
+  check_inputs("spafl::native_conv2d_bwd", x, weight, bias, geo);
+  const SpaflSte gate_kind = ste_from_code(ste);
   const Tensor w = weight.contiguous();
   const Tensor g = grad_y.contiguous();
   const Tensor s = score.contiguous();
   const int64_t N = w.size(0), fan = w.numel() / std::max<int64_t>(N, 1);
-  TORCH_CHECK(g.dim() == 4 && g.size(0) == x.size(0) && g.size(1) == N, "cpp_conv2d_bwd: grad_y must be [B, ", N,
-              ", H', W'], got ", g.sizes());
+  TORCH_CHECK(g.dim() == 4 && g.size(0) == x.size(0) && g.size(1) == N,
+              "spafl::native_conv2d_bwd: grad_y must be [B, ", N, ", H', W'], got ", g.sizes());
   TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.scalar_type() == w.scalar_type(),
-              "cpp_conv2d_bwd: score must be [N] in the weight's dtype");
+              "spafl::native_conv2d_bwd: score must be [N] in the weight's dtype");
   // Distinct empty tensors where a gradient is not asked for: op outputs must not alias each other.
   Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()),
          dbias = at::empty({0}, x.options()), dthreshold = at::empty({0}, x.options());
@@ -266,6 +266,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
 }  // namespace spafl::cpu
 
 TORCH_LIBRARY_IMPL(spafl, CPU, m) {
-  m.impl("cpp_conv2d_fwd", &spafl::cpu::conv2d_fwd);
-  m.impl("cpp_conv2d_bwd", &spafl::cpu::conv2d_bwd);
+  m.impl("native_conv2d_fwd", &spafl::cpu::conv2d_fwd);
+  m.impl("native_conv2d_bwd", &spafl::cpu::conv2d_bwd);
 }

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -83,11 +84,10 @@ SPAFL_CLONES void grad_row(double* out, const double* g, const double* w, bool k
 
 // ---------------------------------------------------------------------------------- row sets
 
-Ste parse_ste(const std::string& ste) {
-  if (ste == "identity") return Ste::identity;
-  if (ste == "outer") return Ste::outer;
-  if (ste == "clipped") return Ste::clipped;
-  TORCH_CHECK(false, "ste must be one of ('identity', 'outer', 'clipped'), got '", ste, "'");
+SpaflSte ste_from_code(int64_t code) {
+  TORCH_CHECK(code == SPAFL_STE_IDENTITY || code == SPAFL_STE_OUTER || code == SPAFL_STE_CLIPPED,
+              "ste must be 0 (identity), 1 (outer) or 2 (clipped), got ", code);
+  return static_cast<SpaflSte>(code);
 }
 
 namespace {

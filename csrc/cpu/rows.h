@@ -12,8 +12,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <string>
 #include <vector>
+
+#include "../spafl_ste.h"
 
 namespace spafl::cpu {
 
@@ -31,15 +32,14 @@ void grad_row(double* out, const double* g, const double* w, bool keep, double c
 
 // ---------------------------------------------------------------------------------- row sets
 
-enum class Ste { identity, outer, clipped };
-
-Ste parse_ste(const std::string& ste);
+// The op's `int ste` as a SpaflSte; raises for a code that names no STE.
+SpaflSte ste_from_code(int64_t code);
 
 template <typename T>
-inline bool gate_open(T score, Ste ste) {
+inline bool gate_open(T score, SpaflSte ste) {
   // Negated comparisons: a NaN score has its gate open, as in the reference (semantics.is_active).
   const T a = score < 0 ? -score : score;
-  return ste == Ste::identity || (ste == Ste::outer ? !(a <= T(1)) : !(a > T(1)));
+  return ste == SPAFL_STE_IDENTITY || (ste == SPAFL_STE_OUTER ? !(a <= T(1)) : !(a > T(1)));
 }
 
 // s_i = sum_j |W_ij| / fan - tau_i for every row, rows split across threads. weight: [N, ...]
@@ -56,7 +56,7 @@ struct RowSets {
   std::vector<uint8_t> gate;    // [N] gate(s_i); empty unless with_gates
 
   template <typename T>
-  RowSets(const T* score, int64_t rows, Ste ste, bool with_gates) : n(rows), mask(rows) {
+  RowSets(const T* score, int64_t rows, SpaflSte ste, bool with_gates) : n(rows), mask(rows) {
     if (with_gates) gate.resize(rows);
     for (int64_t i = 0; i < rows; ++i) {
       mask[i] = !(score[i] <= T(0));  // a NaN score counts as active (semantics.is_active)

@@ -1,4 +1,4 @@
-// CUDA implementations of the spafl::cuda_* ops (schemas: csrc/cuda_schemas.cpp): argument checks, output
+// CUDA implementations of the spafl::native_* ops (schemas: csrc/spafl.cpp): argument checks, output
 // allocation, then the C launchers of spafl_cuda.h on the current stream. Compiled only against a CUDA build
 // of torch (setup.py). Nothing here reads device memory or synchronises: row counts stay on the device, and
 // the ops can be captured in CUDA graphs.
@@ -76,7 +76,18 @@ void check_score(const Tensor& score, const Tensor& weight, const char* op) {
   check_row_vector(score, weight.size(0), op, "score");
 }
 
-int ste_code(int64_t ste, const char* op) {
+// Checks of a backward op's inputs beyond their shapes (grad_y's shape: the caller): devices, dtypes, bias,
+// the saved score; returns the STE code.
+int check_bwd_inputs(const char* op, const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+                     const std::optional<Tensor>& bias, const Tensor& score, int64_t ste) {
+  TORCH_CHECK(weight.is_cuda(), op, ": weight must be a CUDA tensor, got one on ", weight.device());
+  check_like(x, weight, op, "x");
+  check_like(grad_y, weight, op, "grad_y");
+  if (bias.has_value()) {
+    check_like(*bias, weight, op, "bias");
+    check_row_vector(*bias, weight.size(0), op, "bias");
+  }
+  check_score(score, weight, op);
   TORCH_CHECK(ste == SPAFL_STE_IDENTITY || ste == SPAFL_STE_OUTER || ste == SPAFL_STE_CLIPPED, op,
               ": ste must be 0 (identity), 1 (outer) or 2 (clipped), got ", ste);
   return static_cast<int>(ste);
@@ -134,7 +145,7 @@ std::tuple<Tensor, Tensor> param_grads(const Tensor& score, int ste, const Tenso
 
 std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x_, const Tensor& weight_, const std::optional<Tensor>& bias_,
                                       const Tensor& threshold_) {
-  const char* op = "spafl::cuda_linear_fwd";
+  const char* op = "spafl::native_linear_fwd";
   TORCH_CHECK(x_.dim() == 2 && weight_.dim() == 2 && x_.size(1) == weight_.size(1), op,
               ": expected x [M, K] and weight [N, K], got ", x_.sizes(), " and ", weight_.sizes());
   const int dtype = check_params(op, weight_, bias_, threshold_);
@@ -158,21 +169,13 @@ std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x_, const Tensor& weight_, c
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y_, const Tensor& x_, const Tensor& weight_,
                                                       const std::optional<Tensor>& bias_, const Tensor& score,
                                                       int64_t ste_, bool need_dx, bool need_params) {
-  const char* op = "spafl::cuda_linear_bwd";
+  const char* op = "spafl::native_linear_bwd";
   TORCH_CHECK(x_.dim() == 2 && weight_.dim() == 2 && x_.size(1) == weight_.size(1), op,
               ": expected x [M, K] and weight [N, K], got ", x_.sizes(), " and ", weight_.sizes());
   TORCH_CHECK(grad_y_.dim() == 2 && grad_y_.size(0) == x_.size(0) && grad_y_.size(1) == weight_.size(0), op,
               ": grad_y must have shape (", x_.size(0), ", ", weight_.size(0), "), got ", grad_y_.sizes());
   const int dtype = dtype_code(weight_.scalar_type(), op);
-  TORCH_CHECK(weight_.is_cuda(), op, ": weight must be a CUDA tensor, got one on ", weight_.device());
-  check_like(x_, weight_, op, "x");
-  check_like(grad_y_, weight_, op, "grad_y");
-  if (bias_.has_value()) {
-    check_like(*bias_, weight_, op, "bias");
-    check_row_vector(*bias_, weight_.size(0), op, "bias");
-  }
-  check_score(score, weight_, op);
-  const int ste = ste_code(ste_, op);
+  const int ste = check_bwd_inputs(op, grad_y_, x_, weight_, bias_, score, ste_);
   const c10::cuda::CUDAGuard guard(weight_.device());
   const cudaStream_t stream = current_stream(weight_);
   const Tensor grad_y = grad_y_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
@@ -214,11 +217,13 @@ int64_t pair_at(at::IntArrayRef pair, int i, const char* op, const char* name) {
 
 // Geometry of x [B, C, H, W] * weight [N, C, kh, kw] (groups == 1), checked.
 SpaflConvShape conv_shape(const Tensor& x, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, const char* op) {
+                          at::IntArrayRef dilation, int64_t groups, const char* op) {
+  // Dispatch never sends groups > 1 here (the cuda backend declares supports_groups = False): this guards
+  // direct calls of the op.
+  TORCH_CHECK(groups == 1, op, ": the CUDA kernels implement groups=1 only, got groups=", groups);
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, op, ": expected x [B, C, H, W] and weight [N, C, kh, kw], got ",
               x.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(x.size(1) == weight.size(1), op, ": x has ", x.size(1), " channels but weight expects ", weight.size(1),
-              " (groups > 1 is not implemented by the cuda backend)");
+  TORCH_CHECK(x.size(1) == weight.size(1), op, ": x has ", x.size(1), " channels but weight expects ", weight.size(1));
   SpaflConvShape s{};
   s.batch = x.size(0);
   s.in_channels = x.size(1);
@@ -247,9 +252,9 @@ SpaflConvShape conv_shape(const Tensor& x, const Tensor& weight, at::IntArrayRef
 
 std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x_, const Tensor& weight_, const std::optional<Tensor>& bias_,
                                       const Tensor& threshold_, at::IntArrayRef stride, at::IntArrayRef padding,
-                                      at::IntArrayRef dilation) {
-  const char* op = "spafl::cuda_conv2d_fwd";
-  const SpaflConvShape s = conv_shape(x_, weight_, stride, padding, dilation, op);
+                                      at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "spafl::native_conv2d_fwd";
+  const SpaflConvShape s = conv_shape(x_, weight_, stride, padding, dilation, groups, op);
   const int dtype = check_params(op, weight_, bias_, threshold_);
   check_like(x_, weight_, op, "x");
   const c10::cuda::CUDAGuard guard(weight_.device());
@@ -270,24 +275,16 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x_, const Tensor& weight_, c
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y_, const Tensor& x_, const Tensor& weight_,
                                                       const std::optional<Tensor>& bias_, const Tensor& score,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
-                                                      at::IntArrayRef dilation, int64_t ste_, bool need_dx,
-                                                      bool need_params) {
-  const char* op = "spafl::cuda_conv2d_bwd";
-  const SpaflConvShape s = conv_shape(x_, weight_, stride, padding, dilation, op);
+                                                      at::IntArrayRef dilation, int64_t groups, int64_t ste_,
+                                                      bool need_dx, bool need_params) {
+  const char* op = "spafl::native_conv2d_bwd";
+  const SpaflConvShape s = conv_shape(x_, weight_, stride, padding, dilation, groups, op);
   TORCH_CHECK(grad_y_.dim() == 4 && grad_y_.size(0) == s.batch && grad_y_.size(1) == s.out_channels &&
                   grad_y_.size(2) == s.out_h && grad_y_.size(3) == s.out_w,
               op, ": grad_y must have shape (", s.batch, ", ", s.out_channels, ", ", s.out_h, ", ", s.out_w,
               "), got ", grad_y_.sizes());
   const int dtype = dtype_code(weight_.scalar_type(), op);
-  TORCH_CHECK(weight_.is_cuda(), op, ": weight must be a CUDA tensor, got one on ", weight_.device());
-  check_like(x_, weight_, op, "x");
-  check_like(grad_y_, weight_, op, "grad_y");
-  if (bias_.has_value()) {
-    check_like(*bias_, weight_, op, "bias");
-    check_row_vector(*bias_, weight_.size(0), op, "bias");
-  }
-  check_score(score, weight_, op);
-  const int ste = ste_code(ste_, op);
+  const int ste = check_bwd_inputs(op, grad_y_, x_, weight_, bias_, score, ste_);
   const c10::cuda::CUDAGuard guard(weight_.device());
   const cudaStream_t stream = current_stream(weight_);
   const Tensor grad_y = grad_y_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
@@ -320,8 +317,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y_, con
 }  // namespace
 
 TORCH_LIBRARY_IMPL(spafl, CUDA, m) {
-  m.impl("cuda_linear_fwd", &linear_fwd);
-  m.impl("cuda_linear_bwd", &linear_bwd);
-  m.impl("cuda_conv2d_fwd", &conv2d_fwd);
-  m.impl("cuda_conv2d_bwd", &conv2d_bwd);
+  m.impl("native_linear_fwd", &linear_fwd);
+  m.impl("native_linear_bwd", &linear_bwd);
+  m.impl("native_conv2d_fwd", &conv2d_fwd);
+  m.impl("native_conv2d_bwd", &conv2d_bwd);
 }

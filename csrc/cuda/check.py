@@ -148,7 +148,7 @@ def cache_key(nvcc: str, bindings: bool) -> str:
         import torch
 
         h.update(torch.__version__.encode())
-    for path in sorted(HERE.iterdir()):
+    for path in [*sorted(HERE.iterdir()), *sorted(HERE.parent.glob("*.h"))]:  # csrc/*.h: headers the .cu include
         if path.is_file() and path.suffix in (".cu", ".cuh", ".h", ".cpp", ".py"):
             h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:24]

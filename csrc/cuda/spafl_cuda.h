@@ -14,14 +14,16 @@
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
+#include "../spafl_ste.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 typedef enum SpaflDtype { SPAFL_FLOAT32 = 0, SPAFL_FLOAT64 = 1, SPAFL_FLOAT16 = 2, SPAFL_BFLOAT16 = 3 } SpaflDtype;
 
-// STE gate codes (semantics.STES order); SPAFL_SELECT_ACTIVE selects active rows only (no gate).
-enum { SPAFL_SELECT_ACTIVE = -1, SPAFL_STE_IDENTITY = 0, SPAFL_STE_OUTER = 1, SPAFL_STE_CLIPPED = 2 };
+// Row selection takes a SpaflSte code (../spafl_ste.h), or SPAFL_SELECT_ACTIVE: active rows only (no gate).
+enum { SPAFL_SELECT_ACTIVE = -1 };
 
 // Geometry of a Conv2d with groups == 1: x [batch, in_channels, height, width],
 // weight [out_channels, in_channels, kernel_h, kernel_w], y [batch, out_channels, out_h, out_w].

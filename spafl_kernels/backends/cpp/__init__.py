@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import torch
 
+from ..._ext import NativeKernels
 from ..base import Backend
-from .conv2d import conv2d_bwd, conv2d_fwd
-from .linear import linear_bwd, linear_fwd
 
 
-class CppBackend(Backend):
+class CppBackend(NativeKernels, Backend):
+    """The CPU implementation of the ``spafl::native_*`` ops (``csrc/cpu``)."""
+
     name = "cpp"
     description = "C++ CPU kernels (OpenMP + ATen BLAS/oneDNN on compact row panels); float32/float64"
     devices = ("cpu",)
     auto_device_types = ("cpu",)
     dtypes = (torch.float32, torch.float64)
     needs_extension = True
-
-    linear_fwd = staticmethod(linear_fwd)
-    linear_bwd = staticmethod(linear_bwd)
-    conv2d_fwd = staticmethod(conv2d_fwd)
-    conv2d_bwd = staticmethod(conv2d_bwd)
 
 
 BACKEND = CppBackend()

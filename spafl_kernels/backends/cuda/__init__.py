@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..._ext import BUILD_HINT, EXTENSION_ERROR
+from ..._ext import BUILD_HINT, EXTENSION_ERROR, NativeKernels
 from ..base import FLOAT_DTYPES, Backend, CallSpec
-from . import _fake  # noqa: F401  (fake kernels of the spafl::cuda_* ops)
-from .conv2d import conv2d_bwd, conv2d_fwd
-from .linear import linear_bwd, linear_fwd
 
 MIN_CAPABILITY = (8, 0)
 """The tensor-core kernels are built for sm_80+ (bfloat16 wmma); older devices are refused."""
@@ -31,10 +28,12 @@ NO_CUDA_BUILD = (
 
 def has_cuda_kernels() -> bool:
     """Whether the installed ``spafl_kernels._C`` carries the CUDA kernels (setup.py built ``csrc/cuda``)."""
-    return EXTENSION_ERROR is None and torch.ops.spafl.cuda_linear_fwd.default.has_kernel_for_dispatch_key("CUDA")
+    return EXTENSION_ERROR is None and torch.ops.spafl.native_linear_fwd.default.has_kernel_for_dispatch_key("CUDA")
 
 
-class CudaBackend(Backend):
+class CudaBackend(NativeKernels, Backend):
+    """The CUDA implementation of the ``spafl::native_*`` ops (``csrc/cuda/bindings.cpp``)."""
+
     name = "cuda"
     description = "CUDA kernels (csrc/cuda): device-side row selection, gather-fused GEMM, no host sync"
     devices = ("cuda",)
@@ -42,11 +41,6 @@ class CudaBackend(Backend):
     dtypes = FLOAT_DTYPES
     needs_extension = True
     supports_groups = False
-
-    linear_fwd = staticmethod(linear_fwd)
-    linear_bwd = staticmethod(linear_bwd)
-    conv2d_fwd = staticmethod(conv2d_fwd)
-    conv2d_bwd = staticmethod(conv2d_bwd)
 
     def extra_reasons(self, spec: CallSpec) -> list[str]:
         if EXTENSION_ERROR is None and not has_cuda_kernels():

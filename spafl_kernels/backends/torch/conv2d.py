@@ -128,7 +128,7 @@ def conv2d_bwd(
     padding: Pair,
     dilation: Pair,
     groups: int,
-    ste: str,
+    ste: int,
     need_dx: bool,
     need_params: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

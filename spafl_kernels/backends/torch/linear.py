@@ -28,7 +28,7 @@ def linear_bwd(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     score: torch.Tensor,
-    ste: str,
+    ste: int,
     need_dx: bool,
     need_params: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...semantics import acc_dtype, fan_in, is_active, ste_gate
+from ...semantics import STES, acc_dtype, fan_in, is_active, ste_gate
 
 
 @dataclass
@@ -23,14 +23,14 @@ class RowSets:
     gate: torch.Tensor  # [N] 0/1 in the score's dtype; zero in the forward pass
 
     @classmethod
-    def from_score(cls, score: torch.Tensor, ste: str | None) -> RowSets:
+    def from_score(cls, score: torch.Tensor, ste: int | None) -> RowSets:
         """score: ``[N]``. ``ste=None``: only ``active`` is needed (forward, or backward for dx)."""
         mask = is_active(score)
         # nonzero() synchronises with the device: this backend trades that for plain PyTorch.
         active = mask.nonzero().squeeze(1)
         if ste is None:
             return cls(score.numel(), mask, active, active[:0], torch.zeros_like(score))
-        gate = ste_gate(score, ste)
+        gate = ste_gate(score, STES[ste])
         graded = (mask | (gate != 0)).nonzero().squeeze(1)
         return cls(score.numel(), mask, active, graded, gate)
 

@@ -284,7 +284,7 @@ def conv2d_bwd(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
-    ste: str,
+    ste: int,
     need_dx: bool,
     need_params: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -178,7 +178,7 @@ def linear_bwd(
     weight: Tensor,
     bias: Optional[Tensor],
     score: Tensor,
-    ste: str,
+    ste: int,
     need_dx: bool,
     need_params: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -27,8 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ...semantics import STES
-
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Whether ``triton.jit`` built interpreter functions: it decides when the kernels are defined (at
 import), so this is read once here and never again."""
@@ -36,10 +34,6 @@ import), so this is read once here and never again."""
 AUTOTUNE = os.environ.get("SPAFL_TRITON_AUTOTUNE", "1") != "0"
 """``SPAFL_TRITON_AUTOTUNE=0`` (read at import): one fixed tile per GEMM kernel instead of autotuning,
 so that correctness tests over many shapes and dtypes do not compile and time every tile for each."""
-
-STE_CODES = {name: code for code, name in enumerate(STES)}
-"""``ste`` name -> the integer the kernels take as a compile-time constant."""
-
 
 CUDA_GEMM_TILES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     # Eight warps keep the gathered-pointer tiles in registers: four-warp versions of these tiles
@@ -116,7 +110,7 @@ def reduction_split(positions: int, n_rows: int, fan_in: int, device: torch.devi
 
 @triton.jit
 def gate_open(s, STE: tl.constexpr):
-    """Whether the STE gate of score(s) ``s`` is open: ``STE`` 0 identity, 1 outer, 2 clipped."""
+    """Whether the STE gate of score(s) ``s`` is open; ``STE``: a code of ``semantics.STE_CODES``."""
     # Negated comparisons: a NaN score has its gate open (semantics.is_active).
     if STE == 1:
         is_open = ~(tl.abs(s) <= 1.0)
@@ -344,7 +338,7 @@ def row_score(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return score
 
 
-def compact(score: torch.Tensor, groups: int, ste: str | None):
+def compact(score: torch.Tensor, groups: int, ste: int | None):
     """Row lists on the device: ``(active [N] int32, active_count [groups] int32)``, plus
     ``(graded [N] int32, graded_count [groups] int32)`` when ``ste`` is given (else ``None, None``).
     See ``_compact_fwd_kernel`` for the layout."""
@@ -358,7 +352,7 @@ def compact(score: torch.Tensor, groups: int, ste: str | None):
         score, active, active_count,
         active if graded is None else graded, active_count if graded_count is None else graded_count,
         n_rows // groups,
-        STE=STE_CODES.get(ste, 0), GRADED=ste is not None, BLOCK=64 if INTERPRET else 1024,
+        STE=0 if ste is None else ste, GRADED=ste is not None, BLOCK=64 if INTERPRET else 1024,
     )
     return active, active_count, graded, graded_count
 
@@ -387,7 +381,7 @@ def param_grads(
     score: torch.Tensor,
     gw: torch.Tensor,
     gsum: torch.Tensor,
-    ste: str,
+    ste: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dweight like weight, dbias [N] or empty, dthreshold [N])`` from the dW GEMM's partial
     results: gw ``[split, N, fan_in]`` and, with a bias, gsum ``[sum_split, N]`` (accumulation dtype)."""
@@ -404,7 +398,7 @@ def param_grads(
         _param_grads_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
             weight, gw, gsum, bias, score, dweight, dbias, dthreshold,
             n_rows, fan_in, gw.shape[0], gsum.shape[0], gw.stride(0), weight.stride(0), dweight.stride(0),
-            STE=STE_CODES[ste], HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK=block,
+            STE=ste, HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK=block,
             ONE_CHUNK=fan_in <= block, num_warps=8 if block * block_r > 2048 else 4,
         )
     return dweight, dbias, dthreshold
