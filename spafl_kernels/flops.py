@@ -48,7 +48,11 @@ class LayerFlops:
         return self.paper_forward + self.paper_backward
 
     def __add__(self, other: LayerFlops) -> LayerFlops:
-        return LayerFlops(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+        return LayerFlops(*(getattr(self, name) + getattr(other, name) for name in FLOP_FIELDS))
+
+
+FLOP_FIELDS = tuple(f.name for f in fields(LayerFlops))
+"""The counts a ``LayerFlops`` holds, in order (what a record or a message of FLOPs carries)."""
 
 
 def layer_flops(

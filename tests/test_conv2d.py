@@ -7,7 +7,14 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import KERNEL_BACKENDS, assert_matches_oracle, make_params, require_backend, rows_for_density
+from oracle import (
+    KERNEL_BACKENDS,
+    assert_compiled_matches_eager,
+    assert_matches_oracle,
+    make_params,
+    require_backend,
+    rows_for_density,
+)
 
 import spafl_kernels as sk
 
@@ -98,14 +105,4 @@ def test_compile_fullgraph_matches_eager():
     )
     with torch.no_grad():
         model[0].threshold.copy_(model[0].weight.abs().mean((1, 2, 3)) - torch.linspace(-0.5, 0.5, 8))
-    x = torch.randn(2, 3, 9, 9)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    out_c = compiled(x)
-    out_c.square().sum().backward()
-    grads_c = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    out_e = model(x)
-    out_e.square().sum().backward()
-    torch.testing.assert_close(out_c, out_e)
-    for gc, p in zip(grads_c, model.parameters()):
-        torch.testing.assert_close(gc, p.grad)
+    assert_compiled_matches_eager(model, torch.randn(2, 3, 9, 9))

@@ -18,6 +18,7 @@ import pytest
 import torch
 from cuda_tools import ConvShape, load_emulation, require_nvcc
 from oracle import (
+    assert_compiled_matches_eager,
     assert_low_precision_matches_oracle,
     assert_matches_oracle,
     cast,
@@ -306,16 +307,7 @@ def compile_matches_eager(device: str) -> None:
     ).to(device)
     with torch.no_grad():
         model[0].threshold.copy_(model[0].weight.abs().mean((1, 2, 3)) - torch.linspace(-0.5, 0.5, 8, device=device))
-    x = torch.randn(2, 3, 9, 9, device=device)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    results = []
-    for run in (compiled, model):
-        model.zero_grad()
-        out = run(x)
-        out.square().sum().backward()
-        results.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
-    for compiled_value, eager_value in zip(*results):
-        torch.testing.assert_close(compiled_value, eager_value)
+    assert_compiled_matches_eager(model, torch.randn(2, 3, 9, 9, device=device))
 
 
 def test_opcheck(emulated):

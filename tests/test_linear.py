@@ -6,7 +6,14 @@ import functools
 
 import pytest
 import torch
-from oracle import KERNEL_BACKENDS, assert_matches_oracle, make_params, require_backend, rows_for_density
+from oracle import (
+    KERNEL_BACKENDS,
+    assert_compiled_matches_eager,
+    assert_matches_oracle,
+    make_params,
+    require_backend,
+    rows_for_density,
+)
 
 import spafl_kernels as sk
 
@@ -101,16 +108,7 @@ def test_compile_fullgraph_matches_eager(compiler):
     )
     with torch.no_grad():
         model[0].threshold.copy_(model[0].weight.abs().mean(1) - torch.linspace(-0.5, 0.5, 16))
-    x = torch.randn(4, 6)
-    compiled = torch.compile(model, fullgraph=True, backend=compiler)
-    results = []
-    for run in (compiled, model):
-        model.zero_grad()
-        out = run(x)
-        out.square().sum().backward()
-        results.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
-    for compiled_value, eager_value in zip(*results):
-        torch.testing.assert_close(compiled_value, eager_value)
+    assert_compiled_matches_eager(model, torch.randn(4, 6), backend=compiler)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

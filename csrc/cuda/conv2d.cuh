@@ -1,5 +1,6 @@
 // Sparse Conv2d (groups == 1, NCHW) as implicit-GEMM problems for gemm.cuh: im2col happens in the
-// loaders, element by element, so no unfolded copy of x is ever materialised.
+// loaders, element by element, so no unfolded copy of x is ever materialised. The problem structs here
+// and in linear.cuh are alike on purpose (gemm.cuh says why).
 //
 // GEMM views, with pixels m = (b, oh, ow) or (b, ih, iw) and filter columns j = (c, kh, kw):
 //   forward  y[b, perm[p], oh, ow] = sum_j im2col(x)[(b, oh, ow), j] W[perm[p], j]

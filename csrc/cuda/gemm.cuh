@@ -15,6 +15,10 @@
 //   a(m, k), b(k, n)                      elements, called only for in-range indices
 //   store(m, n, acc)                      called once for every in-range (m, n) of every live tile
 //
+// The problems (LinearFwd/Dx/Dw, Conv2dFwd/Dx/Dw) look alike on purpose, as CUTLASS's do: each spells its
+// own fields and accessors, so that the addressing of each GEMM view reads in one place and inlines into
+// the mainloop; a shared base or macro would save lines but hide what differs (gathers, im2col, strides).
+//
 // The per-thread phases (load, compute, store) are SPAFL_HD functions of an explicit thread index, so
 // that tests/cuda_emulation.cpp runs them on the host, thread by thread and phase by phase, exactly
 // as the kernels below order them between their __syncthreads().

@@ -1,5 +1,6 @@
 // Sparse Linear as gather-fused GEMM problems for gemm.cuh (row-major x [M, K], weight [N, K],
 // grad_y / y [M, N]). The row sets come from select_rows (rows.cuh); their counts stay on the device.
+// The problem structs here and in conv2d.cuh are alike on purpose (gemm.cuh says why).
 #pragma once
 
 #include "gemm.cuh"

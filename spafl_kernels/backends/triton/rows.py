@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...semantics import acc_dtype
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Whether ``triton.jit`` built interpreter functions: it decides when the kernels are defined (at
 import), so this is read once here and never again."""
@@ -80,7 +82,7 @@ def dot_options(dtype: torch.dtype, tf32: bool) -> dict:
     return {
         "PRECISION": "tf32" if (tf32 and dtype == torch.float32 and not INTERPRET) else "ieee",
         "UPCAST": INTERPRET and dtype == torch.bfloat16,
-        "ACC64": dtype == torch.float64,
+        "ACC64": acc_dtype(dtype) == torch.float64,
     }
 
 
@@ -327,8 +329,7 @@ def row_score(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """Scores ``[N]`` in ``acc_dtype(weight.dtype)``; weight: ``[N, ...]`` as ``rows_dense`` returns."""
     n_rows = weight.shape[0]
     fan_in = weight.numel() // max(n_rows, 1)
-    score = torch.empty(n_rows, device=weight.device,
-                        dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    score = torch.empty(n_rows, device=weight.device, dtype=acc_dtype(weight.dtype))
     block_r, block_k = (16, 64) if INTERPRET else (4, 256)
     if n_rows:
         grid = (triton.cdiv(n_rows, block_r),)
@@ -365,8 +366,7 @@ def row_sums(grad: torch.Tensor, rows: torch.Tensor, count: torch.Tensor) -> tor
     positions = batch * out_h * out_w
     block_r = 16 if INTERPRET else 64
     split = reduction_split(positions, n_rows, 1, grad.device)
-    gsum = torch.empty(split, n_rows, device=grad.device,
-                       dtype=torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    gsum = torch.empty(split, n_rows, device=grad.device, dtype=acc_dtype(grad.dtype))
     grid = (max(1, triton.cdiv(n_rows // groups, block_r)), groups, split)
     _row_sums_bwd_kernel[grid](
         grad, gsum, rows, count, n_rows, n_rows // groups, out_h, out_w, positions, triton.cdiv(positions, split),
