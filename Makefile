@@ -33,13 +33,13 @@ lint: $(BIN)/.tools
 # Compiles every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 and fails on errors or register spills;
 # type-checks the torch bindings. Needs nvcc, not a GPU (a passing result is cached in build/cuda-check).
 cuda-check: $(BIN)/.tools
-	$(BIN)/python csrc/cuda/check.py
+	$(BIN)/python tools/cuda_check.py
 
 # Compiles every Triton kernel of the triton backend for sm_90 (ptxas ships with triton; no GPU needed)
 # and fails on compile errors, which the interpreter that runs the Triton tests cannot see.
 triton-check: install
 	mkdir -p build
-	$(BIN)/python benchmarks/triton_compile_check.py --arch 90 >build/triton-check.md || (tail -n 40 build/triton-check.md; exit 1)
+	$(BIN)/python tools/triton_check.py --arch 90 >build/triton-check.md || (tail -n 40 build/triton-check.md; exit 1)
 	tail -n 1 build/triton-check.md
 
 # Triton kernels run on the CPU only in Triton's interpreter, which must be on before import: the

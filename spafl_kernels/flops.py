@@ -108,7 +108,7 @@ class FlopCounter:
             positions = output.numel() // rows if rows else 0
             active, open_pruned = _row_counts(layer)
             self.per_layer[name] += layer_flops(
-                positions, layer.row_size, rows, active, open_pruned, need_dx=x.requires_grad
+                positions, layer.fan_in, rows, active, open_pruned, need_dx=x.requires_grad
             )
 
         return hook

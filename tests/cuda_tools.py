@@ -19,8 +19,8 @@ EMULATION_SOURCE = ROOT / "tests" / "cuda_emulation.cpp"
 
 
 def load_check():
-    """``csrc/cuda/check.py`` as a module."""
-    spec = importlib.util.spec_from_file_location("spafl_cuda_check", CUDA_SOURCES / "check.py")
+    """``tools/cuda_check.py`` as a module."""
+    spec = importlib.util.spec_from_file_location("spafl_cuda_check", ROOT / "tools" / "cuda_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -21,9 +21,9 @@ cuda_module = sys.modules[type(cuda_backend).__module__]
 
 
 def test_compile_check_passes():
-    """Every .cu compiles for sm_80 and sm_90 without spills, and the bindings type-check (check.py)."""
+    """Every .cu compiles for sm_80 and sm_90 without spills, and the bindings type-check (tools/cuda_check.py)."""
     require_nvcc()
-    proc = subprocess.run([sys.executable, str(CUDA_SOURCES / "check.py")], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "cuda_check.py")], capture_output=True, text=True,
                           check=False, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cuda-check: OK" in proc.stdout

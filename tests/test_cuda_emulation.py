@@ -59,8 +59,8 @@ class EmulatedOps:
     def scores(self, weight, threshold):
         rows = weight.shape[0]
         score = torch.full((rows,), float("nan"), dtype=acc_dtype(weight.dtype))
-        row_size = weight.numel() // rows if rows else 0
-        self.call("row_scores", DTYPE_CODES[weight.dtype], _ptr(weight), _ptr(threshold), _ptr(score), rows, row_size)
+        fan_in = weight.numel() // rows if rows else 0
+        self.call("row_scores", DTYPE_CODES[weight.dtype], _ptr(weight), _ptr(threshold), _ptr(score), rows, fan_in)
         return score
 
     def select(self, score, dtype, ste: int, complement: bool):

@@ -97,7 +97,7 @@ def test_compaction_without_graded_list_and_scores_match_semantics():
     rows = _rows()
     weight, _, threshold = make_params((70, 3, 2, 2), 30, False, seed=4)
     weight, threshold = weight.float().to(DEVICE), threshold.float().to(DEVICE)
-    score = rows.row_score(weight, threshold)
+    score = rows.row_scores(weight, threshold)
     torch.testing.assert_close(score, sk.semantics.row_score(weight, threshold))
     active, count, graded, graded_count = rows.compact(score, 1, None)
     assert graded is None and graded_count is None and int(count[0]) == 30

@@ -173,7 +173,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
   const Tensor w = weight.contiguous();
   const Tensor g = grad_y.contiguous();
   const Tensor s = score.contiguous();
-  const int64_t N = w.size(0), fan = w.numel() / std::max<int64_t>(N, 1);
+  const int64_t N = w.size(0), fan_in = w.numel() / std::max<int64_t>(N, 1);
   TORCH_CHECK(g.dim() == 4 && g.size(0) == x.size(0) && g.size(1) == N,
               "spafl::native_conv2d_bwd: grad_y must be [B, ", N, ", H', W'], got ", g.sizes());
   TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.scalar_type() == w.scalar_type(),
@@ -202,7 +202,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
                                      w.const_data_ptr<scalar_t>(),
                                      b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
                                      b.defined() ? dbias.const_data_ptr<scalar_t>() : nullptr,
-                                     fan,
+                                     fan_in,
                                      dweight.mutable_data_ptr<scalar_t>(),
                                      dthreshold.mutable_data_ptr<scalar_t>()};
       if (compact.defined()) {

@@ -104,16 +104,16 @@ at::Tensor row_scores(const at::Tensor& weight, const at::Tensor& threshold) {
   TORCH_CHECK(threshold.scalar_type() == weight.scalar_type(), "threshold dtype ", threshold.scalar_type(),
               " differs from weight dtype ", weight.scalar_type());
   const at::Tensor t = threshold.contiguous();
-  const int64_t fan = rows ? weight.numel() / rows : 0;
+  const int64_t fan_in = rows ? weight.numel() / rows : 0;
   at::Tensor score = at::empty({rows}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "spafl_row_scores", [&] {
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     const scalar_t* tau = t.const_data_ptr<scalar_t>();
     scalar_t* s = score.mutable_data_ptr<scalar_t>();
-    const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(fan, 1));
-    at::parallel_for(0, rows, grain(fan), [&](int64_t b, int64_t e) {
+    const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(fan_in, 1));
+    at::parallel_for(0, rows, grain(fan_in), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        s[i] = row_abs_sum(w + i * fan, fan) * inv - tau[i];
+        s[i] = row_abs_sum(w + i * fan_in, fan_in) * inv - tau[i];
       }
     });
   });
@@ -143,9 +143,9 @@ std::vector<Segment> segments(const int64_t* idx, int64_t n, int64_t chunk, int6
   return out;
 }
 
-int64_t panel_rows(int64_t row_size, int64_t elem_size, int64_t total_rows) {
+int64_t panel_rows(int64_t fan_in, int64_t elem_size, int64_t total_rows) {
   constexpr int64_t kPanelBytes = int64_t(16) << 20;
-  const int64_t rows = std::max<int64_t>(64, kPanelBytes / std::max<int64_t>(row_size * elem_size, 1));
+  const int64_t rows = std::max<int64_t>(64, kPanelBytes / std::max<int64_t>(fan_in * elem_size, 1));
   return std::max<int64_t>(1, std::min(rows, total_rows));
 }
 

@@ -101,10 +101,10 @@ void* mutable_data_or_null(const Tensor& t) { return t.defined() ? t.mutable_dat
 // score [rows] = mean|W_row| - tau, in the accumulation dtype. weight contiguous [rows, ...].
 Tensor row_scores(const Tensor& weight, const Tensor& threshold, int dtype, cudaStream_t stream, const char* op) {
   const int64_t rows = weight.size(0);
-  const int64_t row_size = rows > 0 ? weight.numel() / rows : 0;
+  const int64_t fan_in = rows > 0 ? weight.numel() / rows : 0;
   Tensor score = at::empty({rows}, weight.options().dtype(at::toOpMathType(weight.scalar_type())));
   check_launch(spafl_cuda_row_scores(dtype, weight.const_data_ptr(), threshold.const_data_ptr(),
-                                     score.mutable_data_ptr(), rows, row_size, stream),
+                                     score.mutable_data_ptr(), rows, fan_in, stream),
                op, "row_scores");
   return score;
 }

@@ -188,7 +188,7 @@ struct UsesTensorCores {
 #ifdef __CUDACC__
 
 // minBlocksPerMultiprocessor = 1 on both kernels: without it ptxas (CUDA 13) picked register budgets low
-// enough to spill a few bytes in some sm_90 instantiations; with it none spills (csrc/cuda/check.py).
+// enough to spill a few bytes in some sm_90 instantiations; with it none spills (tools/cuda_check.py).
 template <class P>
 __global__ void __launch_bounds__(SimtGemm<P>::THREADS, 1) simt_gemm_kernel(const P p) {
   using G = SimtGemm<P>;

@@ -33,10 +33,10 @@ typedef struct SpaflConvShape {
   int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
 } SpaflConvShape;
 
-// score[i] = mean_j |weight[i, j]| - threshold[i]. weight [rows, row_size], threshold [rows] (dtype);
+// score[i] = mean_j |weight[i, j]| - threshold[i]. weight [rows, fan_in], threshold [rows] (dtype);
 // score [rows] (accumulation dtype).
 cudaError_t spafl_cuda_row_scores(int dtype, const void* weight, const void* threshold, void* score, int64_t rows,
-                                  int64_t row_size, cudaStream_t stream);
+                                  int64_t fan_in, cudaStream_t stream);
 
 // Row selection by score: rows with score > 0 when ste == SPAFL_SELECT_ACTIVE, else rows with
 // score > 0 or an open STE gate (the rows that need a weight gradient). Writes the selected rows
@@ -77,12 +77,12 @@ cudaError_t spafl_cuda_conv2d_dw(int dtype, const void* grad_y, const void* x, c
 // Parameter gradients from the dense weight gradient G of the rows that need one (DESIGN §2), in place:
 //   on entry dweight[i, :] = G_i for every row with score > 0 or an open gate (other rows: anything);
 //   dL/dm_i = <G_i, W_i> + b_i * gsum_i,  gsum_i = sum_{o < outer, s < inner} grad_y[(o * rows + i) * inner + s]
-//   dweight_i = m_i G_i + gate_i dL/dm_i sign(W_i) / row_size;  dbias_i = m_i gsum_i;  dthreshold_i = -gate_i dL/dm_i
-// weight/dweight [rows, row_size]; bias/dbias [rows] or NULL; dthreshold [rows] (dtype); score (accumulation
+//   dweight_i = m_i G_i + gate_i dL/dm_i sign(W_i) / fan_in;  dbias_i = m_i gsum_i;  dthreshold_i = -gate_i dL/dm_i
+// weight/dweight [rows, fan_in]; bias/dbias [rows] or NULL; dthreshold [rows] (dtype); score (accumulation
 // dtype). Linear: outer = M, inner = 1. Conv2d: outer = batch, inner = out_h * out_w.
 cudaError_t spafl_cuda_param_grads(int dtype, const void* score, int ste, const void* weight, const void* bias,
                                    const void* grad_y, void* dweight, void* dbias, void* dthreshold, int64_t rows,
-                                   int64_t row_size, int64_t outer, int64_t inner, cudaStream_t stream);
+                                   int64_t fan_in, int64_t outer, int64_t inner, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

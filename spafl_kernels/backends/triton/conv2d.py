@@ -30,7 +30,7 @@ from .rows import (
     mma,
     param_grads,
     reduction_split,
-    row_score,
+    row_scores,
     row_sums,
     rows_dense,
 )
@@ -259,7 +259,7 @@ def conv2d_fwd(
     """x: ``[B, C, H, W]``, weight: ``[N, C/groups, kh, kw]`` -> ``(y [B, N, OH, OW] contiguous, score [N])``."""
     weight, bias, threshold = rows_dense(weight), dense_vector(bias), dense_vector(threshold)
     geo = _geometry(x, weight, stride, padding, dilation, groups)
-    score = row_score(weight, threshold)
+    score = row_scores(weight, threshold)
     active, count, _, _ = compact(score, groups, None)
     n_rows = weight.shape[0]
     y = x.new_empty(x.shape[0], n_rows, geo["OH"], geo["OW"])

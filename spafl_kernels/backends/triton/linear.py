@@ -24,7 +24,7 @@ from .rows import (
     mma,
     param_grads,
     reduction_split,
-    row_score,
+    row_scores,
     row_sums,
     rows_dense,
 )
@@ -160,7 +160,7 @@ def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Ten
     """x: ``[M, K]``, weight: ``[N, K]``, bias/threshold: ``[N]`` -> ``(y [M, N], score [N])``."""
     weight, bias, threshold = rows_dense(weight), dense_vector(bias), dense_vector(threshold)
     (m, k), n = x.shape, weight.shape[0]
-    score = row_score(weight, threshold)
+    score = row_scores(weight, threshold)
     active, count, _, _ = compact(score, 1, None)
     y = x.new_empty(m, n)
     if m:  # (the kernel wraps batch indices modulo M)

@@ -325,7 +325,7 @@ def dense_vector(vector: torch.Tensor | None) -> torch.Tensor | None:
     return vector if vector is None or vector.stride(0) == 1 else vector.contiguous()
 
 
-def row_score(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+def row_scores(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """Scores ``[N]`` in ``acc_dtype(weight.dtype)``; weight: ``[N, ...]`` as ``rows_dense`` returns."""
     n_rows = weight.shape[0]
     fan_in = weight.numel() // max(n_rows, 1)
