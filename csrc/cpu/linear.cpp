@@ -24,9 +24,9 @@ void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const s
   TORCH_CHECK(weight.dim() == 2 && x.dim() == 2 && x.size(1) == weight.size(1), op,
               ": expected x [M, K] and weight [N, K], got ", x.sizes(), " and ", weight.sizes());
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": x dtype ", x.scalar_type(), " differs from weight's");
-  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0) &&
-                        bias->scalar_type() == weight.scalar_type()),
-              op, ": bias must be [N] in the weight's dtype");
+  TORCH_CHECK(
+      !bias || (bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == weight.scalar_type()), op,
+      ": bias must be [N] in the weight's dtype");
 }
 
 // x [M, K], weight [N, K], bias [N]?, threshold [N] -> (y [M, N], score [N]).
@@ -99,13 +99,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, cons
   const Tensor g = grad_y.contiguous();
   const Tensor s = score.contiguous();
   const int64_t M = x.size(0), K = w.size(1), N = w.size(0);
-  TORCH_CHECK(g.dim() == 2 && g.size(0) == M && g.size(1) == N, "spafl::native_linear_bwd: grad_y must be [", M,
-              ", ", N, "], got ", g.sizes());
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == M && g.size(1) == N, "spafl::native_linear_bwd: grad_y must be [", M, ", ",
+              N, "], got ", g.sizes());
   TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.scalar_type() == w.scalar_type(),
               "spafl::native_linear_bwd: score must be [N] in the weight's dtype");
   // Distinct empty tensors where a gradient is not asked for: op outputs must not alias each other.
-  Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()),
-         dbias = at::empty({0}, x.options()), dthreshold = at::empty({0}, x.options());
+  Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()), dbias = at::empty({0}, x.options()),
+         dthreshold = at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_linear_bwd", [&] {
     const RowSets rows(s.const_data_ptr<scalar_t>(), N, gate_kind, need_params);
     const scalar_t* wp = w.const_data_ptr<scalar_t>();

@@ -1,7 +1,6 @@
 // Row machinery of the CPU kernels; see rows.h.
 #include "rows.h"
 
-
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -99,8 +98,8 @@ double row_abs_sum(const double* p, int64_t n) { return abs_sum(p, n); }
 
 at::Tensor row_scores(const at::Tensor& weight, const at::Tensor& threshold) {
   const int64_t rows = weight.size(0);
-  TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == rows, "threshold must have shape (", rows,
-              ",), got ", threshold.sizes());
+  TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == rows, "threshold must have shape (", rows, ",), got ",
+              threshold.sizes());
   TORCH_CHECK(threshold.scalar_type() == weight.scalar_type(), "threshold dtype ", threshold.scalar_type(),
               " differs from weight dtype ", weight.scalar_type());
   const at::Tensor t = threshold.contiguous();
@@ -172,7 +171,8 @@ at::Tensor fresh_pages(at::IntArrayRef sizes, const at::TensorOptions& options, 
   for (const int64_t s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
   constexpr size_t kLarge = size_t(2) << 20;  // also the x86-64 huge page
-  if (bytes < kLarge) return zero ? at::zeros(sizes, options) : at::empty(sizes, options);  // reused heap memory
+  // Below it, reused heap memory.
+  if (bytes < kLarge) return zero ? at::zeros(sizes, options) : at::empty(sizes, options);
 #ifdef __linux__
   // Over-map by one huge page so that the block can start on a huge-page boundary.
   const size_t span = (bytes + kLarge - 1) / kLarge * kLarge;

@@ -128,8 +128,7 @@ inline int64_t grain(int64_t item_size) {
 // dst[o, j, :] = src[o, idx[j], :] for o < outer, j < n; src: [outer, rows, inner], dst: [outer, n,
 // inner], both contiguous.
 template <typename T>
-void gather_planes(const T* src, int64_t outer, int64_t rows, int64_t inner, const int64_t* idx,
-                   int64_t n, T* dst) {
+void gather_planes(const T* src, int64_t outer, int64_t rows, int64_t inner, const int64_t* idx, int64_t n, T* dst) {
   if (inner == 1) {  // columns of a matrix: one element per index, parallel over the outer rows
     at::parallel_for(0, outer, grain(n), [&](int64_t b, int64_t e) {
       for (int64_t o = b; o < e; ++o) {

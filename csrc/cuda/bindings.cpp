@@ -45,8 +45,8 @@ void check_launch(cudaError_t status, const char* op, const char* kernel) {
 void check_like(const Tensor& t, const Tensor& like, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
   TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but weight is on ", like.device());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              " but weight has ", like.scalar_type());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but weight has ",
+              like.scalar_type());
 }
 
 void check_row_vector(const Tensor& t, int64_t rows, const char* op, const char* name) {
@@ -118,10 +118,10 @@ struct RowSet {
 RowSet select_rows(const Tensor& score, int dtype, int ste, bool complement, cudaStream_t stream, const char* op) {
   const int64_t rows = score.size(0);
   RowSet set{at::empty({rows}, score.options().dtype(at::kLong)), at::empty({}, score.options().dtype(at::kLong))};
-  check_launch(spafl_cuda_select_rows(dtype, score.const_data_ptr(), rows, ste, complement ? 1 : 0,
-                                      set.index.mutable_data_ptr<int64_t>(), set.count.mutable_data_ptr<int64_t>(),
-                                      stream),
-               op, "select_rows");
+  check_launch(
+      spafl_cuda_select_rows(dtype, score.const_data_ptr(), rows, ste, complement ? 1 : 0,
+                             set.index.mutable_data_ptr<int64_t>(), set.count.mutable_data_ptr<int64_t>(), stream),
+      op, "select_rows");
   return set;
 }
 
@@ -135,8 +135,8 @@ std::tuple<Tensor, Tensor> param_grads(const Tensor& score, int ste, const Tenso
   const Tensor dthreshold = at::empty({rows}, weight.options());
   check_launch(spafl_cuda_param_grads(dtype, score.const_data_ptr(), ste, weight.const_data_ptr(), data_or_null(bias),
                                       grad_y.const_data_ptr(), dweight.mutable_data_ptr(), mutable_data_or_null(dbias),
-                                      dthreshold.mutable_data_ptr(), rows, rows > 0 ? weight.numel() / rows : 0,
-                                      outer, inner, stream),
+                                      dthreshold.mutable_data_ptr(), rows, rows > 0 ? weight.numel() / rows : 0, outer,
+                                      inner, stream),
                op, "param_grads");
   return {dbias, dthreshold};
 }
@@ -199,10 +199,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y_, con
   // Rows needing a weight gradient: active rows and pruned rows whose gate is open (for dL/dm).
   const RowSet graded = select_rows(scores, dtype, ste, false, stream, op);
   Tensor dweight = at::empty({N, K}, weight.options());
-  check_launch(spafl_cuda_linear_dw(dtype, grad_y.const_data_ptr(), x.const_data_ptr(),
-                                    graded.index.const_data_ptr<int64_t>(), graded.count.const_data_ptr<int64_t>(),
-                                    dweight.mutable_data_ptr(), M, N, K, stream),
-               op, "linear_dw");
+  check_launch(
+      spafl_cuda_linear_dw(dtype, grad_y.const_data_ptr(), x.const_data_ptr(), graded.index.const_data_ptr<int64_t>(),
+                           graded.count.const_data_ptr<int64_t>(), dweight.mutable_data_ptr(), M, N, K, stream),
+      op, "linear_dw");
   auto [dbias, dthreshold] =
       param_grads(scores, ste, weight, bias, grad_y, dweight, /*outer=*/M, /*inner=*/1, dtype, stream, op);
   return {dx, dweight, dbias.defined() ? dbias : none(), dthreshold};
@@ -238,15 +238,15 @@ SpaflConvShape conv_shape(const Tensor& x, const Tensor& weight, at::IntArrayRef
   s.pad_w = pair_at(padding, 1, op, "padding");
   s.dilation_h = pair_at(dilation, 0, op, "dilation");
   s.dilation_w = pair_at(dilation, 1, op, "dilation");
-  TORCH_CHECK(s.stride_h >= 1 && s.stride_w >= 1 && s.dilation_h >= 1 && s.dilation_w >= 1 && s.pad_h >= 0 &&
-                  s.pad_w >= 0,
-              op, ": stride and dilation must be >= 1 and padding >= 0, got stride=", stride, " padding=", padding,
-              " dilation=", dilation);
+  TORCH_CHECK(
+      s.stride_h >= 1 && s.stride_w >= 1 && s.dilation_h >= 1 && s.dilation_w >= 1 && s.pad_h >= 0 && s.pad_w >= 0, op,
+      ": stride and dilation must be >= 1 and padding >= 0, got stride=", stride, " padding=", padding,
+      " dilation=", dilation);
   TORCH_CHECK(s.kernel_h >= 1 && s.kernel_w >= 1, op, ": empty kernel ", weight.sizes());
   s.out_h = (s.height + 2 * s.pad_h - s.dilation_h * (s.kernel_h - 1) - 1) / s.stride_h + 1;
   s.out_w = (s.width + 2 * s.pad_w - s.dilation_w * (s.kernel_w - 1) - 1) / s.stride_w + 1;
-  TORCH_CHECK(s.out_h > 0 && s.out_w > 0, op, ": the padded input ", x.sizes(),
-              " is smaller than the dilated kernel ", weight.sizes());
+  TORCH_CHECK(s.out_h > 0 && s.out_w > 0, op, ": the padded input ", x.sizes(), " is smaller than the dilated kernel ",
+              weight.sizes());
   return s;
 }
 
@@ -264,7 +264,8 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x_, const Tensor& weight_, c
 
   Tensor score = row_scores(weight, threshold, dtype, stream, op);
   const RowSet perm = select_rows(score, dtype, SPAFL_SELECT_ACTIVE, true, stream, op);  // active, then pruned
-  Tensor y = at::empty({s.batch, s.out_channels, s.out_h, s.out_w}, x.options());  // every element written
+  // Every element of y is written: active channels and pruned zeros.
+  Tensor y = at::empty({s.batch, s.out_channels, s.out_h, s.out_w}, x.options());
   check_launch(spafl_cuda_conv2d_fwd(dtype, x.const_data_ptr(), weight.const_data_ptr(), data_or_null(bias),
                                      perm.index.const_data_ptr<int64_t>(), perm.count.const_data_ptr<int64_t>(),
                                      y.mutable_data_ptr(), &s, stream),
@@ -281,8 +282,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y_, con
   const SpaflConvShape s = conv_shape(x_, weight_, stride, padding, dilation, groups, op);
   TORCH_CHECK(grad_y_.dim() == 4 && grad_y_.size(0) == s.batch && grad_y_.size(1) == s.out_channels &&
                   grad_y_.size(2) == s.out_h && grad_y_.size(3) == s.out_w,
-              op, ": grad_y must have shape (", s.batch, ", ", s.out_channels, ", ", s.out_h, ", ", s.out_w,
-              "), got ", grad_y_.sizes());
+              op, ": grad_y must have shape (", s.batch, ", ", s.out_channels, ", ", s.out_h, ", ", s.out_w, "), got ",
+              grad_y_.sizes());
   const int dtype = dtype_code(weight_.scalar_type(), op);
   const int ste = check_bwd_inputs(op, grad_y_, x_, weight_, bias_, score, ste_);
   const c10::cuda::CUDAGuard guard(weight_.device());
@@ -305,10 +306,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y_, con
 
   const RowSet graded = select_rows(scores, dtype, ste, false, stream, op);
   Tensor dweight = at::empty(weight.sizes(), weight.options());
-  check_launch(spafl_cuda_conv2d_dw(dtype, grad_y.const_data_ptr(), x.const_data_ptr(),
-                                    graded.index.const_data_ptr<int64_t>(), graded.count.const_data_ptr<int64_t>(),
-                                    dweight.mutable_data_ptr(), &s, stream),
-               op, "conv2d_dw");
+  check_launch(
+      spafl_cuda_conv2d_dw(dtype, grad_y.const_data_ptr(), x.const_data_ptr(), graded.index.const_data_ptr<int64_t>(),
+                           graded.count.const_data_ptr<int64_t>(), dweight.mutable_data_ptr(), &s, stream),
+      op, "conv2d_dw");
   auto [dbias, dthreshold] = param_grads(scores, ste, weight, bias, grad_y, dweight, /*outer=*/s.batch,
                                          /*inner=*/s.out_h * s.out_w, dtype, stream, op);
   return {dx, dweight, dbias.defined() ? dbias : none(), dthreshold};

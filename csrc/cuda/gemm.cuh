@@ -149,8 +149,8 @@ struct WmmaGemm {
     T b[BK][LDB];
   };
   // After the main loop the fp32 results reuse the operands' bytes (BM x LDC floats).
-  static constexpr size_t kSmemBytes =
-      sizeof(Operands) > sizeof(float) * BM * LDC ? sizeof(Operands) : sizeof(float) * BM * LDC;
+  static constexpr size_t kSmemBytes = sizeof(Operands) > sizeof(float) * BM* LDC ? sizeof(Operands)
+                                                                                  : sizeof(float) * BM * LDC;
 
   // wmma fragment pointers must be 32-byte aligned: every origin below is, given a 128-byte aligned base.
   static_assert(sizeof(T) == 2, "WMMA engine: 16-bit elements");
@@ -163,14 +163,12 @@ struct WmmaGemm {
   static SPAFL_HD int warp_row(int warp) { return (warp / 2) * 32; }
   static SPAFL_HD int warp_col(int warp) { return (warp % 2) * 32; }
 
-  static SPAFL_HD void load(const P& p, Operands& s, int tid, int64_t m0, int64_t n0, int64_t k0,
-                            const Extents& ext) {
+  static SPAFL_HD void load(const P& p, Operands& s, int tid, int64_t m0, int64_t n0, int64_t k0, const Extents& ext) {
     load_tile_a<P, BM, BK, THREADS>(p, &s.a[0][0], LDA, 1, tid, m0, k0, ext);
     load_tile_b<P, BK, BN, THREADS>(p, &s.b[0][0], LDB, 1, tid, k0, n0, ext);
   }
 
-  static SPAFL_HD void store(const P& p, const float (*c)[LDC], int tid, int64_t m0, int64_t n0,
-                             const Extents& ext) {
+  static SPAFL_HD void store(const P& p, const float (*c)[LDC], int tid, int64_t m0, int64_t n0, const Extents& ext) {
     for (int e = tid; e < BM * BN; e += THREADS) {
       const int mm = P::kCFastM ? e % BM : e / BN;
       const int nn = P::kCFastM ? e / BM : e % BN;
@@ -215,7 +213,7 @@ __global__ void __launch_bounds__(WmmaGemm<P>::THREADS, 1) wmma_gemm_kernel(cons
   using T = typename G::T;
   __shared__ __align__(128) unsigned char smem[G::kSmemBytes];
   auto& ops = *reinterpret_cast<typename G::Operands*>(smem);
-  auto c = reinterpret_cast<float(*)[G::LDC]>(smem);
+  auto c = reinterpret_cast<float (*)[G::LDC]>(smem);
 
   const int64_t m0 = int64_t(blockIdx.x) * G::BM, n0 = int64_t(blockIdx.y) * G::BN;
   Extents ext;

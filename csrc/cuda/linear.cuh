@@ -93,8 +93,8 @@ cudaError_t run_linear_fwd(const Exec& exec, int dtype, const void* x, const voi
                            const int64_t* perm, const int64_t* count, void* y, int64_t M, int64_t N, int64_t K) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return exec.gemm(LinearFwd<T>{static_cast<const T*>(x), static_cast<const T*>(weight),
-                                  static_cast<const T*>(bias), perm, count, static_cast<T*>(y), M, N, K});
+    return exec.gemm(LinearFwd<T>{static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias),
+                                  perm, count, static_cast<T*>(y), M, N, K});
   });
 }
 

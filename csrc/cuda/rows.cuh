@@ -222,8 +222,8 @@ cudaError_t run_param_grads(const Exec& exec, int dtype, const void* score, int 
     using Acc = typename Num<T>::Acc;
     return exec.param_grads(ParamGrads<T>{static_cast<const Acc*>(score), ste, static_cast<const T*>(weight),
                                           static_cast<const T*>(bias), static_cast<const T*>(grad_y),
-                                          static_cast<T*>(dweight), static_cast<T*>(dbias),
-                                          static_cast<T*>(dthreshold), rows, fan_in, outer, inner});
+                                          static_cast<T*>(dweight), static_cast<T*>(dbias), static_cast<T*>(dthreshold),
+                                          rows, fan_in, outer, inner});
   });
 }
 

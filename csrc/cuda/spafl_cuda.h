@@ -42,8 +42,8 @@ cudaError_t spafl_cuda_row_scores(int dtype, const void* weight, const void* thr
 // score > 0 or an open STE gate (the rows that need a weight gradient). Writes the selected rows
 // ascending to index[0:count] and *count; index[count:rows] gets the other rows ascending when
 // `complement` is non-zero, else -1. One thread block; rows < 2^31.
-cudaError_t spafl_cuda_select_rows(int dtype, const void* score, int64_t rows, int ste, int complement,
-                                   int64_t* index, int64_t* count, cudaStream_t stream);
+cudaError_t spafl_cuda_select_rows(int dtype, const void* score, int64_t rows, int ste, int complement, int64_t* index,
+                                   int64_t* count, cudaStream_t stream);
 
 // Sparse Linear forward. x [M, K], weight [N, K], bias [N] or NULL, perm: the active rows then the
 // pruned ones (select_rows with complement), count: number of active rows. y [M, N]: active columns
@@ -71,8 +71,7 @@ cudaError_t spafl_cuda_conv2d_dx(int dtype, const void* grad_y, const void* weig
 
 // Dense weight gradient of the selected filters (rows[0:count]); other filters untouched.
 cudaError_t spafl_cuda_conv2d_dw(int dtype, const void* grad_y, const void* x, const int64_t* rows,
-                                 const int64_t* count, void* dweight, const SpaflConvShape* shape,
-                                 cudaStream_t stream);
+                                 const int64_t* count, void* dweight, const SpaflConvShape* shape, cudaStream_t stream);
 
 // Parameter gradients from the dense weight gradient G of the rows that need one (DESIGN §2), in place:
 //   on entry dweight[i, :] = G_i for every row with score > 0 or an open gate (other rows: anything);
