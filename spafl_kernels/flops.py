@@ -76,8 +76,9 @@ def layer_flops(
     )
 
 
-def _row_counts(layer) -> tuple[int, int]:
-    """``(active, open_pruned)`` rows of a sparse layer now."""
+def row_counts(layer) -> tuple[int, int]:
+    """``(active, open_pruned)`` rows of a sparse layer now: the ``active`` and ``open_pruned`` arguments of
+    ``layer_flops`` (a NaN score counts as active with an open gate, as in every backend)."""
     with torch.no_grad():
         score = row_score(layer.weight, layer.threshold)
         mask = is_active(score)
@@ -106,7 +107,7 @@ class FlopCounter:
             x = inputs[0]
             rows = layer.weight.shape[0]
             positions = output.numel() // rows if rows else 0
-            active, open_pruned = _row_counts(layer)
+            active, open_pruned = row_counts(layer)
             self.per_layer[name] += layer_flops(
                 positions, layer.fan_in, rows, active, open_pruned, need_dx=x.requires_grad
             )
