@@ -23,6 +23,7 @@ from oracle import (
     assert_matches_oracle,
     cast,
     controlled_threshold,
+    conv_linear_model,
     make_params,
     rows_for_density,
 )
@@ -300,13 +301,7 @@ def opcheck_cuda_ops(device: str) -> None:
 def compile_matches_eager(device: str) -> None:
     """A small conv + linear model on the cuda backend: torch.compile(fullgraph=True) equals eager, values
     and gradients. Shared with test_cuda.py."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        sk.SparseConv2d(3, 8, 3, padding=1, backend="cuda"), torch.nn.ReLU(), torch.nn.Flatten(),
-        sk.SparseLinear(8 * 9 * 9, 16, ste="outer", backend="cuda"),
-    ).to(device)
-    with torch.no_grad():
-        model[0].threshold.copy_(model[0].weight.abs().mean((1, 2, 3)) - torch.linspace(-0.5, 0.5, 8, device=device))
+    model = conv_linear_model("cuda", 3, 8, 9, 16, device)
     assert_compiled_matches_eager(model, torch.randn(2, 3, 9, 9, device=device))
 
 

@@ -17,6 +17,7 @@ from oracle import (
     assert_compiled_matches_eager,
     assert_low_precision_matches_oracle,
     assert_matches_oracle,
+    conv_linear_model,
     make_params,
     require_backend,
 )
@@ -214,13 +215,7 @@ def test_opcheck_linear_and_conv2d():
 
 def test_compile_fullgraph_matches_eager():
     require_backend("triton", "conv2d", DEVICE)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        sk.SparseConv2d(2, 6, 3, padding=1, backend="triton"), torch.nn.ReLU(), torch.nn.Flatten(),
-        sk.SparseLinear(6 * 4 * 4, 5, ste="outer", backend="triton"),
-    ).to(DEVICE)
-    with torch.no_grad():
-        model[0].threshold.copy_(model[0].weight.abs().mean((1, 2, 3)) - torch.linspace(-0.5, 0.5, 6, device=DEVICE))
+    model = conv_linear_model("triton", 2, 6, 4, 5, DEVICE)
     assert_compiled_matches_eager(model, torch.randn(3, 2, 4, 4, device=DEVICE))
 
 
