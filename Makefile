@@ -8,8 +8,9 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 TOOLS := numpy==2.4.6 pytest==9.2.0 hypothesis==6.170.17 pytest-benchmark==5.3.1 ruff==0.17.6 triton==3.9.0 \
 	safetensors==0.8.0 tqdm==4.70.1 matplotlib==3.11.2 mlxtend==0.25.0 scikit-learn==1.9.1 \
-	'flwr[simulation]==1.42.0' ray==2.55.1
-EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+	'flwr[simulation]==1.42.0' ray==2.55.1 clang-format==23.1.3
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+EXT_SOURCES := setup.py $(CSRC)
 
 .PHONY: install test lint cuda-check triton-check demo reproduce bench info clean
 
@@ -27,19 +28,21 @@ $(BIN)/.installed: $(EXT_SOURCES) | $(BIN)/.tools
 
 install: $(BIN)/.installed
 
+# ruff for the Python; clang-format (style: .clang-format) for the C++ and CUDA sources.
 lint: $(BIN)/.tools
 	$(BIN)/ruff check .
+	$(BIN)/clang-format --dry-run --Werror $(CSRC)
 
 # Compiles every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 and fails on errors or register spills;
 # type-checks the torch bindings. Needs nvcc, not a GPU (a passing result is cached in build/cuda-check).
 cuda-check: $(BIN)/.tools
-	$(BIN)/python csrc/cuda/check.py
+	$(BIN)/python tools/cuda_check.py
 
 # Compiles every Triton kernel of the triton backend for sm_90 (ptxas ships with triton; no GPU needed)
 # and fails on compile errors, which the interpreter that runs the Triton tests cannot see.
 triton-check: install
 	mkdir -p build
-	$(BIN)/python benchmarks/triton_compile_check.py --arch 90 >build/triton-check.md || (tail -n 40 build/triton-check.md; exit 1)
+	$(BIN)/python tools/triton_check.py --arch 90 >build/triton-check.md || (tail -n 40 build/triton-check.md; exit 1)
 	tail -n 1 build/triton-check.md
 
 # Triton kernels run on the CPU only in Triton's interpreter, which must be on before import: the

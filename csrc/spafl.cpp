@@ -1,28 +1,26 @@
-// Schemas of the C++ ops in the `spafl` namespace. Python (spafl_kernels/_ext.py) registers their
-// fake kernels; each device's kernels register themselves with TORCH_LIBRARY_IMPL in their own file.
+// Schemas of the native ops in the `spafl` namespace: the kernels of the `cpp` backend (csrc/cpu, the CPU
+// implementation) and of the `cuda` backend (csrc/cuda/bindings.cpp, the CUDA implementation), one schema
+// for both. They compute what spafl_kernels/backends/base.py's Kernels protocol specifies; `ste` is a
+// SpaflSte code (spafl_ste.h), score is in the accumulation dtype (float32 for 16-bit weights), and empty
+// tensors stand for gradients not asked for. Python (spafl_kernels/ops.py) registers their fake kernels.
+// Always compiled, also against a CPU-only torch: the schemas then exist without a CUDA kernel, so the
+// `cuda` backend tells "built without CUDA" from "not built" by asking whether the op has a CUDA kernel.
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(spafl, m) {
-  // Fused score / mask / active-index step of every sparse layer (DESIGN §2):
-  //   score[i]  = mean_j |weight[i, j]| - threshold[i]        (float32 for 16-bit weights)
-  //   active[:num_active] = ascending indices i with score[i] > 0; active[num_active:] = -1
-  //   num_active = 0-d int64 tensor (stays on the device)
-  m.def("score_mask(Tensor weight, Tensor threshold) -> (Tensor score, Tensor active, Tensor num_active)");
-
-  // Kernels of the `cpp` backend (csrc/cpu/linear.cpp, conv2d.cpp), float32/float64, CPU only. They
-  // compute what spafl_kernels/backends/base.py specifies for linear_fwd/bwd and conv2d_fwd/bwd;
-  // score is in the weight's dtype, and empty tensors stand for gradients not asked for.
-  m.def("cpp_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor threshold) -> (Tensor y, Tensor score)");
+  // x [M, K], weight [N, K], bias [N]?, threshold [N] -> y [M, N], score [N]
+  m.def("native_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor threshold) -> (Tensor y, Tensor score)");
   m.def(
-      "cpp_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor score, str ste, bool need_dx, "
+      "native_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor score, int ste, bool need_dx, "
       "bool need_params) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dthreshold)");
+  // x [B, C, H, W], weight [N, C/groups, kh, kw] -> y [B, N, H', W'], score [N]
   m.def(
-      "cpp_conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor threshold, int[2] stride, int[2] padding, "
+      "native_conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor threshold, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups) -> (Tensor y, Tensor score)");
   m.def(
-      "cpp_conv2d_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor score, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups, str ste, bool need_dx, bool need_params) "
+      "native_conv2d_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor score, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int ste, bool need_dx, bool need_params) "
       "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dthreshold)");
 }
 

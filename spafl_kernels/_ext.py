@@ -1,7 +1,8 @@
 """Tolerant loading of the compiled extension ``spafl_kernels._C``.
 
 Importing the package never fails for a missing build; code that needs the extension calls
-``require_extension()``, which raises with the command that fixes it.
+``require_extension()``, which raises with the command that fixes it. ``NativeKernels`` binds the
+extension's ops as the kernels of the ``cpp`` and ``cuda`` backends.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 BUILD_HINT = "pip install --no-build-isolation .   (from the repository root; see README 'Building')"
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.spafl.score_mask and the C++ kernels)
+    from . import _C  # noqa: F401  (registers the schemas and kernels of the native torch.ops.spafl ops)
 
     EXTENSION_ERROR: str | None = None
 except ImportError as error:  # built with SPAFL_SKIP_EXT=1, no compiler, or an ABI mismatch
@@ -30,49 +31,23 @@ def require_extension() -> None:
         )
 
 
-if EXTENSION_ERROR is None:
+def _native_op(name: str):
+    """``torch.ops.spafl.native_<name>``; without the extension, a function raising ``require_extension``'s
+    error (dispatch never calls it: the native backends declare ``needs_extension``)."""
+    if EXTENSION_ERROR is None:
+        return getattr(torch.ops.spafl, f"native_{name}")
 
-    @torch.library.register_fake("spafl::score_mask")
-    def _(weight, threshold):
-        from .semantics import acc_dtype
+    def missing(*args):
+        require_extension()
 
-        rows = weight.shape[0]
-        score = weight.new_empty(rows, dtype=acc_dtype(weight.dtype))
-        return score, weight.new_empty(rows, dtype=torch.long), weight.new_empty((), dtype=torch.long)
-
-    # The `cpp` backend's kernels (float32/float64: the score is in the weight's dtype).
-    def _fake_grads(x, weight, bias, need_dx, need_params):
-        empty = x.new_empty(0)
-        dx = torch.empty_like(x) if need_dx else empty
-        if not need_params:
-            return dx, empty, empty, empty
-        dbias = empty if bias is None else torch.empty_like(bias)
-        return dx, torch.empty_like(weight), dbias, weight.new_empty(weight.shape[0])
-
-    @torch.library.register_fake("spafl::cpp_linear_fwd")
-    def _(x, weight, bias, threshold):
-        return x.new_empty(x.shape[0], weight.shape[0]), weight.new_empty(weight.shape[0])
-
-    @torch.library.register_fake("spafl::cpp_linear_bwd")
-    def _(grad_y, x, weight, bias, score, ste, need_dx, need_params):
-        return _fake_grads(x, weight, bias, need_dx, need_params)
-
-    @torch.library.register_fake("spafl::cpp_conv2d_fwd")
-    def _(x, weight, bias, threshold, stride, padding, dilation, groups):
-        from .semantics import conv2d_output_hw
-
-        out_hw = conv2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-        return x.new_empty(x.shape[0], weight.shape[0], *out_hw), weight.new_empty(weight.shape[0])
-
-    @torch.library.register_fake("spafl::cpp_conv2d_bwd")
-    def _(grad_y, x, weight, bias, score, stride, padding, dilation, groups, ste, need_dx, need_params):
-        return _fake_grads(x, weight, bias, need_dx, need_params)
+    return staticmethod(missing)
 
 
-def score_mask(weight: torch.Tensor, threshold: torch.Tensor):
-    """``(score [N], active [N] int64 padded with -1, num_active 0-d int64)`` from the C++ kernel.
+class NativeKernels:
+    """The ``Kernels`` of the ``cpp`` and ``cuda`` backends: the ``spafl::native_*`` ops themselves (one
+    schema, csrc/spafl.cpp), whose CPU implementation is csrc/cpu and CUDA implementation csrc/cuda."""
 
-    weight: ``[N, ...]``; threshold: ``[N]``, same dtype.
-    """
-    require_extension()
-    return torch.ops.spafl.score_mask(weight, threshold)
+    linear_fwd = _native_op("linear_fwd")
+    linear_bwd = _native_op("linear_bwd")
+    conv2d_fwd = _native_op("conv2d_fwd")
+    conv2d_bwd = _native_op("conv2d_bwd")

@@ -19,7 +19,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .semantics import ste_gate
+from .model import sparse_layers
+from .semantics import is_active, row_score, ste_gate
 
 
 @dataclass
@@ -47,7 +48,11 @@ class LayerFlops:
         return self.paper_forward + self.paper_backward
 
     def __add__(self, other: LayerFlops) -> LayerFlops:
-        return LayerFlops(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+        return LayerFlops(*(getattr(self, name) + getattr(other, name) for name in FLOP_FIELDS))
+
+
+FLOP_FIELDS = tuple(f.name for f in fields(LayerFlops))
+"""The counts a ``LayerFlops`` holds, in order (what a record or a message of FLOPs carries)."""
 
 
 def layer_flops(
@@ -71,10 +76,9 @@ def layer_flops(
     )
 
 
-def _row_counts(layer) -> tuple[int, int]:
-    """``(active, open_pruned)`` rows of a sparse layer now."""
-    from .semantics import is_active, row_score
-
+def row_counts(layer) -> tuple[int, int]:
+    """``(active, open_pruned)`` rows of a sparse layer now: the ``active`` and ``open_pruned`` arguments of
+    ``layer_flops`` (a NaN score counts as active with an open gate, as in every backend)."""
     with torch.no_grad():
         score = row_score(layer.weight, layer.threshold)
         mask = is_active(score)
@@ -93,8 +97,6 @@ class FlopCounter:
     """
 
     def __init__(self, model: nn.Module):
-        from .model import sparse_layers
-
         self.model = model
         self.layers = dict(sparse_layers(model))
         self.per_layer: dict[str, LayerFlops] = {name: LayerFlops() for name in self.layers}
@@ -105,9 +107,9 @@ class FlopCounter:
             x = inputs[0]
             rows = layer.weight.shape[0]
             positions = output.numel() // rows if rows else 0
-            active, open_pruned = _row_counts(layer)
+            active, open_pruned = row_counts(layer)
             self.per_layer[name] += layer_flops(
-                positions, layer.row_size, rows, active, open_pruned, need_dx=x.requires_grad
+                positions, layer.fan_in, rows, active, open_pruned, need_dx=x.requires_grad
             )
 
         return hook

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from . import ops  # registers torch.ops.spafl.*
 from .backends import get_backend, resolve_backend
-from .semantics import check_ste
+from .semantics import STE_CODES, check_ste
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -73,7 +73,7 @@ def sparse_linear(
     if name == "reference":
         return get_backend(name).sparse_linear(x, weight, bias, threshold, ste)
     lead = x.shape[:-1]
-    y, _ = ops.sparse_op("linear", x.reshape(-1, x.shape[-1]), weight, bias, threshold, ste, name)
+    y, _ = ops.sparse_op("linear", x.reshape(-1, x.shape[-1]), weight, bias, threshold, STE_CODES[ste], name)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -159,5 +159,7 @@ def sparse_conv2d(
         return get_backend(name).sparse_conv2d(
             x, weight, bias, threshold, stride, padding, dilation, groups, ste
         )
-    y, _ = ops.sparse_op("conv2d", x, weight, bias, threshold, stride, padding, dilation, groups, ste, name)
+    y, _ = ops.sparse_op(
+        "conv2d", x, weight, bias, threshold, stride, padding, dilation, groups, STE_CODES[ste], name
+    )
     return y

@@ -164,7 +164,7 @@ def density(model: nn.Module) -> dict[str, float]:
     for name, layer in sparse_layers(model):
         mask = layer.mask()
         result[name] = float(mask.mean().item()) if mask.numel() else 1.0
-        active += int(mask.sum().item()) * layer.row_size
-        total += mask.numel() * layer.row_size
+        active += int(mask.sum().item()) * layer.fan_in
+        total += mask.numel() * layer.fan_in
     result["total"] = active / total if total else 1.0
     return result

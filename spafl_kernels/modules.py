@@ -36,8 +36,8 @@ class SparseLayer:
         )
 
     @property
-    def row_size(self) -> int:
-        """Elements per weight row (``fan_in``)."""
+    def fan_in(self) -> int:
+        """Elements per weight row (``semantics.fan_in``; 0 for a layer without rows)."""
         return self.weight[0].numel() if self.weight.shape[0] else 0
 
     @torch.no_grad()

@@ -8,7 +8,9 @@ backend's kernel; ``functional.py`` validates inputs and resolves the backend be
   -> (dx, dweight, dbias, dthreshold)``
 - ``spafl::conv2d_fwd`` / ``spafl::conv2d_bwd``: the same with ``stride, padding, dilation, groups``.
 
-The backward ops are ops too, with fake kernels, so ``torch.compile`` traces the backward graph.
+``ste`` is a code of ``semantics.STE_CODES``. The backward ops are ops too, with fake kernels, so
+``torch.compile`` traces the backward graph. The ``spafl::native_*`` ops (the ``cpp`` and ``cuda``
+kernels, csrc/spafl.cpp) have the same schemas without ``backend`` and share these fake kernels.
 """
 
 from __future__ import annotations
@@ -19,36 +21,40 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._ext import extension_available
 from .backends import get_backend
-from .backends.base import Backend
+from .backends.base import Kernels
 from .semantics import acc_dtype, conv2d_output_hw
 
 
-def kernels(name: str, function: str) -> Backend:
-    """The backend ``name``, checked to provide ``function`` (e.g. ``"linear_fwd"``)."""
+def kernels_of(name: str) -> Kernels:
+    """The kernels of backend ``name``; ``ValueError`` for a backend without kernels (``reference``)."""
     backend = get_backend(name)
-    if not hasattr(backend, function):
+    if not backend.has_kernels:
         raise ValueError(
-            f"backend {name!r} provides no {function} kernel ({backend.description}); the ops take a kernel "
-            "backend, and sparse_linear/sparse_conv2d(..., backend='reference') runs the oracle"
+            f"backend {name!r} has no kernels ({backend.description}); the ops take a kernel backend, and "
+            "sparse_linear/sparse_conv2d(..., backend='reference') runs the oracle"
         )
-    return backend
+    return backend  # type: ignore[return-value]  (a backend with kernels implements Kernels)
 
 # ---------------------------------------------------------------------------------------- linear
 
 
 @torch.library.custom_op("spafl::linear_fwd", mutates_args=())
 def linear_fwd(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, ste: str, backend: str
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, ste: int, backend: str
 ) -> tuple[Tensor, Tensor]:
     """``ste`` is unused in the forward pass; it is an input so that autograd can save it."""
-    return kernels(backend, "linear_fwd").linear_fwd(x, weight, bias, threshold)
+    return kernels_of(backend).linear_fwd(x, weight, bias, threshold)
 
 
-@linear_fwd.register_fake
-def _(x, weight, bias, threshold, ste, backend):
-    y = x.new_empty(x.shape[0], weight.shape[0])
-    return y, threshold.new_empty(weight.shape[0], dtype=acc_dtype(weight.dtype))
+def _fake_score(weight: Tensor) -> Tensor:
+    return weight.new_empty(weight.shape[0], dtype=acc_dtype(weight.dtype))
+
+
+def _fake_linear_fwd(x, weight, bias, threshold, *_):
+    """Fake kernel of ``linear_fwd`` and ``native_linear_fwd`` (``*_``: ``ste, backend`` or nothing)."""
+    return x.new_empty(x.shape[0], weight.shape[0]), _fake_score(weight)
 
 
 @torch.library.custom_op("spafl::linear_bwd", mutates_args=())
@@ -58,12 +64,12 @@ def linear_bwd(
     weight: Tensor,
     bias: Optional[Tensor],
     score: Tensor,
-    ste: str,
+    ste: int,
     need_dx: bool,
     need_params: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return kernels(backend, "linear_bwd").linear_bwd(
+    return kernels_of(backend).linear_bwd(
         grad_y, x, weight, bias, score, ste, need_dx, need_params
     )
 
@@ -77,8 +83,8 @@ def _fake_grads(x, weight, bias, need_dx, need_params):
     return dx, torch.empty_like(weight), dbias, weight.new_empty(weight.shape[0])
 
 
-@linear_bwd.register_fake
-def _(grad_y, x, weight, bias, score, ste, need_dx, need_params, backend):
+def _fake_linear_bwd(grad_y, x, weight, bias, score, ste, need_dx, need_params, *_):
+    """Fake kernel of ``linear_bwd`` and ``native_linear_bwd`` (``*_``: ``backend`` or nothing)."""
     return _fake_grads(x, weight, bias, need_dx, need_params)
 
 
@@ -95,19 +101,18 @@ def conv2d_fwd(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
-    ste: str,
+    ste: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return kernels(backend, "conv2d_fwd").conv2d_fwd(
+    return kernels_of(backend).conv2d_fwd(
         x, weight, bias, threshold, tuple(stride), tuple(padding), tuple(dilation), groups
     )
 
 
-@conv2d_fwd.register_fake
-def _(x, weight, bias, threshold, stride, padding, dilation, groups, ste, backend):
+def _fake_conv2d_fwd(x, weight, bias, threshold, stride, padding, dilation, *_):
+    """Fake kernel of ``conv2d_fwd`` and ``native_conv2d_fwd`` (``*_``: ``groups`` and the rest)."""
     out_hw = conv2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    y = x.new_empty(x.shape[0], weight.shape[0], *out_hw)
-    return y, threshold.new_empty(weight.shape[0], dtype=acc_dtype(weight.dtype))
+    return x.new_empty(x.shape[0], weight.shape[0], *out_hw), _fake_score(weight)
 
 
 @torch.library.custom_op("spafl::conv2d_bwd", mutates_args=())
@@ -121,20 +126,28 @@ def conv2d_bwd(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
-    ste: str,
+    ste: int,
     need_dx: bool,
     need_params: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return kernels(backend, "conv2d_bwd").conv2d_bwd(
+    return kernels_of(backend).conv2d_bwd(
         grad_y, x, weight, bias, score, tuple(stride), tuple(padding), tuple(dilation), groups,
         ste, need_dx, need_params,
     )
 
 
-@conv2d_bwd.register_fake
-def _(grad_y, x, weight, bias, score, stride, padding, dilation, groups, ste, need_dx, need_params, backend):
+def _fake_conv2d_bwd(grad_y, x, weight, bias, score, stride, padding, dilation, groups, ste, need_dx, need_params, *_):
+    """Fake kernel of ``conv2d_bwd`` and ``native_conv2d_bwd`` (``*_``: ``backend`` or nothing)."""
     return _fake_grads(x, weight, bias, need_dx, need_params)
+
+
+# One fake kernel per op shape, for the op that dispatches to a backend and for the native op.
+for _name, _op, _fake in (("linear_fwd", linear_fwd, _fake_linear_fwd), ("linear_bwd", linear_bwd, _fake_linear_bwd),
+                          ("conv2d_fwd", conv2d_fwd, _fake_conv2d_fwd), ("conv2d_bwd", conv2d_bwd, _fake_conv2d_bwd)):
+    _op.register_fake(_fake)
+    if extension_available():
+        torch.library.register_fake(f"spafl::native_{_name}", _fake)
 
 
 # -------------------------------------------------------------------------------------- autograd
@@ -202,7 +215,7 @@ class _EagerSparseOp(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, threshold, op, *constants):
         *geometry, _, backend = constants
-        return getattr(get_backend(backend), f"{op}_fwd")(x, weight, bias, threshold, *geometry)
+        return getattr(kernels_of(backend), f"{op}_fwd")(x, weight, bias, threshold, *geometry)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -226,7 +239,7 @@ class _EagerSparseOp(torch.autograd.Function):
         # The kernels are not differentiable: under create_graph=True they run without autograd and
         # their results refuse a second backward with a clear error instead of returning zeros.
         with torch.no_grad():
-            grads = getattr(get_backend(backend), f"{ctx.op}_bwd")(
+            grads = getattr(kernels_of(backend), f"{ctx.op}_bwd")(
                 grad_y.contiguous(), x, weight, bias, score, *geometry, ste, *_needs(ctx)
             )
         input_grads = _as_input_grads(ctx, grads, 1 + len(ctx.constants))

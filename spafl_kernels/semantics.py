@@ -21,6 +21,10 @@ STES = ("identity", "outer", "clipped")
 """Names accepted by ``ste=``: ``identity`` gate 1 everywhere (paper, FMNIST), ``outer`` gate 1 where
 ``|s| > 1`` (paper, CIFAR), ``clipped`` gate 1 where ``|s| <= 1`` (hard-tanh STE)."""
 
+STE_CODES = {name: code for code, name in enumerate(STES)}
+"""The STE as the ops and every kernel take it (``int ste``): a name's index in ``STES``; the C++ ``SpaflSte``
+(csrc/spafl_ste.h) and the Triton kernels' ``STE`` constant use the same codes."""
+
 
 def check_ste(ste: str) -> str:
     """Return ``ste`` unchanged, or raise ``ValueError`` naming the accepted values."""

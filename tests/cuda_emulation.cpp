@@ -167,8 +167,8 @@ struct HostExec {
 extern "C" {
 
 int spafl_emu_row_scores(int dtype, const void* weight, const void* threshold, void* score, int64_t rows,
-                         int64_t row_size) {
-  return run_row_scores(HostExec{}, dtype, weight, threshold, score, rows, row_size);
+                         int64_t fan_in) {
+  return run_row_scores(HostExec{}, dtype, weight, threshold, score, rows, fan_in);
 }
 
 int spafl_emu_select_rows(int dtype, const void* score, int64_t rows, int ste, int complement, int64_t* index,
@@ -178,9 +178,9 @@ int spafl_emu_select_rows(int dtype, const void* score, int64_t rows, int ste, i
 
 int spafl_emu_param_grads(int dtype, const void* score, int ste, const void* weight, const void* bias,
                           const void* grad_y, void* dweight, void* dbias, void* dthreshold, int64_t rows,
-                          int64_t row_size, int64_t outer, int64_t inner) {
+                          int64_t fan_in, int64_t outer, int64_t inner) {
   return run_param_grads(HostExec{}, dtype, score, ste, weight, bias, grad_y, dweight, dbias, dthreshold, rows,
-                         row_size, outer, inner);
+                         fan_in, outer, inner);
 }
 
 int spafl_emu_linear_fwd(int dtype, const void* x, const void* weight, const void* bias, const int64_t* perm,

@@ -19,8 +19,8 @@ EMULATION_SOURCE = ROOT / "tests" / "cuda_emulation.cpp"
 
 
 def load_check():
-    """``csrc/cuda/check.py`` as a module."""
-    spec = importlib.util.spec_from_file_location("spafl_cuda_check", CUDA_SOURCES / "check.py")
+    """``tools/cuda_check.py`` as a module."""
+    spec = importlib.util.spec_from_file_location("spafl_cuda_check", ROOT / "tools" / "cuda_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -51,7 +51,8 @@ def build_emulation(nvcc: str) -> Path:
     include = load_check().cuda_include(nvcc)
     compiler = os.environ.get("CXX", "g++")
     h = hashlib.sha256(" ".join([compiler, include, *EMULATION_FLAGS]).encode())
-    for path in [EMULATION_SOURCE, *sorted(CUDA_SOURCES.glob("*.cuh")), *sorted(CUDA_SOURCES.glob("*.h"))]:
+    headers = [*CUDA_SOURCES.glob("*.cuh"), *CUDA_SOURCES.glob("*.h"), *CUDA_SOURCES.parent.glob("*.h")]
+    for path in [EMULATION_SOURCE, *sorted(headers)]:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     library = ROOT / "build" / "cuda-emulation" / f"libspafl_cuda_emulation_{h.hexdigest()[:16]}.so"
     if not library.exists():

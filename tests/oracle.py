@@ -126,3 +126,18 @@ def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, backe
         results.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
     for compiled_value, eager_value in zip(*results):
         torch.testing.assert_close(compiled_value, eager_value)
+
+
+def conv_linear_model(backend: str, in_channels: int, channels: int, hw: int, out_features: int, device="cpu"):
+    """The small model the compile tests trace: SparseConv2d(in_channels -> channels, 3x3, padding 1), ReLU,
+    Flatten, SparseLinear(-> out_features, ste="outer"), on ``backend``, for ``hw x hw`` inputs; seeded, with
+    the conv's scores spread over [-0.5, 0.5] so that some filters are pruned."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        sk.SparseConv2d(in_channels, channels, 3, padding=1, backend=backend), torch.nn.ReLU(), torch.nn.Flatten(),
+        sk.SparseLinear(channels * hw * hw, out_features, ste="outer", backend=backend),
+    ).to(device)
+    spread = torch.linspace(-0.5, 0.5, channels, device=device)
+    with torch.no_grad():
+        model[0].threshold.copy_(model[0].weight.abs().mean((1, 2, 3)) - spread)
+    return model

@@ -52,7 +52,7 @@ def test_double_backward_through_the_op_raises(backend):
     x = torch.randn(3, 5)
 
     def f(w):
-        return torch.ops.spafl.linear_fwd(x, w, None, torch.zeros(6), "identity", backend)[0].square().sum()
+        return torch.ops.spafl.linear_fwd(x, w, None, torch.zeros(6), 0, backend)[0].square().sum()
 
     with pytest.raises(RuntimeError, match="double backward|differentiable|autograd"):
         torch.autograd.functional.hessian(f, torch.randn(6, 5))

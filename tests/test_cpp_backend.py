@@ -20,7 +20,6 @@ import spafl_kernels as sk
 from spafl_kernels import _ext
 from spafl_kernels.backends import get_backend, resolve_backend
 from spafl_kernels.backends.base import CallSpec
-from spafl_kernels.semantics import row_score
 
 pytestmark = pytest.mark.skipif(not _ext.extension_available(), reason=f"extension not built: {_ext.EXTENSION_ERROR}")
 
@@ -34,27 +33,6 @@ def threshold_for_rows(weight: torch.Tensor, active: torch.Tensor, seed: int = 0
     magnitude = (mean_abs - threshold.double()).abs()
     score = torch.where(active, magnitude, -magnitude)
     return (mean_abs - score).to(weight.dtype)
-
-
-# --------------------------------------------------------------------------------- score_mask
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (63, 129), (5, 6, 3, 3), (130, 1000)])
-@pytest.mark.parametrize("density", [0.0, "one", 0.5, 1.0])
-def test_score_mask_matches_semantics(dtype, shape, density):
-    g = torch.Generator().manual_seed(shape[0])
-    weight = torch.randn(shape, generator=g, dtype=torch.float64)
-    threshold = controlled_threshold(weight, rows_for_density(shape[0], density), g)
-    weight, threshold = weight.to(dtype), threshold.to(dtype)
-    score, active, count = _ext.score_mask(weight, threshold)
-    expected = row_score(weight, threshold)
-    assert score.dtype == expected.dtype
-    torch.testing.assert_close(score, expected, rtol=1e-3 if dtype.itemsize == 2 else 1e-5, atol=1e-5)
-    rows = (expected > 0).nonzero().squeeze(1)
-    assert int(count) == rows.numel()
-    assert torch.equal(active[: rows.numel()], rows)
-    assert bool((active[rows.numel() :] == -1).all())
 
 
 # ------------------------------------------------------------------------------------ linear
@@ -99,8 +77,8 @@ def test_linear_partial_gradients(need_dx, need_params):
     require_backend("cpp", "linear")
     weight, bias, threshold = (t.float() for t in make_params((9, 5), 4, True, seed=1))
     x = torch.randn(6, 5)
-    y, score = torch.ops.spafl.cpp_linear_fwd(x, weight, bias, threshold)
-    grads = torch.ops.spafl.cpp_linear_bwd(torch.ones_like(y), x, weight, bias, score, "identity", need_dx, need_params)
+    y, score = torch.ops.spafl.native_linear_fwd(x, weight, bias, threshold)
+    grads = torch.ops.spafl.native_linear_bwd(torch.ones_like(y), x, weight, bias, score, 0, need_dx, need_params)
     assert [t.numel() > 0 for t in grads] == [need_dx, need_params, need_params, need_params]
 
 
@@ -163,16 +141,16 @@ def test_conv2d_large_output(ste, every):
 def _op_samples():
     weight, bias, threshold = (t.float() for t in make_params((6, 5), 3, True, seed=4))
     x = torch.randn(4, 5)
-    y, score = torch.ops.spafl.cpp_linear_fwd(x, weight, bias, threshold)
-    yield torch.ops.spafl.cpp_linear_fwd.default, (x, weight, bias, threshold)
-    yield torch.ops.spafl.cpp_linear_bwd.default, (torch.randn_like(y), x, weight, bias, score, "clipped", True, True)
+    y, score = torch.ops.spafl.native_linear_fwd(x, weight, bias, threshold)
+    yield torch.ops.spafl.native_linear_fwd.default, (x, weight, bias, threshold)
+    yield torch.ops.spafl.native_linear_bwd.default, (torch.randn_like(y), x, weight, bias, score, 2, True, True)
     cw, cb, ct = (t.float() for t in make_params((4, 3, 3, 3), 2, True, seed=5))
     cx = torch.randn(2, 3, 6, 6)
     geometry = ([1, 1], [1, 1], [1, 1], 1)
-    cy, cscore = torch.ops.spafl.cpp_conv2d_fwd(cx, cw, cb, ct, *geometry)
-    yield torch.ops.spafl.cpp_conv2d_fwd.default, (cx, cw, cb, ct, *geometry)
+    cy, cscore = torch.ops.spafl.native_conv2d_fwd(cx, cw, cb, ct, *geometry)
+    yield torch.ops.spafl.native_conv2d_fwd.default, (cx, cw, cb, ct, *geometry)
     grad = torch.randn_like(cy)
-    yield torch.ops.spafl.cpp_conv2d_bwd.default, (grad, cx, cw, cb, cscore, *geometry, "identity", True, True)
+    yield torch.ops.spafl.native_conv2d_bwd.default, (grad, cx, cw, cb, cscore, *geometry, 0, True, True)
 
 
 @pytest.mark.parametrize("sample", range(4))
@@ -196,8 +174,8 @@ def test_not_supported_reasons():
     backend = get_backend("cpp")
     assert backend.not_supported_reasons(CallSpec("linear", "cpu", torch.float32)) == []
     reasons = backend.not_supported_reasons(CallSpec("conv2d", "cuda", torch.float16))
-    assert any("CPU only" in r for r in reasons) and any("float16" in r for r in reasons)
-    with pytest.raises(sk.BackendNotSupportedError, match="float32 and float64"):
+    assert any("runs on cpu tensors only, not cuda" in r for r in reasons) and any("float16" in r for r in reasons)
+    with pytest.raises(sk.BackendNotSupportedError, match=r"dtype float16 is not supported \(float32, float64\)"):
         sk.sparse_linear(torch.randn(2, 3).half(), torch.randn(4, 3).half(), None, torch.zeros(4).half(), backend="cpp")
 
 

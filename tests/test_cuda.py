@@ -16,7 +16,6 @@ from oracle import (
     assert_low_precision_matches_oracle,
     assert_matches_oracle,
     cast,
-    controlled_threshold,
     require_backend,
 )
 from test_cuda_emulation import (
@@ -32,8 +31,7 @@ from test_cuda_emulation import (
 )
 
 import spafl_kernels as sk
-from spafl_kernels import _ext
-from spafl_kernels.semantics import STES, row_score
+from spafl_kernels.semantics import STES
 
 pytestmark = [
     pytest.mark.cuda,
@@ -44,29 +42,6 @@ DEVICE = "cuda"
 
 def _on_gpu(tensors: dict) -> dict:
     return cast(tensors, torch.float32, DEVICE)
-
-
-# ------------------------------------------------------------------------------------------ score_mask
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 3), (7, 5), (63, 2, 3, 3), (1500, 17)])
-@pytest.mark.parametrize("n_active", ["none", "one", "half", "all"])
-def test_score_mask_matches_semantics(dtype, shape, n_active):
-    require_backend("cuda", "linear", DEVICE, dtype)
-    g = torch.Generator().manual_seed(shape[0])
-    weight = torch.randn(shape, generator=g, dtype=torch.float64)
-    rows = shape[0]
-    count = {"none": 0, "one": 1, "half": rows // 2, "all": rows}[n_active]
-    threshold = controlled_threshold(weight, count, g).to(DEVICE, dtype)
-    weight = weight.to(DEVICE, dtype)
-    score, active, num_active = _ext.score_mask(weight, threshold)
-    expected = row_score(weight, threshold)
-    assert {score.device.type, active.device.type, num_active.device.type} == {DEVICE}
-    torch.testing.assert_close(score, expected)
-    assert num_active.shape == () and int(num_active) == count
-    torch.testing.assert_close(active[:count], (expected > 0).nonzero().squeeze(1))
-    assert (active[count:] == -1).all()
 
 
 # ------------------------------------------------------------------------------------------ linear
@@ -195,11 +170,11 @@ def test_cuda_graph_replay_follows_the_thresholds():
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
         for _ in range(2):
-            torch.ops.spafl.linear_fwd(x, weight, bias, static_threshold, "identity", "cuda")
+            torch.ops.spafl.linear_fwd(x, weight, bias, static_threshold, 0, "cuda")
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y_static, _ = torch.ops.spafl.linear_fwd(x, weight, bias, static_threshold, "identity", "cuda")
+        y_static, _ = torch.ops.spafl.linear_fwd(x, weight, bias, static_threshold, 0, "cuda")
     for density in (0.1, 0.5, 0.9):
         new = _on_gpu(_linear_case(64, 96, 130, True, density, seed=1))["threshold"]
         static_threshold.copy_(new)
@@ -211,8 +186,14 @@ def test_cuda_graph_replay_follows_the_thresholds():
 def test_opcheck_of_the_cuda_ops():
     require_backend("cuda", "linear", DEVICE)
     opcheck_cuda_ops(DEVICE)
-    conv, _ = _conv_case("stride-pad", 0.5)
-    torch.library.opcheck(torch.ops.spafl.score_mask.default, (conv["weight"].to(DEVICE), conv["threshold"].to(DEVICE)))
+
+
+def test_native_conv_refuses_groups():
+    """Dispatch never sends groups > 1 to the cuda backend; a direct call of the op refuses it."""
+    require_backend("cuda", "conv2d", DEVICE)
+    x, w, t = (torch.randn(*shape, device=DEVICE) for shape in ((1, 4, 5, 5), (4, 2, 3, 3), (4,)))
+    with pytest.raises(RuntimeError, match="groups=1 only"):
+        torch.ops.spafl.native_conv2d_fwd(x, w, None, t, [1, 1], [0, 0], [1, 1], 2)
 
 
 def test_compile_fullgraph_matches_eager():

@@ -2,8 +2,9 @@
 
 ``tests/cuda_emulation.cpp`` runs the kernels' per-thread phases on the host (its header says what that
 covers: all index math, tiling, bounds, row selection, the gradient formulas; not the CUB block
-primitives, the wmma fragment calls or real concurrency). Here the ``spafl::cuda_*`` ops get CPU kernels
-that compose those emulated launchers exactly as ``csrc/cuda/bindings.cpp`` composes the real ones, and
+primitives, the wmma fragment calls or real concurrency). Here the ``spafl::native_*`` ops get CPU kernels
+(in place of the ``cpp`` backend's, for this module) that compose those emulated launchers exactly as
+``csrc/cuda/bindings.cpp`` composes the real ones, and
 the ``cuda`` backend's device check is lifted, so the public API (``sparse_linear``/``sparse_conv2d``
 with ``backend="cuda"``), ``ops.py``'s autograd and the backend's Python code run end to end on the CPU.
 Outputs start as NaN (indices as -7), so any element a kernel fails to write shows up.
@@ -17,10 +18,12 @@ import pytest
 import torch
 from cuda_tools import ConvShape, load_emulation, require_nvcc
 from oracle import (
+    assert_compiled_matches_eager,
     assert_low_precision_matches_oracle,
     assert_matches_oracle,
     cast,
     controlled_threshold,
+    conv_linear_model,
     make_params,
     rows_for_density,
 )
@@ -44,7 +47,7 @@ def _contiguous(t: torch.Tensor | None):
 
 
 class EmulatedOps:
-    """CPU kernels of the ``spafl::cuda_*`` ops: ``bindings.cpp``'s steps over the emulated launchers (a
+    """CPU kernels of the ``spafl::native_*`` ops: ``bindings.cpp``'s steps over the emulated launchers (a
     fresh empty tensor for each gradient not computed, as there: outputs never alias each other)."""
 
     def __init__(self, lib):
@@ -57,8 +60,8 @@ class EmulatedOps:
     def scores(self, weight, threshold):
         rows = weight.shape[0]
         score = torch.full((rows,), float("nan"), dtype=acc_dtype(weight.dtype))
-        row_size = weight.numel() // rows if rows else 0
-        self.call("row_scores", DTYPE_CODES[weight.dtype], _ptr(weight), _ptr(threshold), _ptr(score), rows, row_size)
+        fan_in = weight.numel() // rows if rows else 0
+        self.call("row_scores", DTYPE_CODES[weight.dtype], _ptr(weight), _ptr(threshold), _ptr(score), rows, fan_in)
         return score
 
     def select(self, score, dtype, ste: int, complement: bool):
@@ -113,7 +116,8 @@ class EmulatedOps:
         out_h, out_w = conv2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
         return ConvShape(*x.shape, weight.shape[0], *weight.shape[2:], out_h, out_w, *stride, *padding, *dilation)
 
-    def conv2d_fwd(self, x, weight, bias, threshold, stride, padding, dilation):
+    def conv2d_fwd(self, x, weight, bias, threshold, stride, padding, dilation, groups):
+        assert groups == 1
         x, weight, bias, threshold = (_contiguous(t) for t in (x, weight, bias, threshold))
         shape = self.conv_shape(x, weight, stride, padding, dilation)
         score = self.scores(weight, threshold)
@@ -123,7 +127,8 @@ class EmulatedOps:
                   _ptr(y), shape)
         return y, score
 
-    def conv2d_bwd(self, grad_y, x, weight, bias, score, stride, padding, dilation, ste, need_dx, need_params):
+    def conv2d_bwd(self, grad_y, x, weight, bias, score, stride, padding, dilation, groups, ste, need_dx, need_params):
+        assert groups == 1
         grad_y, x, weight, bias, score = (_contiguous(t) for t in (grad_y, x, weight, bias, score))
         shape = self.conv_shape(x, weight, stride, padding, dilation)
         code = DTYPE_CODES[x.dtype]
@@ -144,13 +149,13 @@ class EmulatedOps:
 
 @pytest.fixture(scope="module")
 def emulated():
-    """The emulated kernels, installed as the CPU kernels of spafl::cuda_*, with the cuda backend's
-    device check lifted for the duration of this module."""
+    """The emulated kernels, installed as the CPU kernels of spafl::native_* (overriding the cpp backend's),
+    with the cuda backend's device check lifted for the duration of this module."""
     kernels = EmulatedOps(load_emulation(require_nvcc()))
     backend = get_backend("cuda")
     with torch.library._scoped_library("spafl", "IMPL") as library, pytest.MonkeyPatch.context() as patch:
         for op in ("linear_fwd", "linear_bwd", "conv2d_fwd", "conv2d_bwd"):
-            library.impl(f"cuda_{op}", getattr(kernels, op), "CPU")
+            library.impl(f"native_{op}", getattr(kernels, op), "CPU")
         patch.setattr(backend, "not_supported_reasons", lambda spec: [])
         yield kernels
 
@@ -274,45 +279,30 @@ def test_conv2d_tensor_core_path_matches_reference(emulated, dtype, geometry):
 
 
 def opcheck_cuda_ops(device: str) -> None:
-    """``opcheck`` of the ``spafl::cuda_*`` ops on ``device``: schema, fake kernels against the real ones
+    """``opcheck`` of the ``spafl::native_*`` ops on ``device``: schema, fake kernels against the real ones
     (shapes, strides, dtypes, no aliasing between outputs), dispatch. Shared with test_cuda.py."""
     lin = cast(_linear_case(6, 5, 9, True, 0.5), torch.float32, device)
     x, w, b, t = (lin[k] for k in ("x", "weight", "bias", "threshold"))
-    y, score = torch.ops.spafl.cuda_linear_fwd(x, w, b, t)
+    y, score = torch.ops.spafl.native_linear_fwd(x, w, b, t)
     g = torch.randn_like(y)
-    torch.library.opcheck(torch.ops.spafl.cuda_linear_fwd.default, (x, w, b, t))
+    torch.library.opcheck(torch.ops.spafl.native_linear_fwd.default, (x, w, b, t))
     for bias, ste, need_dx, need_params in [(b, 1, True, True), (None, 0, False, True), (b, 2, True, False)]:
         args = (g, x, w, bias, score, ste, need_dx, need_params)
-        torch.library.opcheck(torch.ops.spafl.cuda_linear_bwd.default, args)
+        torch.library.opcheck(torch.ops.spafl.native_linear_bwd.default, args)
     conv, _ = _conv_case("stride-pad", 0.5)  # stride 2, padding 1, dilation 1
     x, w, t = (conv[k].to(device, torch.float32) for k in ("x", "weight", "threshold"))
-    geometry = ([2, 2], [1, 1], [1, 1])
-    y, score = torch.ops.spafl.cuda_conv2d_fwd(x, w, None, t, *geometry)
-    torch.library.opcheck(torch.ops.spafl.cuda_conv2d_fwd.default, (x, w, None, t, *geometry))
+    geometry = ([2, 2], [1, 1], [1, 1], 1)
+    y, score = torch.ops.spafl.native_conv2d_fwd(x, w, None, t, *geometry)
+    torch.library.opcheck(torch.ops.spafl.native_conv2d_fwd.default, (x, w, None, t, *geometry))
     g = torch.randn_like(y)
-    torch.library.opcheck(torch.ops.spafl.cuda_conv2d_bwd.default, (g, x, w, None, score, *geometry, 2, True, True))
+    torch.library.opcheck(torch.ops.spafl.native_conv2d_bwd.default, (g, x, w, None, score, *geometry, 2, True, True))
 
 
 def compile_matches_eager(device: str) -> None:
     """A small conv + linear model on the cuda backend: torch.compile(fullgraph=True) equals eager, values
     and gradients. Shared with test_cuda.py."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        sk.SparseConv2d(3, 8, 3, padding=1, backend="cuda"), torch.nn.ReLU(), torch.nn.Flatten(),
-        sk.SparseLinear(8 * 9 * 9, 16, ste="outer", backend="cuda"),
-    ).to(device)
-    with torch.no_grad():
-        model[0].threshold.copy_(model[0].weight.abs().mean((1, 2, 3)) - torch.linspace(-0.5, 0.5, 8, device=device))
-    x = torch.randn(2, 3, 9, 9, device=device)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    results = []
-    for run in (compiled, model):
-        model.zero_grad()
-        out = run(x)
-        out.square().sum().backward()
-        results.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
-    for compiled_value, eager_value in zip(*results):
-        torch.testing.assert_close(compiled_value, eager_value)
+    model = conv_linear_model("cuda", 3, 8, 9, 16, device)
+    assert_compiled_matches_eager(model, torch.randn(2, 3, 9, 9, device=device))
 
 
 def test_opcheck(emulated):

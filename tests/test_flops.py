@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import spafl_kernels as sk
-from spafl_kernels.flops import FlopCounter, LayerFlops, layer_flops
+from spafl_kernels.flops import FLOP_FIELDS, FlopCounter, LayerFlops, layer_flops, row_counts
 
 
 def test_layer_flops_counts():
@@ -42,3 +42,13 @@ def test_flop_counter_on_a_model():
     with FlopCounter(model) as again:
         pass
     assert again.total.train == 0 and not model[0]._forward_hooks
+
+
+def test_row_counts_and_flop_fields():
+    layer = sk.SparseLinear(3, 4, ste="outer")
+    with torch.no_grad():  # mean|W| = 1: s = 0.5 (active), -0.5 (pruned, gate shut), -2 (pruned, gate open), NaN
+        layer.weight.fill_(1.0)
+        layer.weight[3, 0] = float("nan")
+        layer.threshold.copy_(torch.tensor([0.5, 1.5, 3.0, 0.0]))
+    assert row_counts(layer) == (2, 1)  # a NaN row counts as active, as in every backend
+    assert FLOP_FIELDS == ("forward", "backward", "dense_forward", "dense_backward", "paper_forward", "paper_backward")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import oracle
 import pytest
 import torch
 from oracle import KERNEL_BACKENDS, assert_matches_oracle, make_params, require_backend, rows_for_density
@@ -78,18 +79,18 @@ def test_opcheck():
         for b in (bias, None):
             args = [None if t is None else t.detach().clone().requires_grad_(requires_grad)
                     for t in (x, weight, b, threshold)]
-            torch.library.opcheck(torch.ops.spafl.linear_fwd.default, (*args, "outer", "torch"))
+            torch.library.opcheck(torch.ops.spafl.linear_fwd.default, (*args, 1, "torch"))  # ste 1: outer
 
 
 @pytest.mark.parametrize("need_dx, need_params", [(True, False), (False, True), (True, True)])
 def test_backward_opcheck(need_dx, need_params):
     weight, bias, threshold = _params()
     x, grad_y = torch.randn(6, 5), torch.randn(6, 9)
-    _, score = torch.ops.spafl.linear_fwd(x, weight, bias, threshold, "identity", "torch")
+    _, score = torch.ops.spafl.linear_fwd(x, weight, bias, threshold, 0, "torch")
     for b in (bias, None):
         torch.library.opcheck(
             torch.ops.spafl.linear_bwd.default,
-            (grad_y, x, weight, b, score, "identity", need_dx, need_params, "torch"),
+            (grad_y, x, weight, b, score, 0, need_dx, need_params, "torch"),
         )
 
 
@@ -101,16 +102,7 @@ def test_compile_fullgraph_matches_eager(compiler):
     )
     with torch.no_grad():
         model[0].threshold.copy_(model[0].weight.abs().mean(1) - torch.linspace(-0.5, 0.5, 16))
-    x = torch.randn(4, 6)
-    compiled = torch.compile(model, fullgraph=True, backend=compiler)
-    results = []
-    for run in (compiled, model):
-        model.zero_grad()
-        out = run(x)
-        out.square().sum().backward()
-        results.append([out.detach(), *(p.grad.clone() for p in model.parameters())])
-    for compiled_value, eager_value in zip(*results):
-        torch.testing.assert_close(compiled_value, eager_value)
+    oracle.assert_compiled_matches_eager(model, torch.randn(4, 6), backend=compiler)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

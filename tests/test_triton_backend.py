@@ -17,6 +17,7 @@ from oracle import (
     assert_compiled_matches_eager,
     assert_low_precision_matches_oracle,
     assert_matches_oracle,
+    conv_linear_model,
     make_params,
     require_backend,
 )
@@ -24,7 +25,7 @@ from oracle import (
 import spafl_kernels as sk
 from spafl_kernels.backends import get_backend
 from spafl_kernels.backends.base import CallSpec
-from spafl_kernels.semantics import STES, ste_gate
+from spafl_kernels.semantics import STE_CODES, STES, ste_gate
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -78,7 +79,7 @@ def test_compaction_lists_rows_per_group_on_the_device(ste, groups):
     rows = _rows()
     score = torch.tensor([0.5, -0.2, 1.5, -1.5, 0.0, 2.0, -0.7, 0.3, -3.0, 0.9, -0.1, 1.0] * 12, device=DEVICE)
     n = score.numel()
-    active, count, graded, graded_count = rows.compact(score, groups, ste)
+    active, count, graded, graded_count = rows.compact(score, groups, STE_CODES[ste])
     per_group = n // groups
     gate = ste_gate(score, ste) != 0
     for g in range(groups):
@@ -97,7 +98,7 @@ def test_compaction_without_graded_list_and_scores_match_semantics():
     rows = _rows()
     weight, _, threshold = make_params((70, 3, 2, 2), 30, False, seed=4)
     weight, threshold = weight.float().to(DEVICE), threshold.float().to(DEVICE)
-    score = rows.row_score(weight, threshold)
+    score = rows.row_scores(weight, threshold)
     torch.testing.assert_close(score, sk.semantics.row_score(weight, threshold))
     active, count, graded, graded_count = rows.compact(score, 1, None)
     assert graded is None and graded_count is None and int(count[0]) == 30
@@ -205,44 +206,16 @@ def test_opcheck_linear_and_conv2d():
     weight, b, threshold = (t.float().to(DEVICE) for t in make_params((5, 4), 2, True, seed=7))
     x = torch.randn(3, 4, device=DEVICE)
     args = [t.clone().requires_grad_() for t in (x, weight, b, threshold)]
-    torch.library.opcheck(torch.ops.spafl.linear_fwd.default, (*args, "outer", "triton"))
+    torch.library.opcheck(torch.ops.spafl.linear_fwd.default, (*args, 1, "triton"))  # ste 1: outer
     weight, b, threshold = (t.float().to(DEVICE) for t in make_params((4, 2, 3, 3), 2, True, seed=7))
     x = torch.randn(1, 2, 5, 5, device=DEVICE)
     args = [t.clone().requires_grad_() for t in (x, weight, b, threshold)]
-    torch.library.opcheck(torch.ops.spafl.conv2d_fwd.default, (*args, [1, 1], [1, 1], [1, 1], 1, "identity", "triton"))
-
-
-def test_opcheck_triton_ops():
-    """The backend functions registered as triton_ops: schemas, and on a GPU their fakes traced through
-    wrap_triton (the interpreter would run the kernels on the fake tensors)."""
-    require_backend("triton", "conv2d", DEVICE)
-    checks = ("test_schema", "test_autograd_registration") + (("test_faketensor", "test_aot_dispatch_dynamic")
-                                                              if HAS_CUDA else ())
-    opcheck = functools.partial(torch.library.opcheck, test_utils=checks)
-    weight, b, threshold = (t.float().to(DEVICE) for t in make_params((5, 4), 2, True, seed=7))
-    x, grad_y = torch.randn(3, 4, device=DEVICE), torch.randn(3, 5, device=DEVICE)
-    score = sk.semantics.row_score(weight, threshold)
-    opcheck(torch.ops.spafl.triton_linear_fwd.default, (x, weight, b, threshold))
-    opcheck(torch.ops.spafl.triton_linear_bwd.default,
-            (grad_y, x, weight, b, score, "clipped", True, True))
-    weight, b, threshold = (t.float().to(DEVICE) for t in make_params((4, 1, 3, 3), 2, True, seed=7))
-    x, grad_y = torch.randn(1, 2, 5, 5, device=DEVICE), torch.randn(1, 4, 3, 5, device=DEVICE)
-    score = sk.semantics.row_score(weight, threshold)
-    geometry = ([2, 1], [1, 1], [1, 1], 2)
-    opcheck(torch.ops.spafl.triton_conv2d_fwd.default, (x, weight, b, threshold, *geometry))
-    opcheck(torch.ops.spafl.triton_conv2d_bwd.default,
-            (grad_y, x, weight, b, score, *geometry, "outer", True, True))
+    torch.library.opcheck(torch.ops.spafl.conv2d_fwd.default, (*args, [1, 1], [1, 1], [1, 1], 1, 0, "triton"))
 
 
 def test_compile_fullgraph_matches_eager():
     require_backend("triton", "conv2d", DEVICE)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        sk.SparseConv2d(2, 6, 3, padding=1, backend="triton"), torch.nn.ReLU(), torch.nn.Flatten(),
-        sk.SparseLinear(6 * 4 * 4, 5, ste="outer", backend="triton"),
-    ).to(DEVICE)
-    with torch.no_grad():
-        model[0].threshold.copy_(model[0].weight.abs().mean((1, 2, 3)) - torch.linspace(-0.5, 0.5, 6, device=DEVICE))
+    model = conv_linear_model("triton", 2, 6, 4, 5, DEVICE)
     assert_compiled_matches_eager(model, torch.randn(3, 2, 4, 4, device=DEVICE))
 
 

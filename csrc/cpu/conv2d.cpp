@@ -34,9 +34,9 @@ void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const s
   TORCH_CHECK(geo.groups >= 1 && weight.size(0) % geo.groups == 0 && x.size(1) == weight.size(1) * geo.groups, op,
               ": channels do not match groups=", geo.groups);
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": x dtype ", x.scalar_type(), " differs from weight's");
-  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0) &&
-                        bias->scalar_type() == weight.scalar_type()),
-              op, ": bias must be [N] in the weight's dtype");
+  TORCH_CHECK(
+      !bias || (bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == weight.scalar_type()), op,
+      ": bias must be [N] in the weight's dtype");
   TORCH_CHECK(geo.stride.size() == 2 && geo.padding.size() == 2 && geo.dilation.size() == 2, op,
               ": stride, padding and dilation must have 2 elements");
 }
@@ -110,8 +110,8 @@ std::pair<Tensor, Tensor> planes_backward(const Tensor& g, const Tensor& xg, con
   // 95 MiB over dense's 64; chunks of half of g took it to 63.
   const int64_t chunk = std::max<int64_t>(1, batch * g.size(1) / (2 * n));
   if (chunk >= batch) {
-    auto [dx, dw, unused] = conv_backward(take_planes<T>(g, idx, begin, end, 0, batch), xg, filters, geo, 1, want_dx,
-                                          want_dw);
+    auto [dx, dw, unused] =
+        conv_backward(take_planes<T>(g, idx, begin, end, 0, batch), xg, filters, geo, 1, want_dx, want_dw);
     return {dx, dw};
   }
   Tensor dx = want_dx ? at::empty(xg.sizes(), xg.options()) : Tensor(), dw;
@@ -130,13 +130,13 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x, const Tensor& weight, con
                                       const Tensor& threshold, IntArrayRef stride, IntArrayRef padding,
                                       IntArrayRef dilation, int64_t groups) {
   const Geometry geo{stride.vec(), padding.vec(), dilation.vec(), groups};
-  check_inputs("cpp_conv2d_fwd", x, weight, bias, geo);
+  check_inputs("spafl::native_conv2d_fwd", x, weight, bias, geo);
   const Tensor w = weight.contiguous();
   const int64_t N = w.size(0);
   Tensor score = row_scores(w, threshold);
   Tensor y;
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_conv2d_fwd", [&] {
-    const RowSets rows(score.const_data_ptr<scalar_t>(), N, Ste::identity, /*with_gates=*/false);
+    const RowSets rows(score.const_data_ptr<scalar_t>(), N, SPAFL_STE_IDENTITY, /*with_gates=*/false);
     if (rows.num_active() == N) {  // density 1: exactly the dense op
       y = at::convolution(x, w, bias, geo.stride, geo.padding, geo.dilation, false, {0, 0}, groups);
       return;
@@ -149,9 +149,10 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x, const Tensor& weight, con
     y = fresh_pages(out_sizes, x.options(), /*zero=*/true);
     const Tensor b = bias ? bias->contiguous() : Tensor();
     for (const GroupPart& part : group_parts(rows.active, N / groups)) {
-      const Tensor z = at::convolution(group_input(x, geo, part), take_rows<scalar_t>(w, rows.active, part.begin, part.end),
-                                       std::nullopt, geo.stride, geo.padding, geo.dilation, false, {0, 0}, 1)
-                           .contiguous();
+      const Tensor z =
+          at::convolution(group_input(x, geo, part), take_rows<scalar_t>(w, rows.active, part.begin, part.end),
+                          std::nullopt, geo.stride, geo.padding, geo.dilation, false, {0, 0}, 1)
+              .contiguous();
       scatter_planes(z.const_data_ptr<scalar_t>(), out_sizes[0], part.end - part.begin, out_sizes[2] * out_sizes[3],
                      rows.active.data() + part.begin, N, b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
                      y.mutable_data_ptr<scalar_t>());
@@ -165,22 +166,21 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x, const Tensor& weight, con
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
                                                       const std::optional<Tensor>& bias, const Tensor& score,
                                                       IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-                                                      int64_t groups, const std::string& ste, bool need_dx,
-                                                      bool need_params) {
+                                                      int64_t groups, int64_t ste, bool need_dx, bool need_params) {
   const Geometry geo{stride.vec(), padding.vec(), dilation.vec(), groups};
-  check_inputs("cpp_conv2d_bwd", x, weight, bias, geo);
-  const Ste gate_kind = parse_ste(ste);
+  check_inputs("spafl::native_conv2d_bwd", x, weight, bias, geo);
+  const SpaflSte gate_kind = ste_from_code(ste);
   const Tensor w = weight.contiguous();
   const Tensor g = grad_y.contiguous();
   const Tensor s = score.contiguous();
-  const int64_t N = w.size(0), fan = w.numel() / std::max<int64_t>(N, 1);
-  TORCH_CHECK(g.dim() == 4 && g.size(0) == x.size(0) && g.size(1) == N, "cpp_conv2d_bwd: grad_y must be [B, ", N,
-              ", H', W'], got ", g.sizes());
+  const int64_t N = w.size(0), fan_in = w.numel() / std::max<int64_t>(N, 1);
+  TORCH_CHECK(g.dim() == 4 && g.size(0) == x.size(0) && g.size(1) == N, "spafl::native_conv2d_bwd: grad_y must be [B, ",
+              N, ", H', W'], got ", g.sizes());
   TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.scalar_type() == w.scalar_type(),
-              "cpp_conv2d_bwd: score must be [N] in the weight's dtype");
+              "spafl::native_conv2d_bwd: score must be [N] in the weight's dtype");
   // Distinct empty tensors where a gradient is not asked for: op outputs must not alias each other.
-  Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()),
-         dbias = at::empty({0}, x.options()), dthreshold = at::empty({0}, x.options());
+  Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()), dbias = at::empty({0}, x.options()),
+         dthreshold = at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_conv2d_bwd", [&] {
     const RowSets rows(s.const_data_ptr<scalar_t>(), N, gate_kind, need_params);
     const int64_t A = rows.num_active(), R = rows.num_graded(), per = N / groups;
@@ -191,7 +191,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
       if (bias) {
         b = bias->contiguous();
         dbias = at::empty({N}, w.options());
-        plane_sums(g.const_data_ptr<scalar_t>(), g.size(0), N, g.size(2) * g.size(3), dbias.mutable_data_ptr<scalar_t>());
+        plane_sums(g.const_data_ptr<scalar_t>(), g.size(0), N, g.size(2) * g.size(3),
+                   dbias.mutable_data_ptr<scalar_t>());
       }
       dthreshold = at::empty({N}, w.options());
       std::fill_n(dthreshold.mutable_data_ptr<scalar_t>(), N, scalar_t(0));
@@ -202,7 +203,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
                                      w.const_data_ptr<scalar_t>(),
                                      b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
                                      b.defined() ? dbias.const_data_ptr<scalar_t>() : nullptr,
-                                     fan,
+                                     fan_in,
                                      dweight.mutable_data_ptr<scalar_t>(),
                                      dthreshold.mutable_data_ptr<scalar_t>()};
       if (compact.defined()) {
@@ -249,8 +250,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
       finish(0, N, Tensor());
     } else if (need_params && !dweight_done) {
       for (const GroupPart& part : group_parts(rows.graded, per)) {
-        const Tensor dweight_part = planes_backward<scalar_t>(g, group_input(x, geo, part), w, rows.graded,
-                                                              part.begin, part.end, geo, false, true)
+        const Tensor dweight_part = planes_backward<scalar_t>(g, group_input(x, geo, part), w, rows.graded, part.begin,
+                                                              part.end, geo, false, true)
                                         .second;
         if (!dweight.numel()) dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);
         finish(part.begin, part.end, dweight_part.contiguous());
@@ -266,6 +267,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
 }  // namespace spafl::cpu
 
 TORCH_LIBRARY_IMPL(spafl, CPU, m) {
-  m.impl("cpp_conv2d_fwd", &spafl::cpu::conv2d_fwd);
-  m.impl("cpp_conv2d_bwd", &spafl::cpu::conv2d_bwd);
+  m.impl("native_conv2d_fwd", &spafl::cpu::conv2d_fwd);
+  m.impl("native_conv2d_bwd", &spafl::cpu::conv2d_bwd);
 }

@@ -24,21 +24,21 @@ void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const s
   TORCH_CHECK(weight.dim() == 2 && x.dim() == 2 && x.size(1) == weight.size(1), op,
               ": expected x [M, K] and weight [N, K], got ", x.sizes(), " and ", weight.sizes());
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": x dtype ", x.scalar_type(), " differs from weight's");
-  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0) &&
-                        bias->scalar_type() == weight.scalar_type()),
-              op, ": bias must be [N] in the weight's dtype");
+  TORCH_CHECK(
+      !bias || (bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == weight.scalar_type()), op,
+      ": bias must be [N] in the weight's dtype");
 }
 
 // x [M, K], weight [N, K], bias [N]?, threshold [N] -> (y [M, N], score [N]).
 std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                       const Tensor& threshold) {
-  check_inputs("cpp_linear_fwd", x, weight, bias);
+  check_inputs("spafl::native_linear_fwd", x, weight, bias);
   const Tensor w = weight.contiguous();
   const int64_t M = x.size(0), K = w.size(1), N = w.size(0);
   Tensor score = row_scores(w, threshold);
   Tensor y;
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_linear_fwd", [&] {
-    const RowSets rows(score.const_data_ptr<scalar_t>(), N, Ste::identity, /*with_gates=*/false);
+    const RowSets rows(score.const_data_ptr<scalar_t>(), N, SPAFL_STE_IDENTITY, /*with_gates=*/false);
     const int64_t A = rows.num_active();
     if (A == N) {  // density 1: exactly the dense op
       y = bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
@@ -92,20 +92,20 @@ std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight, con
 //   -> (dx [M, K], dweight [N, K], dbias [N], dthreshold [N]), empty where not asked for.
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
                                                       const std::optional<Tensor>& bias, const Tensor& score,
-                                                      const std::string& ste, bool need_dx, bool need_params) {
-  check_inputs("cpp_linear_bwd", x, weight, bias);
-  const Ste gate_kind = parse_ste(ste);
+                                                      int64_t ste, bool need_dx, bool need_params) {
+  check_inputs("spafl::native_linear_bwd", x, weight, bias);
+  const SpaflSte gate_kind = ste_from_code(ste);
   const Tensor w = weight.contiguous();
   const Tensor g = grad_y.contiguous();
   const Tensor s = score.contiguous();
   const int64_t M = x.size(0), K = w.size(1), N = w.size(0);
-  TORCH_CHECK(g.dim() == 2 && g.size(0) == M && g.size(1) == N, "cpp_linear_bwd: grad_y must be [", M, ", ", N,
-              "], got ", g.sizes());
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == M && g.size(1) == N, "spafl::native_linear_bwd: grad_y must be [", M, ", ",
+              N, "], got ", g.sizes());
   TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.scalar_type() == w.scalar_type(),
-              "cpp_linear_bwd: score must be [N] in the weight's dtype");
+              "spafl::native_linear_bwd: score must be [N] in the weight's dtype");
   // Distinct empty tensors where a gradient is not asked for: op outputs must not alias each other.
-  Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()),
-         dbias = at::empty({0}, x.options()), dthreshold = at::empty({0}, x.options());
+  Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()), dbias = at::empty({0}, x.options()),
+         dthreshold = at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_linear_bwd", [&] {
     const RowSets rows(s.const_data_ptr<scalar_t>(), N, gate_kind, need_params);
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
@@ -215,6 +215,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, cons
 }  // namespace spafl::cpu
 
 TORCH_LIBRARY_IMPL(spafl, CPU, m) {
-  m.impl("cpp_linear_fwd", &spafl::cpu::linear_fwd);
-  m.impl("cpp_linear_bwd", &spafl::cpu::linear_bwd);
+  m.impl("native_linear_fwd", &spafl::cpu::linear_fwd);
+  m.impl("native_linear_bwd", &spafl::cpu::linear_bwd);
 }

@@ -1,11 +1,10 @@
 // Row machinery of the CPU kernels; see rows.h.
 #include "rows.h"
 
-#include <ATen/OpMathType.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -84,11 +83,10 @@ SPAFL_CLONES void grad_row(double* out, const double* g, const double* w, bool k
 
 // ---------------------------------------------------------------------------------- row sets
 
-Ste parse_ste(const std::string& ste) {
-  if (ste == "identity") return Ste::identity;
-  if (ste == "outer") return Ste::outer;
-  if (ste == "clipped") return Ste::clipped;
-  TORCH_CHECK(false, "ste must be one of ('identity', 'outer', 'clipped'), got '", ste, "'");
+SpaflSte ste_from_code(int64_t code) {
+  TORCH_CHECK(code == SPAFL_STE_IDENTITY || code == SPAFL_STE_OUTER || code == SPAFL_STE_CLIPPED,
+              "ste must be 0 (identity), 1 (outer) or 2 (clipped), got ", code);
+  return static_cast<SpaflSte>(code);
 }
 
 namespace {
@@ -96,34 +94,25 @@ namespace {
 float row_abs_sum(const float* p, int64_t n) { return abs_sum(p, n); }
 double row_abs_sum(const double* p, int64_t n) { return abs_sum(p, n); }
 
-// 16-bit weights: widened element by element (no backend's hot path here).
-template <typename T>
-float row_abs_sum(const T* p, int64_t n) {
-  float s = 0;
-  for (int64_t j = 0; j < n; ++j) s += std::abs(static_cast<float>(p[j]));
-  return s;
-}
-
 }  // namespace
 
 at::Tensor row_scores(const at::Tensor& weight, const at::Tensor& threshold) {
   const int64_t rows = weight.size(0);
-  TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == rows, "threshold must have shape (", rows,
-              ",), got ", threshold.sizes());
+  TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == rows, "threshold must have shape (", rows, ",), got ",
+              threshold.sizes());
   TORCH_CHECK(threshold.scalar_type() == weight.scalar_type(), "threshold dtype ", threshold.scalar_type(),
               " differs from weight dtype ", weight.scalar_type());
   const at::Tensor t = threshold.contiguous();
-  const int64_t fan = rows ? weight.numel() / rows : 0;
-  at::Tensor score = at::empty({rows}, weight.options().dtype(at::toOpMathType(weight.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "spafl_row_scores", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  const int64_t fan_in = rows ? weight.numel() / rows : 0;
+  at::Tensor score = at::empty({rows}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "spafl_row_scores", [&] {
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     const scalar_t* tau = t.const_data_ptr<scalar_t>();
-    acc_t* s = score.mutable_data_ptr<acc_t>();
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(std::max<int64_t>(fan, 1));
-    at::parallel_for(0, rows, grain(fan), [&](int64_t b, int64_t e) {
+    scalar_t* s = score.mutable_data_ptr<scalar_t>();
+    const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(fan_in, 1));
+    at::parallel_for(0, rows, grain(fan_in), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        s[i] = row_abs_sum(w + i * fan, fan) * inv - static_cast<acc_t>(tau[i]);
+        s[i] = row_abs_sum(w + i * fan_in, fan_in) * inv - tau[i];
       }
     });
   });
@@ -153,9 +142,9 @@ std::vector<Segment> segments(const int64_t* idx, int64_t n, int64_t chunk, int6
   return out;
 }
 
-int64_t panel_rows(int64_t row_size, int64_t elem_size, int64_t total_rows) {
+int64_t panel_rows(int64_t fan_in, int64_t elem_size, int64_t total_rows) {
   constexpr int64_t kPanelBytes = int64_t(16) << 20;
-  const int64_t rows = std::max<int64_t>(64, kPanelBytes / std::max<int64_t>(row_size * elem_size, 1));
+  const int64_t rows = std::max<int64_t>(64, kPanelBytes / std::max<int64_t>(fan_in * elem_size, 1));
   return std::max<int64_t>(1, std::min(rows, total_rows));
 }
 
@@ -182,7 +171,8 @@ at::Tensor fresh_pages(at::IntArrayRef sizes, const at::TensorOptions& options, 
   for (const int64_t s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
   constexpr size_t kLarge = size_t(2) << 20;  // also the x86-64 huge page
-  if (bytes < kLarge) return zero ? at::zeros(sizes, options) : at::empty(sizes, options);  // reused heap memory
+  // Below it, reused heap memory.
+  if (bytes < kLarge) return zero ? at::zeros(sizes, options) : at::empty(sizes, options);
 #ifdef __linux__
   // Over-map by one huge page so that the block can start on a huge-page boundary.
   const size_t span = (bytes + kLarge - 1) / kLarge * kLarge;

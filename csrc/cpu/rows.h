@@ -1,7 +1,7 @@
 // Row machinery shared by the CPU kernels of the `cpp` backend (DESIGN §2): scores, the active and
 // graded row sets, gathers into compact panels, outputs on fresh zero pages, the per-row gradient epilogue.
 //
-// A layer's weight is [N, fan] (a Conv2d filter flattened). Row i is active when
+// A layer's weight is [N, fan_in] (a Conv2d filter flattened). Row i is active when
 // s_i = mean|W_i| - tau_i > 0; it is "graded" (needs its weight gradient G_i) when active, or when
 // pruned with an open STE gate (then only for dL/dm_i = <G_i, W_i> + b_i * sum(g_i)).
 #pragma once
@@ -12,8 +12,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <string>
 #include <vector>
+
+#include "../spafl_ste.h"
 
 namespace spafl::cpu {
 
@@ -31,20 +32,19 @@ void grad_row(double* out, const double* g, const double* w, bool keep, double c
 
 // ---------------------------------------------------------------------------------- row sets
 
-enum class Ste { identity, outer, clipped };
-
-Ste parse_ste(const std::string& ste);
+// The op's `int ste` as a SpaflSte; raises for a code that names no STE.
+SpaflSte ste_from_code(int64_t code);
 
 template <typename T>
-inline bool gate_open(T score, Ste ste) {
+inline bool gate_open(T score, SpaflSte ste) {
   // Negated comparisons: a NaN score has its gate open, as in the reference (semantics.is_active).
   const T a = score < 0 ? -score : score;
-  return ste == Ste::identity || (ste == Ste::outer ? !(a <= T(1)) : !(a > T(1)));
+  return ste == SPAFL_STE_IDENTITY || (ste == SPAFL_STE_OUTER ? !(a <= T(1)) : !(a > T(1)));
 }
 
-// s_i = sum_j |W_ij| / fan - tau_i for every row, rows split across threads. weight: [N, ...]
-// contiguous, threshold: [N] in the weight's dtype. Returns [N] in the accumulation dtype (float32
-// for 16-bit weights, else the weight's dtype).
+// s_i = sum_j |W_ij| / fan_in - tau_i for every row, rows split across threads. weight: [N, ...]
+// contiguous, float32 or float64; threshold: [N] in the weight's dtype. Returns [N] in the weight's dtype
+// (the accumulation dtype of both).
 at::Tensor row_scores(const at::Tensor& weight, const at::Tensor& threshold);
 
 // Index sets over the N rows, from the scores (ascending indices).
@@ -56,7 +56,7 @@ struct RowSets {
   std::vector<uint8_t> gate;    // [N] gate(s_i); empty unless with_gates
 
   template <typename T>
-  RowSets(const T* score, int64_t rows, Ste ste, bool with_gates) : n(rows), mask(rows) {
+  RowSets(const T* score, int64_t rows, SpaflSte ste, bool with_gates) : n(rows), mask(rows) {
     if (with_gates) gate.resize(rows);
     for (int64_t i = 0; i < rows; ++i) {
       mask[i] = !(score[i] <= T(0));  // a NaN score counts as active (semantics.is_active)
@@ -90,11 +90,11 @@ struct Segment {
 // are consecutive) and gathered chunks of at most `chunk` positions, in order.
 std::vector<Segment> segments(const int64_t* idx, int64_t n, int64_t chunk, int64_t min_run);
 
-// Rows per gathered panel: a panel of [rows, row_size] stays at most ~16 MiB, small enough that the
+// Rows per gathered panel: a panel of [rows, fan_in] stays at most ~16 MiB, small enough that the
 // allocator reuses it instead of mapping (and page-faulting) fresh memory on every call (glibc maps
 // blocks of 32 MiB or more afresh each time), large enough that BLAS runs at full speed on it
 // (measured, 1 thread, x[256, 4096]: 1024-row panels within noise of one GEMM on 2048 rows).
-int64_t panel_rows(int64_t row_size, int64_t elem_size, int64_t total_rows);
+int64_t panel_rows(int64_t fan_in, int64_t elem_size, int64_t total_rows);
 constexpr int64_t kMinRun = 64;
 
 // ---------------------------------------------------------------------------------- memory
@@ -128,8 +128,7 @@ inline int64_t grain(int64_t item_size) {
 // dst[o, j, :] = src[o, idx[j], :] for o < outer, j < n; src: [outer, rows, inner], dst: [outer, n,
 // inner], both contiguous.
 template <typename T>
-void gather_planes(const T* src, int64_t outer, int64_t rows, int64_t inner, const int64_t* idx,
-                   int64_t n, T* dst) {
+void gather_planes(const T* src, int64_t outer, int64_t rows, int64_t inner, const int64_t* idx, int64_t n, T* dst) {
   if (inner == 1) {  // columns of a matrix: one element per index, parallel over the outer rows
     at::parallel_for(0, outer, grain(n), [&](int64_t b, int64_t e) {
       for (int64_t o = b; o < e; ++o) {
@@ -200,38 +199,38 @@ void plane_sums(const T* src, int64_t outer, int64_t rows, int64_t inner, T* out
 // ------------------------------------------------------------------------------ gradient rows
 
 // The gradient epilogue (DESIGN §2) of graded row i = rows.graded[p], whose dense weight gradient
-// G_i is the row at `g` (fan elements):
+// G_i is the row at `g` (fan_in elements):
 //   dm_i = <G_i, W_i> + b_i * gsum_i                    (only where the gate is open)
-//   dW_i = m_i * G_i + gate_i * dm_i * sign(W_i) / fan,  dtau_i = -gate_i * dm_i,
+//   dW_i = m_i * G_i + gate_i * dm_i * sign(W_i) / fan_in,  dtau_i = -gate_i * dm_i,
 // dW_i written to its row of `dweight` (`g` may be that row). bias/gsum may be null (no bias).
 template <typename T>
 struct GradRows {
   const RowSets& rows;
-  const T* weight;  // [N, fan]
+  const T* weight;  // [N, fan_in]
   const T* bias;    // [N] or null
   const T* gsum;    // [N] dL/dy summed over batch (and space), or null without bias
-  int64_t fan;
-  T* dweight;     // [N, fan]
+  int64_t fan_in;
+  T* dweight;     // [N, fan_in]
   T* dthreshold;  // [N], zero where the gate is closed
 
   void finish(int64_t p, const T* g) const {
     const int64_t i = rows.graded[p];
-    T* dst = dweight + i * fan;
+    T* dst = dweight + i * fan_in;
     if (!rows.gate[i]) {  // graded with a closed gate: active, dW_i = G_i
-      if (dst != g) std::memcpy(dst, g, fan * sizeof(T));
+      if (dst != g) std::memcpy(dst, g, fan_in * sizeof(T));
       return;
     }
-    const T* w = weight + i * fan;
-    T dm = dot(g, w, fan);
+    const T* w = weight + i * fan_in;
+    T dm = dot(g, w, fan_in);
     if (bias) dm += bias[i] * gsum[i];
     dthreshold[i] = -dm;
-    grad_row(dst, g, w, rows.mask[i] != 0, dm / static_cast<T>(std::max<int64_t>(fan, 1)), fan);
+    grad_row(dst, g, w, rows.mask[i] != 0, dm / static_cast<T>(std::max<int64_t>(fan_in, 1)), fan_in);
   }
 
-  // Positions [p0, p1) with G in `compact` ([p1 - p0, fan]).
+  // Positions [p0, p1) with G in `compact` ([p1 - p0, fan_in]).
   void finish_compact(int64_t p0, int64_t p1, const T* compact) const {
-    at::parallel_for(p0, p1, grain(fan), [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) finish(p, compact + (p - p0) * fan);
+    at::parallel_for(p0, p1, grain(fan_in), [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) finish(p, compact + (p - p0) * fan_in);
     });
   }
 
@@ -247,15 +246,15 @@ struct GradRows {
       // in parallel. None (lo == hi): graded[j] == base + j below hi, every G there is in place.
       const int64_t lo = std::lower_bound(graded, graded + hi, base + hi) - graded;
       const int64_t from = lo < hi ? lo : 0;
-      at::parallel_for(from, hi, grain(fan), [&](int64_t b, int64_t e) {
-        for (int64_t j = b; j < e; ++j) finish(p0 + j, dweight + (base + j) * fan);
+      at::parallel_for(from, hi, grain(fan_in), [&](int64_t b, int64_t e) {
+        for (int64_t j = b; j < e; ++j) finish(p0 + j, dweight + (base + j) * fan_in);
       });
       hi = from;
     }
     const int64_t end = std::min(base + size + scratch_rows, rows.n);
     for (int64_t r = base, j = 0; r < end; ++r) {
       while (j < size && graded[j] < r) ++j;
-      if (j == size || graded[j] != r) std::memset(dweight + r * fan, 0, fan * sizeof(T));
+      if (j == size || graded[j] != r) std::memset(dweight + r * fan_in, 0, fan_in * sizeof(T));
     }
   }
 };

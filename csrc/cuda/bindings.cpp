@@ -1,7 +1,7 @@
-// CUDA implementations of spafl::score_mask and the spafl::cuda_* ops (schemas: csrc/spafl.cpp and
-// csrc/cuda_schemas.cpp): argument checks, output allocation, then the C launchers of spafl_cuda.h on the
-// current stream. Compiled only against a CUDA build of torch (setup.py). Nothing here reads device
-// memory or synchronises: row counts stay on the device, and the ops can be captured in CUDA graphs.
+// CUDA implementations of the spafl::native_* ops (schemas: csrc/spafl.cpp): argument checks, output
+// allocation, then the C launchers of spafl_cuda.h on the current stream. Compiled only against a CUDA build
+// of torch (setup.py). Nothing here reads device memory or synchronises: row counts stay on the device, and
+// the ops can be captured in CUDA graphs.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 // c10/cuda only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers a toolkit may lack).
@@ -45,8 +45,8 @@ void check_launch(cudaError_t status, const char* op, const char* kernel) {
 void check_like(const Tensor& t, const Tensor& like, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
   TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but weight is on ", like.device());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              " but weight has ", like.scalar_type());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but weight has ",
+              like.scalar_type());
 }
 
 void check_row_vector(const Tensor& t, int64_t rows, const char* op, const char* name) {
@@ -76,7 +76,18 @@ void check_score(const Tensor& score, const Tensor& weight, const char* op) {
   check_row_vector(score, weight.size(0), op, "score");
 }
 
-int ste_code(int64_t ste, const char* op) {
+// Checks of a backward op's inputs beyond their shapes (grad_y's shape: the caller): devices, dtypes, bias,
+// the saved score; returns the STE code.
+int check_bwd_inputs(const char* op, const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+                     const std::optional<Tensor>& bias, const Tensor& score, int64_t ste) {
+  TORCH_CHECK(weight.is_cuda(), op, ": weight must be a CUDA tensor, got one on ", weight.device());
+  check_like(x, weight, op, "x");
+  check_like(grad_y, weight, op, "grad_y");
+  if (bias.has_value()) {
+    check_like(*bias, weight, op, "bias");
+    check_row_vector(*bias, weight.size(0), op, "bias");
+  }
+  check_score(score, weight, op);
   TORCH_CHECK(ste == SPAFL_STE_IDENTITY || ste == SPAFL_STE_OUTER || ste == SPAFL_STE_CLIPPED, op,
               ": ste must be 0 (identity), 1 (outer) or 2 (clipped), got ", ste);
   return static_cast<int>(ste);
@@ -90,10 +101,10 @@ void* mutable_data_or_null(const Tensor& t) { return t.defined() ? t.mutable_dat
 // score [rows] = mean|W_row| - tau, in the accumulation dtype. weight contiguous [rows, ...].
 Tensor row_scores(const Tensor& weight, const Tensor& threshold, int dtype, cudaStream_t stream, const char* op) {
   const int64_t rows = weight.size(0);
-  const int64_t row_size = rows > 0 ? weight.numel() / rows : 0;
+  const int64_t fan_in = rows > 0 ? weight.numel() / rows : 0;
   Tensor score = at::empty({rows}, weight.options().dtype(at::toOpMathType(weight.scalar_type())));
   check_launch(spafl_cuda_row_scores(dtype, weight.const_data_ptr(), threshold.const_data_ptr(),
-                                     score.mutable_data_ptr(), rows, row_size, stream),
+                                     score.mutable_data_ptr(), rows, fan_in, stream),
                op, "row_scores");
   return score;
 }
@@ -107,10 +118,10 @@ struct RowSet {
 RowSet select_rows(const Tensor& score, int dtype, int ste, bool complement, cudaStream_t stream, const char* op) {
   const int64_t rows = score.size(0);
   RowSet set{at::empty({rows}, score.options().dtype(at::kLong)), at::empty({}, score.options().dtype(at::kLong))};
-  check_launch(spafl_cuda_select_rows(dtype, score.const_data_ptr(), rows, ste, complement ? 1 : 0,
-                                      set.index.mutable_data_ptr<int64_t>(), set.count.mutable_data_ptr<int64_t>(),
-                                      stream),
-               op, "select_rows");
+  check_launch(
+      spafl_cuda_select_rows(dtype, score.const_data_ptr(), rows, ste, complement ? 1 : 0,
+                             set.index.mutable_data_ptr<int64_t>(), set.count.mutable_data_ptr<int64_t>(), stream),
+      op, "select_rows");
   return set;
 }
 
@@ -124,31 +135,17 @@ std::tuple<Tensor, Tensor> param_grads(const Tensor& score, int ste, const Tenso
   const Tensor dthreshold = at::empty({rows}, weight.options());
   check_launch(spafl_cuda_param_grads(dtype, score.const_data_ptr(), ste, weight.const_data_ptr(), data_or_null(bias),
                                       grad_y.const_data_ptr(), dweight.mutable_data_ptr(), mutable_data_or_null(dbias),
-                                      dthreshold.mutable_data_ptr(), rows, rows > 0 ? weight.numel() / rows : 0,
-                                      outer, inner, stream),
+                                      dthreshold.mutable_data_ptr(), rows, rows > 0 ? weight.numel() / rows : 0, outer,
+                                      inner, stream),
                op, "param_grads");
   return {dbias, dthreshold};
-}
-
-// ------------------------------------------------------------------------------------------ score_mask
-
-std::tuple<Tensor, Tensor, Tensor> score_mask_cuda(const Tensor& weight_, const Tensor& threshold_) {
-  const char* op = "spafl::score_mask";
-  TORCH_CHECK(weight_.dim() >= 1, op, ": weight must have at least 1 dimension");
-  const int dtype = check_params(op, weight_, std::nullopt, threshold_);
-  const c10::cuda::CUDAGuard guard(weight_.device());
-  const cudaStream_t stream = current_stream(weight_);
-  const Tensor weight = weight_.contiguous(), threshold = threshold_.contiguous();
-  Tensor score = row_scores(weight, threshold, dtype, stream, op);
-  RowSet active = select_rows(score, dtype, SPAFL_SELECT_ACTIVE, false, stream, op);
-  return {score, active.index, active.count};
 }
 
 // ------------------------------------------------------------------------------------------ linear
 
 std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x_, const Tensor& weight_, const std::optional<Tensor>& bias_,
                                       const Tensor& threshold_) {
-  const char* op = "spafl::cuda_linear_fwd";
+  const char* op = "spafl::native_linear_fwd";
   TORCH_CHECK(x_.dim() == 2 && weight_.dim() == 2 && x_.size(1) == weight_.size(1), op,
               ": expected x [M, K] and weight [N, K], got ", x_.sizes(), " and ", weight_.sizes());
   const int dtype = check_params(op, weight_, bias_, threshold_);
@@ -172,21 +169,13 @@ std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x_, const Tensor& weight_, c
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y_, const Tensor& x_, const Tensor& weight_,
                                                       const std::optional<Tensor>& bias_, const Tensor& score,
                                                       int64_t ste_, bool need_dx, bool need_params) {
-  const char* op = "spafl::cuda_linear_bwd";
+  const char* op = "spafl::native_linear_bwd";
   TORCH_CHECK(x_.dim() == 2 && weight_.dim() == 2 && x_.size(1) == weight_.size(1), op,
               ": expected x [M, K] and weight [N, K], got ", x_.sizes(), " and ", weight_.sizes());
   TORCH_CHECK(grad_y_.dim() == 2 && grad_y_.size(0) == x_.size(0) && grad_y_.size(1) == weight_.size(0), op,
               ": grad_y must have shape (", x_.size(0), ", ", weight_.size(0), "), got ", grad_y_.sizes());
   const int dtype = dtype_code(weight_.scalar_type(), op);
-  TORCH_CHECK(weight_.is_cuda(), op, ": weight must be a CUDA tensor, got one on ", weight_.device());
-  check_like(x_, weight_, op, "x");
-  check_like(grad_y_, weight_, op, "grad_y");
-  if (bias_.has_value()) {
-    check_like(*bias_, weight_, op, "bias");
-    check_row_vector(*bias_, weight_.size(0), op, "bias");
-  }
-  check_score(score, weight_, op);
-  const int ste = ste_code(ste_, op);
+  const int ste = check_bwd_inputs(op, grad_y_, x_, weight_, bias_, score, ste_);
   const c10::cuda::CUDAGuard guard(weight_.device());
   const cudaStream_t stream = current_stream(weight_);
   const Tensor grad_y = grad_y_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
@@ -210,10 +199,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y_, con
   // Rows needing a weight gradient: active rows and pruned rows whose gate is open (for dL/dm).
   const RowSet graded = select_rows(scores, dtype, ste, false, stream, op);
   Tensor dweight = at::empty({N, K}, weight.options());
-  check_launch(spafl_cuda_linear_dw(dtype, grad_y.const_data_ptr(), x.const_data_ptr(),
-                                    graded.index.const_data_ptr<int64_t>(), graded.count.const_data_ptr<int64_t>(),
-                                    dweight.mutable_data_ptr(), M, N, K, stream),
-               op, "linear_dw");
+  check_launch(
+      spafl_cuda_linear_dw(dtype, grad_y.const_data_ptr(), x.const_data_ptr(), graded.index.const_data_ptr<int64_t>(),
+                           graded.count.const_data_ptr<int64_t>(), dweight.mutable_data_ptr(), M, N, K, stream),
+      op, "linear_dw");
   auto [dbias, dthreshold] =
       param_grads(scores, ste, weight, bias, grad_y, dweight, /*outer=*/M, /*inner=*/1, dtype, stream, op);
   return {dx, dweight, dbias.defined() ? dbias : none(), dthreshold};
@@ -228,11 +217,13 @@ int64_t pair_at(at::IntArrayRef pair, int i, const char* op, const char* name) {
 
 // Geometry of x [B, C, H, W] * weight [N, C, kh, kw] (groups == 1), checked.
 SpaflConvShape conv_shape(const Tensor& x, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, const char* op) {
+                          at::IntArrayRef dilation, int64_t groups, const char* op) {
+  // Dispatch never sends groups > 1 here (the cuda backend declares supports_groups = False): this guards
+  // direct calls of the op.
+  TORCH_CHECK(groups == 1, op, ": the CUDA kernels implement groups=1 only, got groups=", groups);
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, op, ": expected x [B, C, H, W] and weight [N, C, kh, kw], got ",
               x.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(x.size(1) == weight.size(1), op, ": x has ", x.size(1), " channels but weight expects ", weight.size(1),
-              " (groups > 1 is not implemented by the cuda backend)");
+  TORCH_CHECK(x.size(1) == weight.size(1), op, ": x has ", x.size(1), " channels but weight expects ", weight.size(1));
   SpaflConvShape s{};
   s.batch = x.size(0);
   s.in_channels = x.size(1);
@@ -247,23 +238,23 @@ SpaflConvShape conv_shape(const Tensor& x, const Tensor& weight, at::IntArrayRef
   s.pad_w = pair_at(padding, 1, op, "padding");
   s.dilation_h = pair_at(dilation, 0, op, "dilation");
   s.dilation_w = pair_at(dilation, 1, op, "dilation");
-  TORCH_CHECK(s.stride_h >= 1 && s.stride_w >= 1 && s.dilation_h >= 1 && s.dilation_w >= 1 && s.pad_h >= 0 &&
-                  s.pad_w >= 0,
-              op, ": stride and dilation must be >= 1 and padding >= 0, got stride=", stride, " padding=", padding,
-              " dilation=", dilation);
+  TORCH_CHECK(
+      s.stride_h >= 1 && s.stride_w >= 1 && s.dilation_h >= 1 && s.dilation_w >= 1 && s.pad_h >= 0 && s.pad_w >= 0, op,
+      ": stride and dilation must be >= 1 and padding >= 0, got stride=", stride, " padding=", padding,
+      " dilation=", dilation);
   TORCH_CHECK(s.kernel_h >= 1 && s.kernel_w >= 1, op, ": empty kernel ", weight.sizes());
   s.out_h = (s.height + 2 * s.pad_h - s.dilation_h * (s.kernel_h - 1) - 1) / s.stride_h + 1;
   s.out_w = (s.width + 2 * s.pad_w - s.dilation_w * (s.kernel_w - 1) - 1) / s.stride_w + 1;
-  TORCH_CHECK(s.out_h > 0 && s.out_w > 0, op, ": the padded input ", x.sizes(),
-              " is smaller than the dilated kernel ", weight.sizes());
+  TORCH_CHECK(s.out_h > 0 && s.out_w > 0, op, ": the padded input ", x.sizes(), " is smaller than the dilated kernel ",
+              weight.sizes());
   return s;
 }
 
 std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x_, const Tensor& weight_, const std::optional<Tensor>& bias_,
                                       const Tensor& threshold_, at::IntArrayRef stride, at::IntArrayRef padding,
-                                      at::IntArrayRef dilation) {
-  const char* op = "spafl::cuda_conv2d_fwd";
-  const SpaflConvShape s = conv_shape(x_, weight_, stride, padding, dilation, op);
+                                      at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "spafl::native_conv2d_fwd";
+  const SpaflConvShape s = conv_shape(x_, weight_, stride, padding, dilation, groups, op);
   const int dtype = check_params(op, weight_, bias_, threshold_);
   check_like(x_, weight_, op, "x");
   const c10::cuda::CUDAGuard guard(weight_.device());
@@ -273,7 +264,8 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x_, const Tensor& weight_, c
 
   Tensor score = row_scores(weight, threshold, dtype, stream, op);
   const RowSet perm = select_rows(score, dtype, SPAFL_SELECT_ACTIVE, true, stream, op);  // active, then pruned
-  Tensor y = at::empty({s.batch, s.out_channels, s.out_h, s.out_w}, x.options());  // every element written
+  // Every element of y is written: active channels and pruned zeros.
+  Tensor y = at::empty({s.batch, s.out_channels, s.out_h, s.out_w}, x.options());
   check_launch(spafl_cuda_conv2d_fwd(dtype, x.const_data_ptr(), weight.const_data_ptr(), data_or_null(bias),
                                      perm.index.const_data_ptr<int64_t>(), perm.count.const_data_ptr<int64_t>(),
                                      y.mutable_data_ptr(), &s, stream),
@@ -284,24 +276,16 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x_, const Tensor& weight_, c
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y_, const Tensor& x_, const Tensor& weight_,
                                                       const std::optional<Tensor>& bias_, const Tensor& score,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
-                                                      at::IntArrayRef dilation, int64_t ste_, bool need_dx,
-                                                      bool need_params) {
-  const char* op = "spafl::cuda_conv2d_bwd";
-  const SpaflConvShape s = conv_shape(x_, weight_, stride, padding, dilation, op);
+                                                      at::IntArrayRef dilation, int64_t groups, int64_t ste_,
+                                                      bool need_dx, bool need_params) {
+  const char* op = "spafl::native_conv2d_bwd";
+  const SpaflConvShape s = conv_shape(x_, weight_, stride, padding, dilation, groups, op);
   TORCH_CHECK(grad_y_.dim() == 4 && grad_y_.size(0) == s.batch && grad_y_.size(1) == s.out_channels &&
                   grad_y_.size(2) == s.out_h && grad_y_.size(3) == s.out_w,
-              op, ": grad_y must have shape (", s.batch, ", ", s.out_channels, ", ", s.out_h, ", ", s.out_w,
-              "), got ", grad_y_.sizes());
+              op, ": grad_y must have shape (", s.batch, ", ", s.out_channels, ", ", s.out_h, ", ", s.out_w, "), got ",
+              grad_y_.sizes());
   const int dtype = dtype_code(weight_.scalar_type(), op);
-  TORCH_CHECK(weight_.is_cuda(), op, ": weight must be a CUDA tensor, got one on ", weight_.device());
-  check_like(x_, weight_, op, "x");
-  check_like(grad_y_, weight_, op, "grad_y");
-  if (bias_.has_value()) {
-    check_like(*bias_, weight_, op, "bias");
-    check_row_vector(*bias_, weight_.size(0), op, "bias");
-  }
-  check_score(score, weight_, op);
-  const int ste = ste_code(ste_, op);
+  const int ste = check_bwd_inputs(op, grad_y_, x_, weight_, bias_, score, ste_);
   const c10::cuda::CUDAGuard guard(weight_.device());
   const cudaStream_t stream = current_stream(weight_);
   const Tensor grad_y = grad_y_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
@@ -322,10 +306,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y_, con
 
   const RowSet graded = select_rows(scores, dtype, ste, false, stream, op);
   Tensor dweight = at::empty(weight.sizes(), weight.options());
-  check_launch(spafl_cuda_conv2d_dw(dtype, grad_y.const_data_ptr(), x.const_data_ptr(),
-                                    graded.index.const_data_ptr<int64_t>(), graded.count.const_data_ptr<int64_t>(),
-                                    dweight.mutable_data_ptr(), &s, stream),
-               op, "conv2d_dw");
+  check_launch(
+      spafl_cuda_conv2d_dw(dtype, grad_y.const_data_ptr(), x.const_data_ptr(), graded.index.const_data_ptr<int64_t>(),
+                           graded.count.const_data_ptr<int64_t>(), dweight.mutable_data_ptr(), &s, stream),
+      op, "conv2d_dw");
   auto [dbias, dthreshold] = param_grads(scores, ste, weight, bias, grad_y, dweight, /*outer=*/s.batch,
                                          /*inner=*/s.out_h * s.out_w, dtype, stream, op);
   return {dx, dweight, dbias.defined() ? dbias : none(), dthreshold};
@@ -334,9 +318,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y_, con
 }  // namespace
 
 TORCH_LIBRARY_IMPL(spafl, CUDA, m) {
-  m.impl("score_mask", &score_mask_cuda);
-  m.impl("cuda_linear_fwd", &linear_fwd);
-  m.impl("cuda_linear_bwd", &linear_bwd);
-  m.impl("cuda_conv2d_fwd", &conv2d_fwd);
-  m.impl("cuda_conv2d_bwd", &conv2d_bwd);
+  m.impl("native_linear_fwd", &linear_fwd);
+  m.impl("native_linear_bwd", &linear_bwd);
+  m.impl("native_conv2d_fwd", &conv2d_fwd);
+  m.impl("native_conv2d_bwd", &conv2d_bwd);
 }

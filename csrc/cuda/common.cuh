@@ -1,8 +1,8 @@
 // Pieces shared by every CUDA kernel of spafl: element types, their accumulation types, dtype dispatch.
 //
-// Index arithmetic is int64 throughout: products such as row * row_size or ((b * C + c) * H + h) * W
+// Index arithmetic is int64 throughout: products such as row * fan_in or ((b * C + c) * H + h) * W
 // overflow 32 bits on large layers. Everything marked SPAFL_HD also runs on the host, where
-// tests/cuda_emulation.cu executes the kernels' per-thread phases to check their index math without a GPU.
+// tests/cuda_emulation.cpp executes the kernels' per-thread phases to check their index math without a GPU.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -1,5 +1,6 @@
 // Sparse Conv2d (groups == 1, NCHW) as implicit-GEMM problems for gemm.cuh: im2col happens in the
-// loaders, element by element, so no unfolded copy of x is ever materialised.
+// loaders, element by element, so no unfolded copy of x is ever materialised. The problem structs here
+// and in linear.cuh are alike on purpose (gemm.cuh says why).
 //
 // GEMM views, with pixels m = (b, oh, ow) or (b, ih, iw) and filter columns j = (c, kh, kw):
 //   forward  y[b, perm[p], oh, ow] = sum_j im2col(x)[(b, oh, ow), j] W[perm[p], j]
@@ -20,12 +21,13 @@ struct ConvGeom {
   int64_t fan_in;      // in_channels * taps: elements per filter
 
   static ConvGeom make(const SpaflConvShape& s) {
-    return ConvGeom{s, s.out_h * s.out_w, s.height * s.width, s.kernel_h * s.kernel_w, s.in_channels * s.kernel_h * s.kernel_w};
+    return ConvGeom{s, s.out_h * s.out_w, s.height * s.width, s.kernel_h * s.kernel_w,
+                    s.in_channels * s.kernel_h * s.kernel_w};
   }
   bool valid() const {
     return s.batch >= 0 && s.in_channels >= 0 && s.height >= 0 && s.width >= 0 && s.out_channels >= 0 &&
-           s.kernel_h >= 1 && s.kernel_w >= 1 && s.out_h >= 0 && s.out_w >= 0 && s.stride_h >= 1 &&
-           s.stride_w >= 1 && s.pad_h >= 0 && s.pad_w >= 0 && s.dilation_h >= 1 && s.dilation_w >= 1;
+           s.kernel_h >= 1 && s.kernel_w >= 1 && s.out_h >= 0 && s.out_w >= 0 && s.stride_h >= 1 && s.stride_w >= 1 &&
+           s.pad_h >= 0 && s.pad_w >= 0 && s.dilation_h >= 1 && s.dilation_w >= 1;
   }
 
   // im2col(x)[m, j] with m = (b, oh, ow) over batch * out_pixels and j = (c, kh, kw) over fan_in; 0 in the padding.
@@ -159,8 +161,8 @@ cudaError_t run_conv2d_fwd(const Exec& exec, int dtype, const void* x, const voi
                            const int64_t* perm, const int64_t* count, void* y, const SpaflConvShape* shape) {
   return dispatch_conv2d(dtype, shape, [&](auto tag, const ConvGeom& g) {
     using T = typename decltype(tag)::type;
-    return exec.gemm(Conv2dFwd<T>{static_cast<const T*>(x), static_cast<const T*>(weight),
-                                  static_cast<const T*>(bias), perm, count, static_cast<T*>(y), g});
+    return exec.gemm(Conv2dFwd<T>{static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias),
+                                  perm, count, static_cast<T*>(y), g});
   });
 }
 
@@ -179,8 +181,8 @@ cudaError_t run_conv2d_dw(const Exec& exec, int dtype, const void* grad_y, const
                           const int64_t* count, void* dweight, const SpaflConvShape* shape) {
   return dispatch_conv2d(dtype, shape, [&](auto tag, const ConvGeom& g) {
     using T = typename decltype(tag)::type;
-    return exec.gemm(Conv2dDw<T>{static_cast<const T*>(grad_y), static_cast<const T*>(x), rows, count,
-                                 static_cast<T*>(dweight), g});
+    return exec.gemm(
+        Conv2dDw<T>{static_cast<const T*>(grad_y), static_cast<const T*>(x), rows, count, static_cast<T*>(dweight), g});
   });
 }
 

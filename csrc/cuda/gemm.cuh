@@ -15,8 +15,12 @@
 //   a(m, k), b(k, n)                      elements, called only for in-range indices
 //   store(m, n, acc)                      called once for every in-range (m, n) of every live tile
 //
+// The problems (LinearFwd/Dx/Dw, Conv2dFwd/Dx/Dw) look alike on purpose, as CUTLASS's do: each spells its
+// own fields and accessors, so that the addressing of each GEMM view reads in one place and inlines into
+// the mainloop; a shared base or macro would save lines but hide what differs (gathers, im2col, strides).
+//
 // The per-thread phases (load, compute, store) are SPAFL_HD functions of an explicit thread index, so
-// that tests/cuda_emulation.cu runs them on the host, thread by thread and phase by phase, exactly
+// that tests/cuda_emulation.cpp runs them on the host, thread by thread and phase by phase, exactly
 // as the kernels below order them between their __syncthreads().
 #pragma once
 
@@ -145,8 +149,8 @@ struct WmmaGemm {
     T b[BK][LDB];
   };
   // After the main loop the fp32 results reuse the operands' bytes (BM x LDC floats).
-  static constexpr size_t kSmemBytes =
-      sizeof(Operands) > sizeof(float) * BM * LDC ? sizeof(Operands) : sizeof(float) * BM * LDC;
+  static constexpr size_t kSmemBytes = sizeof(Operands) > sizeof(float) * BM* LDC ? sizeof(Operands)
+                                                                                  : sizeof(float) * BM * LDC;
 
   // wmma fragment pointers must be 32-byte aligned: every origin below is, given a 128-byte aligned base.
   static_assert(sizeof(T) == 2, "WMMA engine: 16-bit elements");
@@ -159,14 +163,12 @@ struct WmmaGemm {
   static SPAFL_HD int warp_row(int warp) { return (warp / 2) * 32; }
   static SPAFL_HD int warp_col(int warp) { return (warp % 2) * 32; }
 
-  static SPAFL_HD void load(const P& p, Operands& s, int tid, int64_t m0, int64_t n0, int64_t k0,
-                            const Extents& ext) {
+  static SPAFL_HD void load(const P& p, Operands& s, int tid, int64_t m0, int64_t n0, int64_t k0, const Extents& ext) {
     load_tile_a<P, BM, BK, THREADS>(p, &s.a[0][0], LDA, 1, tid, m0, k0, ext);
     load_tile_b<P, BK, BN, THREADS>(p, &s.b[0][0], LDB, 1, tid, k0, n0, ext);
   }
 
-  static SPAFL_HD void store(const P& p, const float (*c)[LDC], int tid, int64_t m0, int64_t n0,
-                             const Extents& ext) {
+  static SPAFL_HD void store(const P& p, const float (*c)[LDC], int tid, int64_t m0, int64_t n0, const Extents& ext) {
     for (int e = tid; e < BM * BN; e += THREADS) {
       const int mm = P::kCFastM ? e % BM : e / BN;
       const int nn = P::kCFastM ? e / BM : e % BN;
@@ -184,7 +186,7 @@ struct UsesTensorCores {
 #ifdef __CUDACC__
 
 // minBlocksPerMultiprocessor = 1 on both kernels: without it ptxas (CUDA 13) picked register budgets low
-// enough to spill a few bytes in some sm_90 instantiations; with it none spills (csrc/cuda/check.py).
+// enough to spill a few bytes in some sm_90 instantiations; with it none spills (tools/cuda_check.py).
 template <class P>
 __global__ void __launch_bounds__(SimtGemm<P>::THREADS, 1) simt_gemm_kernel(const P p) {
   using G = SimtGemm<P>;
@@ -211,7 +213,7 @@ __global__ void __launch_bounds__(WmmaGemm<P>::THREADS, 1) wmma_gemm_kernel(cons
   using T = typename G::T;
   __shared__ __align__(128) unsigned char smem[G::kSmemBytes];
   auto& ops = *reinterpret_cast<typename G::Operands*>(smem);
-  auto c = reinterpret_cast<float(*)[G::LDC]>(smem);
+  auto c = reinterpret_cast<float (*)[G::LDC]>(smem);
 
   const int64_t m0 = int64_t(blockIdx.x) * G::BM, n0 = int64_t(blockIdx.y) * G::BN;
   Extents ext;

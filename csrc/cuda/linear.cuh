@@ -1,5 +1,6 @@
 // Sparse Linear as gather-fused GEMM problems for gemm.cuh (row-major x [M, K], weight [N, K],
 // grad_y / y [M, N]). The row sets come from select_rows (rows.cuh); their counts stay on the device.
+// The problem structs here and in conv2d.cuh are alike on purpose (gemm.cuh says why).
 #pragma once
 
 #include "gemm.cuh"
@@ -92,8 +93,8 @@ cudaError_t run_linear_fwd(const Exec& exec, int dtype, const void* x, const voi
                            const int64_t* perm, const int64_t* count, void* y, int64_t M, int64_t N, int64_t K) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return exec.gemm(LinearFwd<T>{static_cast<const T*>(x), static_cast<const T*>(weight),
-                                  static_cast<const T*>(bias), perm, count, static_cast<T*>(y), M, N, K});
+    return exec.gemm(LinearFwd<T>{static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias),
+                                  perm, count, static_cast<T*>(y), M, N, K});
   });
 }
 

@@ -2,7 +2,7 @@
 // that turn the dense weight gradient of the needed rows into dW, db and dtau (DESIGN §2).
 //
 // As in gemm.cuh, each kernel is a thin shell around SPAFL_HD per-thread phases that
-// tests/cuda_emulation.cu also runs on the host; only the block-wide reductions and scans (CUB) are
+// tests/cuda_emulation.cpp also runs on the host; only the block-wide reductions and scans (CUB) are
 // device-only.
 #pragma once
 
@@ -23,16 +23,16 @@ struct RowScores {
   const T* weight;
   const T* threshold;
   Acc* score;
-  int64_t rows, row_size;
+  int64_t rows, fan_in;
 
   SPAFL_HD Acc partial_l1(int64_t row, int tid) const {
-    const T* w = weight + row * row_size;
+    const T* w = weight + row * fan_in;
     Acc sum = 0;
-    for (int64_t j = tid; j < row_size; j += THREADS) sum += abs_value(to_acc(w[j]));
+    for (int64_t j = tid; j < fan_in; j += THREADS) sum += abs_value(to_acc(w[j]));
     return sum;
   }
   SPAFL_HD void finish(int64_t row, Acc l1) const {
-    score[row] = l1 / Acc(row_size > 0 ? row_size : 1) - to_acc(threshold[row]);
+    score[row] = l1 / Acc(fan_in > 0 ? fan_in : 1) - to_acc(threshold[row]);
   }
 };
 
@@ -72,14 +72,14 @@ struct ParamGrads {
   T* dweight;
   T* dbias;
   T* dthreshold;
-  int64_t rows, row_size, outer, inner;
+  int64_t rows, fan_in, outer, inner;
 
   SPAFL_HD bool active(int64_t row) const { return !(score[row] <= Acc(0)); }  // NaN: active
   // Rows that are pruned with a closed gate get all-zero gradients and need no G.
   SPAFL_HD bool needs_gradient(int64_t row) const { return active(row) || gate_open(score[row], ste); }
 
   SPAFL_HD void write_zeros(int64_t row, int tid) const {
-    for (int64_t j = tid; j < row_size; j += THREADS) dweight[row * row_size + j] = zero<T>();
+    for (int64_t j = tid; j < fan_in; j += THREADS) dweight[row * fan_in + j] = zero<T>();
     if (tid == 0) {
       dthreshold[row] = zero<T>();
       if (dbias) dbias[row] = zero<T>();
@@ -88,8 +88,8 @@ struct ParamGrads {
   // <G_row, W_row>, this thread's share (dweight holds G on entry).
   SPAFL_HD Acc partial_dot(int64_t row, int tid) const {
     Acc sum = 0;
-    for (int64_t j = tid; j < row_size; j += THREADS)
-      sum += to_acc(dweight[row * row_size + j]) * to_acc(weight[row * row_size + j]);
+    for (int64_t j = tid; j < fan_in; j += THREADS)
+      sum += to_acc(dweight[row * fan_in + j]) * to_acc(weight[row * fan_in + j]);
     return sum;
   }
   // sum of dL/dy over batch (and space) for this row, this thread's share; only needed with a bias.
@@ -103,19 +103,19 @@ struct ParamGrads {
     return sum;
   }
   // One thread, with the block's sums: writes dthreshold and dbias, returns the STE term's scale
-  // gate * dL/dm / row_size for write_row.
+  // gate * dL/dm / fan_in for write_row.
   SPAFL_HD Acc finish(int64_t row, Acc dot, Acc grad_sum) const {
     const bool gate = gate_open(score[row], ste);
     const Acc dm = dot + (bias ? to_acc(bias[row]) * grad_sum : Acc(0));
     dthreshold[row] = from_acc<T>(gate ? -dm : Acc(0));
     if (dbias) dbias[row] = from_acc<T>(active(row) ? grad_sum : Acc(0));
-    return gate ? dm / Acc(row_size > 0 ? row_size : 1) : Acc(0);
+    return gate ? dm / Acc(fan_in > 0 ? fan_in : 1) : Acc(0);
   }
   // dW_row = m_row G_row + scale * sign(W_row), in place over G.
   SPAFL_HD void write_row(int64_t row, int tid, Acc scale) const {
     const bool keep = active(row);
-    for (int64_t j = tid; j < row_size; j += THREADS) {
-      const int64_t idx = row * row_size + j;
+    for (int64_t j = tid; j < fan_in; j += THREADS) {
+      const int64_t idx = row * fan_in + j;
       const Acc g = keep ? to_acc(dweight[idx]) : Acc(0);
       dweight[idx] = from_acc<T>(g + scale * sign_of(to_acc(weight[idx])));
     }
@@ -193,12 +193,12 @@ __global__ void __launch_bounds__(ParamGrads<T>::THREADS) param_grads_kernel(con
 
 template <class Exec>
 cudaError_t run_row_scores(const Exec& exec, int dtype, const void* weight, const void* threshold, void* score,
-                           int64_t rows, int64_t row_size) {
+                           int64_t rows, int64_t fan_in) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = typename Num<T>::Acc;
     return exec.row_scores(RowScores<T>{static_cast<const T*>(weight), static_cast<const T*>(threshold),
-                                        static_cast<Acc*>(score), rows, row_size});
+                                        static_cast<Acc*>(score), rows, fan_in});
   });
 }
 
@@ -215,15 +215,15 @@ cudaError_t run_select_rows(const Exec& exec, int dtype, const void* score, int6
 template <class Exec>
 cudaError_t run_param_grads(const Exec& exec, int dtype, const void* score, int ste, const void* weight,
                             const void* bias, const void* grad_y, void* dweight, void* dbias, void* dthreshold,
-                            int64_t rows, int64_t row_size, int64_t outer, int64_t inner) {
+                            int64_t rows, int64_t fan_in, int64_t outer, int64_t inner) {
   if ((bias == nullptr) != (dbias == nullptr)) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = typename Num<T>::Acc;
     return exec.param_grads(ParamGrads<T>{static_cast<const Acc*>(score), ste, static_cast<const T*>(weight),
                                           static_cast<const T*>(bias), static_cast<const T*>(grad_y),
-                                          static_cast<T*>(dweight), static_cast<T*>(dbias),
-                                          static_cast<T*>(dthreshold), rows, row_size, outer, inner});
+                                          static_cast<T*>(dweight), static_cast<T*>(dbias), static_cast<T*>(dthreshold),
+                                          rows, fan_in, outer, inner});
   });
 }
 

@@ -31,13 +31,15 @@ class BackendNotSupportedError(RuntimeError):
 class _Unavailable(Backend):
     """Stands in for a backend whose module failed to import; every call gets the import error."""
 
+    has_kernels = False
+
     def __init__(self, name: str, error: BaseException):
         self.name = name
         self.description = f"unavailable: {error}"
         self._reason = f"could not be imported ({type(error).__name__}: {error})"
 
     def not_supported_reasons(self, spec: CallSpec) -> list[str]:
-        return [self._reason]
+        return [self._reason]  # nothing else can be known of a backend that did not import
 
 
 @functools.cache

@@ -9,33 +9,19 @@ from __future__ import annotations
 
 import torch
 
-from ..._ext import BUILD_HINT, EXTENSION_ERROR
-from ..base import Backend, CallSpec
-from .conv2d import conv2d_bwd, conv2d_fwd
-from .linear import linear_bwd, linear_fwd
-
-DTYPES = (torch.float32, torch.float64)
+from ..._ext import NativeKernels
+from ..base import Backend
 
 
-class CppBackend(Backend):
+class CppBackend(NativeKernels, Backend):
+    """The CPU implementation of the ``spafl::native_*`` ops (``csrc/cpu``)."""
+
     name = "cpp"
     description = "C++ CPU kernels (OpenMP + ATen BLAS/oneDNN on compact row panels); float32/float64"
+    devices = ("cpu",)
     auto_device_types = ("cpu",)
-
-    linear_fwd = staticmethod(linear_fwd)
-    linear_bwd = staticmethod(linear_bwd)
-    conv2d_fwd = staticmethod(conv2d_fwd)
-    conv2d_bwd = staticmethod(conv2d_bwd)
-
-    def not_supported_reasons(self, spec: CallSpec) -> list[str]:
-        reasons = []
-        if EXTENSION_ERROR is not None:
-            reasons.append(f"the C++ extension is not built ({EXTENSION_ERROR}); build it with: {BUILD_HINT}")
-        if spec.device_type != "cpu":
-            reasons.append(f"runs on the CPU only, not {spec.device_type}")
-        if spec.dtype not in DTYPES:
-            reasons.append(f"supports float32 and float64, not {str(spec.dtype).removeprefix('torch.')}")
-        return reasons
+    dtypes = (torch.float32, torch.float64)
+    needs_extension = True
 
 
 BACKEND = CppBackend()

@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..._ext import BUILD_HINT, EXTENSION_ERROR
-from ..base import Backend, CallSpec
-from . import _fake  # noqa: F401  (fake kernels of the spafl::cuda_* ops)
-from .conv2d import conv2d_bwd, conv2d_fwd
-from .linear import linear_bwd, linear_fwd
+from ..._ext import BUILD_HINT, EXTENSION_ERROR, NativeKernels
+from ..base import FLOAT_DTYPES, Backend, CallSpec
 
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)
 """The tensor-core kernels are built for sm_80+ (bfloat16 wmma); older devices are refused."""
 
@@ -32,46 +28,28 @@ NO_CUDA_BUILD = (
 
 def has_cuda_kernels() -> bool:
     """Whether the installed ``spafl_kernels._C`` carries the CUDA kernels (setup.py built ``csrc/cuda``)."""
-    if EXTENSION_ERROR is not None:
-        return False
-    try:
-        op = torch.ops.spafl.cuda_linear_fwd.default
-    except (AttributeError, RuntimeError):  # an extension built before these ops existed
-        return False
-    return op.has_kernel_for_dispatch_key("CUDA")
+    return EXTENSION_ERROR is None and torch.ops.spafl.native_linear_fwd.default.has_kernel_for_dispatch_key("CUDA")
 
 
-def build_reasons() -> list[str]:
-    """Why this install cannot run the CUDA kernels at all (empty when it can)."""
-    if EXTENSION_ERROR is not None:
-        return [f"spafl_kernels._C is not available ({EXTENSION_ERROR}); build it with: {BUILD_HINT}"]
-    if not has_cuda_kernels():
-        return [NO_CUDA_BUILD]
-    return []
+class CudaBackend(NativeKernels, Backend):
+    """The CUDA implementation of the ``spafl::native_*`` ops (``csrc/cuda/bindings.cpp``)."""
 
-
-class CudaBackend(Backend):
     name = "cuda"
     description = "CUDA kernels (csrc/cuda): device-side row selection, gather-fused GEMM, no host sync"
+    devices = ("cuda",)
     auto_device_types = ("cuda",)
+    dtypes = FLOAT_DTYPES
+    needs_extension = True
+    supports_groups = False
 
-    linear_fwd = staticmethod(linear_fwd)
-    linear_bwd = staticmethod(linear_bwd)
-    conv2d_fwd = staticmethod(conv2d_fwd)
-    conv2d_bwd = staticmethod(conv2d_bwd)
-
-    def not_supported_reasons(self, spec: CallSpec) -> list[str]:
-        reasons = build_reasons()
-        if spec.device_type != "cuda":
-            reasons.append(f"needs CUDA tensors, got {spec.device_type} tensors")
-        elif torch.cuda.is_available() and torch.cuda.get_device_capability() < MIN_CAPABILITY:
-            major, minor = torch.cuda.get_device_capability()
-            reasons.append(f"needs compute capability >= 8.0 (sm_80), the current device has {major}.{minor}")
-        if spec.dtype not in DTYPES:
-            reasons.append(f"dtype {spec.dtype} is not supported (float32, float64, float16, bfloat16)")
-        if spec.op == "conv2d" and spec.groups != 1:
-            reasons.append(f"grouped convolution (groups={spec.groups}) is not implemented; use backend='torch'")
-        return reasons
+    def extra_reasons(self, spec: CallSpec) -> list[str]:
+        if EXTENSION_ERROR is None and not has_cuda_kernels():
+            return [NO_CUDA_BUILD]
+        if spec.device_type == "cuda" and torch.cuda.is_available():
+            if torch.cuda.get_device_capability() < MIN_CAPABILITY:
+                major, minor = torch.cuda.get_device_capability()
+                return [f"needs compute capability >= 8.0 (sm_80), the current device has {major}.{minor}"]
+        return []
 
 
 BACKEND = CudaBackend()

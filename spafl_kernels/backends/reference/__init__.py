@@ -6,7 +6,7 @@ shares none of their backward code. ``backend="auto"`` never picks it.
 
 from __future__ import annotations
 
-from ..base import Backend, CallSpec
+from ..base import Backend
 from .conv2d import sparse_conv2d
 from .linear import sparse_linear
 
@@ -14,13 +14,10 @@ from .linear import sparse_linear
 class ReferenceBackend(Backend):
     name = "reference"
     description = "masked dense + STE autograd Function (paper's code); the test oracle; no skipping"
-    auto_device_types = ()
+    has_kernels = False  # autograd differentiates it: it gives whole layers, not the ops' kernels
 
     sparse_linear = staticmethod(sparse_linear)
     sparse_conv2d = staticmethod(sparse_conv2d)
-
-    def not_supported_reasons(self, spec: CallSpec) -> list[str]:
-        return []
 
 
 BACKEND = ReferenceBackend()

@@ -20,7 +20,7 @@ class TorchBackend(Backend):
     conv2d_fwd = staticmethod(conv2d_fwd)
     conv2d_bwd = staticmethod(conv2d_bwd)
 
-    def not_supported_reasons(self, spec: CallSpec) -> list[str]:
+    def extra_reasons(self, spec: CallSpec) -> list[str]:
         if spec.dtype == torch.float16 and spec.device_type == "cpu" and spec.op == "conv2d":
             return ["float16 convolution is slow or missing on the CPU in PyTorch; use bfloat16"]
         return []

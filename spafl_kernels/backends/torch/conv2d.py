@@ -32,7 +32,6 @@ def _conv_rows(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     rows: torch.Tensor,
-    everything: bool,
     stride: Pair,
     padding: Pair,
     dilation: Pair,
@@ -40,7 +39,7 @@ def _conv_rows(
 ) -> torch.Tensor:
     """``conv2d(x, W[rows]) + b[rows]``: ``[B, len(rows), H', W']``. rows: ascending filter indices."""
     n_rows = weight.shape[0]
-    if everything:
+    if rows.numel() == n_rows:  # every filter (rows are distinct)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if groups == 1 or rows.numel() == 0:
         b = None if bias is None else bias.index_select(0, rows)
@@ -63,7 +62,6 @@ def _conv_rows_backward(
     x: torch.Tensor,
     weight: torch.Tensor,
     rows: torch.Tensor,
-    everything: bool,
     stride: Pair,
     padding: Pair,
     dilation: Pair,
@@ -82,7 +80,7 @@ def _conv_rows_backward(
         )
         return dx, dw
 
-    if everything:
+    if rows.numel() == weight.shape[0]:  # every filter (rows are distinct)
         return conv_backward(grad, x, weight, groups)
     if rows.numel() == 0:
         return (torch.zeros_like(x) if need_dx else None), (weight[:0].clone() if need_dw else None)
@@ -114,7 +112,7 @@ def conv2d_fwd(
     """x: ``[B, C, H, W]``, weight: ``[N, C/groups, kh, kw]`` -> ``(y [B, N, H', W'], score [N])``."""
     score = row_score(weight, threshold)
     rows = RowSets.from_score(score, ste=None)
-    z = _conv_rows(x, weight, bias, rows.active, rows.all_active, stride, padding, dilation, groups)
+    z = _conv_rows(x, weight, bias, rows.active, stride, padding, dilation, groups)
     return scatter_rows(z, 1, rows.active, rows.n_rows), score
 
 
@@ -128,7 +126,7 @@ def conv2d_bwd(
     padding: Pair,
     dilation: Pair,
     groups: int,
-    ste: str,
+    ste: int,
     need_dx: bool,
     need_params: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,16 +135,12 @@ def conv2d_bwd(
     rows = RowSets.from_score(score, ste if need_params else None)
     dx = x.new_empty(0)
     if need_dx:
-        everything = rows.all_active
-        g_active = take(grad_y, 1, rows.active, everything)
-        dx, _ = _conv_rows_backward(g_active, x, weight, rows.active, everything, *geometry, True, False)
+        g_active = take(grad_y, 1, rows.active)
+        dx, _ = _conv_rows_backward(g_active, x, weight, rows.active, *geometry, True, False)
     if not need_params:
         # Distinct empty tensors: op outputs must not alias each other.
         return dx, x.new_empty(0), x.new_empty(0), x.new_empty(0)
-    everything = rows.all_graded
-    g_graded = take(grad_y, 1, rows.graded, everything)
-    _, dweight_graded = _conv_rows_backward(
-        g_graded, x, weight, rows.graded, everything, *geometry, False, True
-    )
+    g_graded = take(grad_y, 1, rows.graded)
+    _, dweight_graded = _conv_rows_backward(g_graded, x, weight, rows.graded, *geometry, False, True)
     grad_sum = grad_y.sum((0, 2, 3), dtype=acc_dtype(weight.dtype))
     return (dx, *param_grads(weight, bias, rows, dweight_graded, grad_sum))

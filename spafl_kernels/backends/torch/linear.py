@@ -15,9 +15,8 @@ def linear_fwd(
     """x: ``[M, K]``, weight: ``[N, K]``, bias/threshold: ``[N]`` -> ``(y [M, N], score [N])``."""
     score = row_score(weight, threshold)
     rows = RowSets.from_score(score, ste=None)
-    everything = rows.all_active
-    w = take(weight, 0, rows.active, everything)
-    b = None if bias is None else take(bias, 0, rows.active, everything)
+    w = take(weight, 0, rows.active)
+    b = None if bias is None else take(bias, 0, rows.active)
     y = scatter_rows(F.linear(x, w, b), 1, rows.active, rows.n_rows)
     return y, score
 
@@ -28,7 +27,7 @@ def linear_bwd(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     score: torch.Tensor,
-    ste: str,
+    ste: int,
     need_dx: bool,
     need_params: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -36,11 +35,10 @@ def linear_bwd(
     rows = RowSets.from_score(score, ste if need_params else None)
     dx = x.new_empty(0)
     if need_dx:
-        everything = rows.all_active
-        dx = take(grad_y, 1, rows.active, everything) @ take(weight, 0, rows.active, everything)
+        dx = take(grad_y, 1, rows.active) @ take(weight, 0, rows.active)
     if not need_params:
         # Distinct empty tensors: op outputs must not alias each other.
         return dx, x.new_empty(0), x.new_empty(0), x.new_empty(0)
-    g_graded = take(grad_y, 1, rows.graded, rows.all_graded)  # [M, R]
+    g_graded = take(grad_y, 1, rows.graded)  # [M, R]
     grad_sum = grad_y.sum(0, dtype=acc_dtype(weight.dtype))
     return (dx, *param_grads(weight, bias, rows, g_graded.t() @ x, grad_sum))

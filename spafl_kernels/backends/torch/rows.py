@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...semantics import acc_dtype, fan_in, is_active, ste_gate
+from ...semantics import STES, acc_dtype, fan_in, is_active, ste_gate
 
 
 @dataclass
@@ -23,29 +23,22 @@ class RowSets:
     gate: torch.Tensor  # [N] 0/1 in the score's dtype; zero in the forward pass
 
     @classmethod
-    def from_score(cls, score: torch.Tensor, ste: str | None) -> RowSets:
+    def from_score(cls, score: torch.Tensor, ste: int | None) -> RowSets:
         """score: ``[N]``. ``ste=None``: only ``active`` is needed (forward, or backward for dx)."""
         mask = is_active(score)
         # nonzero() synchronises with the device: this backend trades that for plain PyTorch.
         active = mask.nonzero().squeeze(1)
         if ste is None:
             return cls(score.numel(), mask, active, active[:0], torch.zeros_like(score))
-        gate = ste_gate(score, ste)
+        gate = ste_gate(score, STES[ste])
         graded = (mask | (gate != 0)).nonzero().squeeze(1)
         return cls(score.numel(), mask, active, graded, gate)
 
-    @property
-    def all_active(self) -> bool:
-        return self.active.numel() == self.n_rows
 
-    @property
-    def all_graded(self) -> bool:
-        return self.graded.numel() == self.n_rows
-
-
-def take(t: torch.Tensor, dim: int, index: torch.Tensor, everything: bool) -> torch.Tensor:
-    """``t.index_select(dim, index)``, without the copy when ``index`` is every row."""
-    return t if everything else t.index_select(dim, index)
+def take(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(dim, index)``, without the copy when ``index`` (ascending, distinct: a ``RowSets``
+    list) is every row."""
+    return t if index.numel() == t.shape[dim] else t.index_select(dim, index)
 
 
 def scatter_rows(values: torch.Tensor, dim: int, index: torch.Tensor, size: int) -> torch.Tensor:
@@ -71,25 +64,24 @@ def param_grads(
     (and space), accumulation dtype.
     """
     acc = acc_dtype(weight.dtype)
-    everything = rows.all_graded
     n_graded = rows.graded.numel()
-    row_size = fan_in(weight)
-    g_flat = dweight_graded.reshape(n_graded, row_size)
-    w_flat = take(weight, 0, rows.graded, everything).reshape(n_graded, row_size)
+    row_fan_in = fan_in(weight)
+    g_flat = dweight_graded.reshape(n_graded, row_fan_in)
+    w_flat = take(weight, 0, rows.graded).reshape(n_graded, row_fan_in)
     # dL/dm_i = sum(g_i * (z_i + b_i)) = <G_i, W_i> + b_i * sum(g_i): no saved output needed.
     # A batched dot product reads G and W once and materialises nothing of their size.
     dm = torch.bmm(g_flat.unsqueeze(1), w_flat.unsqueeze(2)).view(n_graded).to(acc)
     if bias is not None:
-        dm = dm + take(bias, 0, rows.graded, everything).to(acc) * take(grad_sum, 0, rows.graded, everything)
-    gated_dm = take(rows.gate, 0, rows.graded, everything) * dm
+        dm = dm + take(bias, 0, rows.graded).to(acc) * take(grad_sum, 0, rows.graded)
+    gated_dm = take(rows.gate, 0, rows.graded) * dm
     dthreshold = scatter_rows(-gated_dm, 0, rows.graded, rows.n_rows).to(weight.dtype)
 
     # Dense part: G_i on active rows only (graded pruned rows contribute through the STE alone).
-    graded_mask = take(rows.mask, 0, rows.graded, everything)
+    graded_mask = take(rows.mask, 0, rows.graded)
     if n_graded != rows.active.numel():
         g_flat.mul_(graded_mask.to(g_flat.dtype).unsqueeze(1))
     # STE part: gate_i * dL/dm_i * sign(W_ij) / fan_in, added in place.
-    scale = (gated_dm / max(row_size, 1)).to(weight.dtype).unsqueeze(1)
+    scale = (gated_dm / max(row_fan_in, 1)).to(weight.dtype).unsqueeze(1)
     g_flat.addcmul_(w_flat.sign(), scale)
     dweight = scatter_rows(g_flat.reshape(dweight_graded.shape), 0, rows.graded, rows.n_rows)
     dbias = weight.new_empty(0) if bias is None else (grad_sum * rows.mask).to(bias.dtype)

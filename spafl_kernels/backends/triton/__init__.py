@@ -1,9 +1,9 @@
 """The ``triton`` backend: fused Triton kernels that skip pruned rows, with no host synchronisation.
 
 Scores, masks and the active-row lists are computed on the device; every grid is sized for all rows
-and programs past the active count exit, so a training step can be captured in a CUDA graph. Each
-backend function is also registered as a ``torch.library.triton_op`` (``spafl::triton_linear_fwd``
-etc.) whose kernels launch through ``wrap_triton``; the backend calls the functions directly.
+and programs past the active count exit, so a training step can be captured in a CUDA graph. The
+backend functions run inside the ``spafl`` ops, which ``torch.compile`` treats as opaque (their fake
+kernels give the shapes), so the kernels launch directly, not through ``triton_op``/``wrap_triton``.
 
 Importing this module needs ``triton``; without it the registry reports the import error instead.
 On the CPU the kernels run only in Triton's interpreter (``TRITON_INTERPRET=1`` set before import),
@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from ..base import Backend, CallSpec
+from ..base import FLOAT_DTYPES, Backend, CallSpec
 from .conv2d import conv2d_bwd, conv2d_fwd
 from .linear import linear_bwd, linear_fwd
 from .rows import INTERPRET
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class TritonBackend(Backend):
@@ -28,27 +26,24 @@ class TritonBackend(Backend):
         "fused Triton kernels: indexed GEMM (Linear), implicit GEMM (Conv2d); no host sync"
         + (" [TRITON_INTERPRET=1: Triton's CPU interpreter]" if INTERPRET else "")
     )
+    devices = ("cpu", "cuda")
     auto_device_types = ("cuda",)
+    dtypes = FLOAT_DTYPES
 
     linear_fwd = staticmethod(linear_fwd)
     linear_bwd = staticmethod(linear_bwd)
     conv2d_fwd = staticmethod(conv2d_fwd)
     conv2d_bwd = staticmethod(conv2d_bwd)
 
-    def not_supported_reasons(self, spec: CallSpec) -> list[str]:
-        reasons = []
+    def extra_reasons(self, spec: CallSpec) -> list[str]:
         if spec.device_type == "cpu" and not INTERPRET:
-            reasons.append(
+            return [
                 "CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1 before importing "
                 "spafl_kernels (slow; meant for testing)"
-            )
-        elif spec.device_type not in ("cpu", "cuda"):
-            reasons.append(f"Triton kernels here target CUDA GPUs, not {spec.device_type}")
-        elif spec.device_type == "cuda" and not torch.cuda.is_available():
-            reasons.append("CUDA is not available to torch")
-        if spec.dtype not in _DTYPES:
-            reasons.append(f"dtype {spec.dtype} is not one of {_DTYPES}")
-        return reasons
+            ]
+        if spec.device_type == "cuda" and not torch.cuda.is_available():
+            return ["CUDA is not available to torch"]
+        return []
 
 
 BACKEND = TritonBackend()

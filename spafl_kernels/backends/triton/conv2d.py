@@ -30,7 +30,7 @@ from .rows import (
     mma,
     param_grads,
     reduction_split,
-    row_score,
+    row_scores,
     row_sums,
     rows_dense,
 )
@@ -259,14 +259,14 @@ def conv2d_fwd(
     """x: ``[B, C, H, W]``, weight: ``[N, C/groups, kh, kw]`` -> ``(y [B, N, OH, OW] contiguous, score [N])``."""
     weight, bias, threshold = rows_dense(weight), dense_vector(bias), dense_vector(threshold)
     geo = _geometry(x, weight, stride, padding, dilation, groups)
-    score = row_score(weight, threshold)
+    score = row_scores(weight, threshold)
     active, count, _, _ = compact(score, groups, None)
     n_rows = weight.shape[0]
     y = x.new_empty(x.shape[0], n_rows, geo["OH"], geo["OW"])
     m = x.shape[0] * geo["OH"] * geo["OW"]
     if m:  # (the kernel wraps positions modulo M)
         grid = launch_grid((m, "BLOCK_M"), (geo["rows_per_group"], "BLOCK_N"), groups)
-        torch.library.wrap_triton(_conv2d_fwd_kernel)[grid](
+        _conv2d_fwd_kernel[grid](
             x, weight, bias, y, active, count, m,
             **geo, **_strides("x", x, "bchw"), **_strides("w", weight, "nchw"), **_strides("y", y, "bnhw"),
             HAS_BIAS=bias is not None, **dot_options(x.dtype, _tf32()),
@@ -284,7 +284,7 @@ def conv2d_bwd(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
-    ste: str,
+    ste: int,
     need_dx: bool,
     need_params: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -301,7 +301,7 @@ def conv2d_bwd(
         m = x.shape[0] * geo["H"] * geo["W"]
         if m:
             grid = launch_grid((m, "BLOCK_M"), (geo["channels_per_group"], "BLOCK_K"), groups)
-            torch.library.wrap_triton(_conv2d_bwd_dx_kernel)[grid](
+            _conv2d_bwd_dx_kernel[grid](
                 grad_y, weight, dx, active, count, m,
                 **geo, **_strides("g", grad_y, "bnhw"), **w_strides, **_strides("dx", dx, "bchw"), **options,
             )
@@ -317,7 +317,7 @@ def conv2d_bwd(
         return (max(1, triton.cdiv(geo["rows_per_group"], meta["BLOCK_N"])),
                 taps * triton.cdiv(geo["channels_per_group"], meta["BLOCK_K"]), groups * split)
 
-    torch.library.wrap_triton(_conv2d_bwd_dw_kernel)[grid](
+    _conv2d_bwd_dw_kernel[grid](
         grad_y, x, gw, graded, graded_count, m, fan_in=fan_in, n_split=split, m_chunk=triton.cdiv(m, split),
         **geo, **_strides("g", grad_y, "bnhw"), **_strides("x", x, "bchw"), **w_strides,
         stride_gws=gw.stride(0), **options,
@@ -325,9 +325,3 @@ def conv2d_bwd(
     gsum = empty if bias is None else row_sums(grad_y, graded, graded_count)
     return (dx, *param_grads(weight, bias, score, gw, gsum, ste))
 
-
-# The same functions as torch.library.triton_ops, whose wrap_triton launches torch.compile can trace into
-# (and opcheck can check). The backend calls the functions themselves: it already runs inside a spafl op
-# or autograd.Function, and another dispatch would cost some 20 us per call on small layers.
-triton_conv2d_fwd = torch.library.triton_op("spafl::triton_conv2d_fwd", conv2d_fwd, mutates_args=())
-triton_conv2d_bwd = torch.library.triton_op("spafl::triton_conv2d_bwd", conv2d_bwd, mutates_args=())

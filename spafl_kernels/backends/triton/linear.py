@@ -24,7 +24,7 @@ from .rows import (
     mma,
     param_grads,
     reduction_split,
-    row_score,
+    row_scores,
     row_sums,
     rows_dense,
 )
@@ -160,11 +160,11 @@ def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Ten
     """x: ``[M, K]``, weight: ``[N, K]``, bias/threshold: ``[N]`` -> ``(y [M, N], score [N])``."""
     weight, bias, threshold = rows_dense(weight), dense_vector(bias), dense_vector(threshold)
     (m, k), n = x.shape, weight.shape[0]
-    score = row_score(weight, threshold)
+    score = row_scores(weight, threshold)
     active, count, _, _ = compact(score, 1, None)
     y = x.new_empty(m, n)
     if m:  # (the kernel wraps batch indices modulo M)
-        torch.library.wrap_triton(_linear_fwd_kernel)[launch_grid((m, "BLOCK_M"), (n, "BLOCK_N"))](
+        _linear_fwd_kernel[launch_grid((m, "BLOCK_M"), (n, "BLOCK_N"))](
             x, weight, bias, y, active, count, m, n, k,
             x.stride(0), x.stride(1), weight.stride(0), y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, **dot_options(x.dtype, _tf32()),
@@ -178,7 +178,7 @@ def linear_bwd(
     weight: Tensor,
     bias: Optional[Tensor],
     score: Tensor,
-    ste: str,
+    ste: int,
     need_dx: bool,
     need_params: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -192,7 +192,7 @@ def linear_bwd(
     if need_dx:
         dx = torch.empty_like(x)
         if dx.numel():
-            torch.library.wrap_triton(_linear_bwd_dx_kernel)[launch_grid((m, "BLOCK_M"), (k, "BLOCK_K"))](
+            _linear_bwd_dx_kernel[launch_grid((m, "BLOCK_M"), (k, "BLOCK_K"))](
                 grad_y, weight, dx, active, count, m, n, k,
                 grad_y.stride(0), grad_y.stride(1), weight.stride(0), dx.stride(0), dx.stride(1),
                 **options,
@@ -202,7 +202,7 @@ def linear_bwd(
     split = reduction_split(m, n, k, x.device)
     gw = torch.empty(split, n, k, device=x.device, dtype=score.dtype)
     if k:
-        torch.library.wrap_triton(_linear_bwd_dw_kernel)[launch_grid((n, "BLOCK_N"), (k, "BLOCK_K"), split)](
+        _linear_bwd_dw_kernel[launch_grid((n, "BLOCK_N"), (k, "BLOCK_K"), split)](
             grad_y, x, gw, graded, graded_count, m, n, k, triton.cdiv(m, split),
             grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), gw.stride(0), **options,
         )
@@ -211,9 +211,3 @@ def linear_bwd(
         gsum = row_sums(grad_y[:, :, None, None], graded, graded_count)
     return (dx, *param_grads(weight, bias, score, gw, gsum, ste))
 
-
-# The same functions as torch.library.triton_ops, whose wrap_triton launches torch.compile can trace into
-# (and opcheck can check). The backend calls the functions themselves: it already runs inside a spafl op
-# or autograd.Function, and another dispatch would cost some 20 us per call on small layers.
-triton_linear_fwd = torch.library.triton_op("spafl::triton_linear_fwd", linear_fwd, mutates_args=())
-triton_linear_bwd = torch.library.triton_op("spafl::triton_linear_bwd", linear_bwd, mutates_args=())

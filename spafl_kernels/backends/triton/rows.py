@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...semantics import STES
+from ...semantics import acc_dtype
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Whether ``triton.jit`` built interpreter functions: it decides when the kernels are defined (at
@@ -36,10 +36,6 @@ import), so this is read once here and never again."""
 AUTOTUNE = os.environ.get("SPAFL_TRITON_AUTOTUNE", "1") != "0"
 """``SPAFL_TRITON_AUTOTUNE=0`` (read at import): one fixed tile per GEMM kernel instead of autotuning,
 so that correctness tests over many shapes and dtypes do not compile and time every tile for each."""
-
-STE_CODES = {name: code for code, name in enumerate(STES)}
-"""``ste`` name -> the integer the kernels take as a compile-time constant."""
-
 
 CUDA_GEMM_TILES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     # Eight warps keep the gathered-pointer tiles in registers: four-warp versions of these tiles
@@ -86,7 +82,7 @@ def dot_options(dtype: torch.dtype, tf32: bool) -> dict:
     return {
         "PRECISION": "tf32" if (tf32 and dtype == torch.float32 and not INTERPRET) else "ieee",
         "UPCAST": INTERPRET and dtype == torch.bfloat16,
-        "ACC64": dtype == torch.float64,
+        "ACC64": acc_dtype(dtype) == torch.float64,
     }
 
 
@@ -116,7 +112,7 @@ def reduction_split(positions: int, n_rows: int, fan_in: int, device: torch.devi
 
 @triton.jit
 def gate_open(s, STE: tl.constexpr):
-    """Whether the STE gate of score(s) ``s`` is open: ``STE`` 0 identity, 1 outer, 2 clipped."""
+    """Whether the STE gate of score(s) ``s`` is open; ``STE``: a code of ``semantics.STE_CODES``."""
     # Negated comparisons: a NaN score has its gate open (semantics.is_active).
     if STE == 1:
         is_open = ~(tl.abs(s) <= 1.0)
@@ -329,22 +325,21 @@ def dense_vector(vector: torch.Tensor | None) -> torch.Tensor | None:
     return vector if vector is None or vector.stride(0) == 1 else vector.contiguous()
 
 
-def row_score(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+def row_scores(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """Scores ``[N]`` in ``acc_dtype(weight.dtype)``; weight: ``[N, ...]`` as ``rows_dense`` returns."""
     n_rows = weight.shape[0]
     fan_in = weight.numel() // max(n_rows, 1)
-    score = torch.empty(n_rows, device=weight.device,
-                        dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    score = torch.empty(n_rows, device=weight.device, dtype=acc_dtype(weight.dtype))
     block_r, block_k = (16, 64) if INTERPRET else (4, 256)
     if n_rows:
         grid = (triton.cdiv(n_rows, block_r),)
-        _wrap(_score_fwd_kernel)[grid](
+        _score_fwd_kernel[grid](
             weight, threshold, score, n_rows, fan_in, weight.stride(0), BLOCK_R=block_r, BLOCK_K=block_k
         )
     return score
 
 
-def compact(score: torch.Tensor, groups: int, ste: str | None):
+def compact(score: torch.Tensor, groups: int, ste: int | None):
     """Row lists on the device: ``(active [N] int32, active_count [groups] int32)``, plus
     ``(graded [N] int32, graded_count [groups] int32)`` when ``ste`` is given (else ``None, None``).
     See ``_compact_fwd_kernel`` for the layout."""
@@ -354,11 +349,11 @@ def compact(score: torch.Tensor, groups: int, ste: str | None):
     graded = graded_count = None
     if ste is not None:
         graded, graded_count = torch.empty(n_rows, **int32), torch.empty(groups, **int32)
-    _wrap(_compact_fwd_kernel)[(groups,)](
+    _compact_fwd_kernel[(groups,)](
         score, active, active_count,
         active if graded is None else graded, active_count if graded_count is None else graded_count,
         n_rows // groups,
-        STE=STE_CODES.get(ste, 0), GRADED=ste is not None, BLOCK=64 if INTERPRET else 1024,
+        STE=0 if ste is None else ste, GRADED=ste is not None, BLOCK=64 if INTERPRET else 1024,
     )
     return active, active_count, graded, graded_count
 
@@ -371,10 +366,9 @@ def row_sums(grad: torch.Tensor, rows: torch.Tensor, count: torch.Tensor) -> tor
     positions = batch * out_h * out_w
     block_r = 16 if INTERPRET else 64
     split = reduction_split(positions, n_rows, 1, grad.device)
-    gsum = torch.empty(split, n_rows, device=grad.device,
-                       dtype=torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    gsum = torch.empty(split, n_rows, device=grad.device, dtype=acc_dtype(grad.dtype))
     grid = (max(1, triton.cdiv(n_rows // groups, block_r)), groups, split)
-    _wrap(_row_sums_bwd_kernel)[grid](
+    _row_sums_bwd_kernel[grid](
         grad, gsum, rows, count, n_rows, n_rows // groups, out_h, out_w, positions, triton.cdiv(positions, split),
         *grad.stride(), BLOCK_Q=16 if INTERPRET else 64, BLOCK_R=block_r,
     )
@@ -387,7 +381,7 @@ def param_grads(
     score: torch.Tensor,
     gw: torch.Tensor,
     gsum: torch.Tensor,
-    ste: str,
+    ste: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dweight like weight, dbias [N] or empty, dthreshold [N])`` from the dW GEMM's partial
     results: gw ``[split, N, fan_in]`` and, with a bias, gsum ``[sum_split, N]`` (accumulation dtype)."""
@@ -401,10 +395,10 @@ def param_grads(
     block = min(triton.next_power_of_2(max(fan_in, 1)), 64 if INTERPRET else 8192)
     block_r = 16 if INTERPRET else max(1, 2048 // block)
     if n_rows:
-        _wrap(_param_grads_bwd_kernel)[(triton.cdiv(n_rows, block_r),)](
+        _param_grads_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
             weight, gw, gsum, bias, score, dweight, dbias, dthreshold,
             n_rows, fan_in, gw.shape[0], gsum.shape[0], gw.stride(0), weight.stride(0), dweight.stride(0),
-            STE=STE_CODES[ste], HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK=block,
+            STE=ste, HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK=block,
             ONE_CHUNK=fan_in <= block, num_warps=8 if block * block_r > 2048 else 4,
         )
     return dweight, dbias, dthreshold
@@ -417,8 +411,3 @@ def launch_grid(*dims):
         d if isinstance(d, int) else max(1, triton.cdiv(d[0], meta[d[1]])) for d in dims
     )
 
-
-def _wrap(kernel):
-    """``torch.library.wrap_triton(kernel)``: lets ``torch.compile`` trace the launch inside a
-    ``triton_op``; outside tracing it launches the kernel as is."""
-    return torch.library.wrap_triton(kernel)

@@ -11,7 +11,7 @@
 A passing result is cached under ``build/cuda-check/`` keyed by the sources, the flags and the tool
 versions, so that ``make cuda-check`` followed by the test suite compiles once.
 
-usage: python csrc/cuda/check.py [--json PATH] [--no-cache] [--no-bindings]
+usage: python tools/cuda_check.py [--json PATH] [--no-cache] [--no-bindings]
 exit status: 0 clean, 1 compile error or spills, 2 nvcc not found.
 """
 
@@ -28,8 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+ROOT = Path(__file__).resolve().parents[1]
+HERE = ROOT / "csrc" / "cuda"  # the sources checked
 ARCHS = ("80", "90")
 # torch.utils.cpp_extension.COMMON_NVCC_FLAGS of torch 2.13; read from torch itself when it is importable.
 TORCH_NVCC_FLAGS = [
@@ -148,7 +148,8 @@ def cache_key(nvcc: str, bindings: bool) -> str:
         import torch
 
         h.update(torch.__version__.encode())
-    for path in sorted(HERE.iterdir()):
+    # This script, the sources and csrc/*.h (headers the .cu files include).
+    for path in [Path(__file__).resolve(), *sorted(HERE.iterdir()), *sorted(HERE.parent.glob("*.h"))]:
         if path.is_file() and path.suffix in (".cu", ".cuh", ".h", ".cpp", ".py"):
             h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:24]

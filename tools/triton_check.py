@@ -9,7 +9,7 @@ autotune tile and dtype, in two argument variants, as Triton specialises them at
 tensors of a large layer: innermost strides and unit conv strides are 1, the other integers that
 are specialised at all are multiples of 16).
 
-    python benchmarks/triton_compile_check.py [--all-tiles] [--arch 80 90] [--markdown FILE]
+    python tools/triton_check.py [--all-tiles] [--arch 80 90] [--markdown FILE]
 
 Exits non-zero when a kernel fails to compile. A tile over an architecture's shared memory is listed,
 not failed: the autotuner skips it on that GPU. Needs ``TRITON_INTERPRET`` unset.
