@@ -191,7 +191,7 @@ def run_models(
             steps = {c: training_step(m, x, target) for c, m in by_candidate.items()}
             medians = time_interleaved(steps, reps, sync=sync)
             weights = sum(layer.weight.numel() for layer in layers.values())
-            kept = sum(active[n] * layer.row_size for n, layer in layers.items())
+            kept = sum(active[n] * layer.fan_in for n, layer in layers.items())
             for candidate, seconds in medians.items():
                 row = {
                     "model": name, "ste": SETUPS[name].ste, "batch": SETUPS[name].batch,

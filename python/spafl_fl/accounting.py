@@ -23,9 +23,8 @@ from torch import nn
 
 from spafl_kernels import sparse_layers
 from spafl_kernels.backends import resolve_backend
-from spafl_kernels.flops import LayerFlops, layer_flops
+from spafl_kernels.flops import LayerFlops, layer_flops, row_counts
 from spafl_kernels.modules import SparseLayer
-from spafl_kernels.semantics import row_score, ste_gate
 
 
 def tensor_bits(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -103,10 +102,7 @@ class FlopPlan:
             if call.sparse:
                 layer = modules[call.name]
                 if call.name not in counts:
-                    score = row_score(layer.weight, layer.threshold)
-                    mask = score > 0
-                    open_gate = ste_gate(score, layer.ste) != 0
-                    counts[call.name] = int(mask.sum()), int((open_gate & ~mask).sum())
+                    counts[call.name] = row_counts(layer)
                 flops = layer_flops(positions, call.fan_in, call.rows, *counts[call.name], need_dx=call.need_dx)
                 if _masked_dense(layer, call.op):
                     # The masked-dense compute multiplies by the mask and skips nothing: it executes the

@@ -50,7 +50,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import Strategy  # noqa: E402
 
 from spafl_kernels import density, thresholds  # noqa: E402
-from spafl_kernels.flops import LayerFlops  # noqa: E402
+from spafl_kernels.flops import FLOP_FIELDS, LayerFlops  # noqa: E402
 
 from .accounting import dense_state, tensor_bits, threshold_count  # noqa: E402
 from .checkpoint import atomic_write_text  # noqa: E402
@@ -76,7 +76,6 @@ THRESHOLDS = "thresholds"
 METRICS = "metrics"
 CONFIG = "config"
 FAILURE = "failure"  # a train reply's ConfigRecord {"reason": ...} when local training diverged
-FLOP_FIELDS = ("forward", "backward", "dense_forward", "dense_backward", "paper_forward", "paper_backward")
 FLOWER_ALGORITHMS = ("spafl", "local")
 """What the apps run: SpaFL, and the Local baseline (own dense models, messages without arrays)."""
 
