@@ -93,11 +93,12 @@ class _StaticLayer(nn.Module):
                 raise ValueError("the static model cuts only groups=1 convolutions")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        every_row = self.index.numel() == self.rows  # nothing was cut: the plain dense layer
         if self.conv is None:
             z = F.linear(x, self.weight, self.bias)
-            return z.new_zeros(*z.shape[:-1], self.rows).index_copy_(-1, self.index, z)
+            return z if every_row else z.new_zeros(*z.shape[:-1], self.rows).index_copy_(-1, self.index, z)
         z = F.conv2d(x, self.weight, self.bias, **self.conv)
-        return z.new_zeros(z.shape[0], self.rows, *z.shape[2:]).index_copy_(1, self.index, z)
+        return z if every_row else z.new_zeros(z.shape[0], self.rows, *z.shape[2:]).index_copy_(1, self.index, z)
 
 
 def static_model(model: nn.Module) -> nn.Module:

@@ -212,25 +212,21 @@ class _EagerSparseOp(torch.autograd.Function):
     Inputs: ``(x, weight, bias, threshold, op, *constants)`` with the op's constants (linear: ste,
     backend; conv2d: stride, padding, dilation, groups, ste, backend)."""
 
+    # The old forward(ctx, ...) style on purpose: with a separate setup_context, every apply() binds its
+    # arguments through inspect.signature, ~45 us per call (measured: a 100x300 layer's forward went
+    # from 41 us to 123 us). torch.func transforms then refuse it with PyTorch's own error.
     @staticmethod
-    def forward(x, weight, bias, threshold, op, *constants):
+    def forward(ctx, x, weight, bias, threshold, op, *constants):
         *geometry, _, backend = constants
-        return getattr(kernels_of(backend), f"{op}_fwd")(x, weight, bias, threshold, *geometry)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, threshold, op, *constants = inputs
-        _setup_context(ctx, (x, weight, bias, threshold, *constants), output)
+        y, score = getattr(kernels_of(backend), f"{op}_fwd")(x, weight, bias, threshold, *geometry)
+        _setup_context(ctx, (x, weight, bias, threshold, *constants), (y, score))
         ctx.op = op
+        return y, score
 
     @staticmethod
     def jvp(ctx, *tangents):
-        feature = "forward-mode AD (torch.func.jvp, forward_ad)"
+        feature = "forward-mode AD (torch.autograd.forward_ad, torch.func.jvp)"
         raise RuntimeError(_unsupported(feature, ctx.constants[-1], _NO_TRANSFORMS))
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        raise RuntimeError(_unsupported("torch.func.vmap and the transforms built on it", args[-1], _NO_TRANSFORMS))
 
     @staticmethod
     def backward(ctx, grad_y, grad_score):

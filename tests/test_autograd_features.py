@@ -63,8 +63,12 @@ def test_forward_mode_and_vmap_raise(backend):
     require_backend(backend, "linear")
     f, weight = _layer("linear", backend)
     with pytest.raises(RuntimeError, match="does not support forward-mode AD"):
+        with torch.autograd.forward_ad.dual_level():
+            f(torch.autograd.forward_ad.make_dual(weight, torch.ones_like(weight)))
+    # torch.func transforms: PyTorch's own refusal of an autograd.Function without setup_context.
+    with pytest.raises(RuntimeError, match="functorch transforms"):
         torch.func.jvp(f, (weight,), (torch.ones_like(weight),))
-    with pytest.raises(RuntimeError, match="does not support torch.func.vmap"):
+    with pytest.raises(RuntimeError, match="functorch transforms"):
         torch.func.vmap(lambda x: sk.sparse_linear(x, weight, None, torch.zeros(6), backend=backend))(
             torch.randn(4, 3, 5)
         )
