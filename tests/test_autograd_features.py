@@ -106,3 +106,33 @@ def test_nan_row_matches_reference(backend, op, ste):
         assert not (a.isfinite() & ~b.isfinite()).any(), f"{key}: finite where the reference is not"
         both = a.isfinite() & b.isfinite()
         torch.testing.assert_close(a[both], b[both], msg=key)
+
+
+@pytest.mark.parametrize("ste", sk.STES)
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_zero_gradient_columns_behind_relu_match_reference(backend, op, ste):
+    """Behind a ReLU a pruned row's incoming gradient is zero over the whole batch, so its dL/dm is 0
+    and a backend may skip its G (exact skipping): gradients stay the reference's. One pruned row also
+    gets a non-zero gradient through a second path, so skipped and kept pruned rows are both there."""
+    require_backend(backend, op)
+    gen = torch.Generator().manual_seed(3)
+    if op == "linear":
+        x, weight = torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(9, 7, generator=gen,
+                                                                                       dtype=torch.float64)
+        fn = sk.sparse_linear
+    else:
+        x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+        weight = torch.randn(9, 3, 3, 3, generator=gen, dtype=torch.float64)
+        fn = sk.sparse_conv2d
+    bias = torch.randn(9, generator=gen, dtype=torch.float64)
+    score = torch.tensor([0.5, -0.5, 1.5, -1.5, 0.4, -0.3, -1.2, 0.7, -0.6], dtype=torch.float64)
+    threshold = weight.reshape(9, -1).abs().mean(1) - score
+    results = []
+    for name in ("reference", backend):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, threshold)]
+        y = fn(*leaves, ste=ste, backend=name)
+        (torch.relu(y).square().sum() + y.select(1, 3).sum()).backward()  # row 3 (pruned) still gets a gradient
+        results.append([y.detach(), *(t.grad for t in leaves)])
+    for key, a, b in zip(("y", "dx", "dweight", "dbias", "dthreshold"), *results):
+        torch.testing.assert_close(a, b, msg=key)

@@ -182,7 +182,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
   Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()), dbias = at::empty({0}, x.options()),
          dthreshold = at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_conv2d_bwd", [&] {
-    const RowSets rows(s.const_data_ptr<scalar_t>(), N, gate_kind, need_params);
+    RowSets rows(s.const_data_ptr<scalar_t>(), N, gate_kind, need_params);
+    if (need_params) rows.drop_silent(g.const_data_ptr<scalar_t>(), g.size(0), g.size(2) * g.size(3));
     const int64_t A = rows.num_active(), R = rows.num_graded(), per = N / groups;
     // dbias holds gsum (dL/dy summed over batch and space) until the rows are finished, then is
     // masked: dL/db_i = m_i * gsum_i.

@@ -107,9 +107,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, cons
   Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()), dbias = at::empty({0}, x.options()),
          dthreshold = at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_linear_bwd", [&] {
-    const RowSets rows(s.const_data_ptr<scalar_t>(), N, gate_kind, need_params);
+    RowSets rows(s.const_data_ptr<scalar_t>(), N, gate_kind, need_params);
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    if (need_params) rows.drop_silent(gp, M, 1);
     const int64_t chunk = panel_rows(K, w.element_size(), N);
     Tensor panel, g_cols;  // reused buffers: [chunk, K] weight rows; M * chunk grad columns
 

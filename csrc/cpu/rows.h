@@ -75,6 +75,29 @@ struct RowSets {
       if (!mask[i]) v[i] = T(0);
   }
   int64_t num_graded() const { return static_cast<int64_t>(graded.size()); }
+  // Drops from `graded` the pruned rows whose incoming gradient is zero over the whole batch (and
+  // space): their dL/dm = sum g * (z + b) is exactly 0, so all their gradients are 0 and they need no
+  // G (DESIGN §5, exact extra skipping). Behind a ReLU every pruned row is one: it outputs 0, and
+  // ReLU's gradient at 0 is 0. A NaN gradient is not zero: such a row stays graded. g: [outer, n, inner].
+  template <typename T>
+  void drop_silent(const T* g, int64_t outer, int64_t inner) {
+    std::vector<int64_t> kept;
+    kept.reserve(graded.size());
+    for (const int64_t i : graded) {
+      bool silent = !mask[i];
+      for (int64_t b = 0; silent && b < outer; ++b) {
+        const T* p = g + (b * n + i) * inner;
+        for (int64_t j = 0; j < inner; ++j) {
+          if (p[j] != T(0)) {
+            silent = false;
+            break;
+          }
+        }
+      }
+      if (!silent) kept.push_back(i);
+    }
+    graded.swap(kept);
+  }
 };
 
 // A stretch [begin, end) of positions in an ascending index list. `run`: the indices there are
