@@ -27,7 +27,10 @@ from spafl_kernels.backends.base import CallSpec
 EXAMPLES = {"triton": 40}
 DEFAULT_EXAMPLES = 100
 
-ATOL = {torch.float64: 1e-10, torch.float32: 1e-6}  # 16-bit: one epsilon of the dtype
+# Slack beyond twice the oracle's own error, times the value's scale. float32: dtau and db are sums over
+# up to a few hundred products, where another summation order alone moves ~10 ulps (seen: 1.22e-6
+# against 1.17e-6 allowed at 1e-6, triton vs reference, a grouped conv's dtau). 16-bit: one epsilon.
+ATOL = {torch.float64: 1e-10, torch.float32: 4e-6}
 
 LAYOUTS_1D = ("contiguous", "sliced", "offset", "expanded")
 LAYOUTS_ND = (*LAYOUTS_1D, "transposed", "permuted")
@@ -126,15 +129,25 @@ def cases(draw, op: str):
     if with_bias:
         bias = torch.randn(n_rows, generator=gen, dtype=torch.float64)
         tensors["bias"] = bias.fill_(bias[0].item()) if layout["bias"] == "expanded" else bias
+    # Sometimes the incoming gradient is zero on every pruned row (as behind a ReLU), the case in which
+    # a backend may skip a pruned row's dL/dm (DESIGN §5, exact extra skipping).
+    kwargs["silent_pruned"] = (score <= 0) if draw(st.booleans()) else None
     return kwargs, {name: (t, layout[name]) for name, t in tensors.items()}, ste
 
 
 def _call(op: str, backend: str, ste: str, kwargs: dict, tensors: dict) -> dict:
-    """Output and the gradients of every tensor input, for a fixed random ``dL/dy``."""
+    """Output and the gradients of every tensor input, for a fixed random ``dL/dy`` (zero on the pruned
+    rows when the case says ``silent_pruned``)."""
+    kwargs = dict(kwargs)
+    silent = kwargs.pop("silent_pruned")
     inputs = {name: t.requires_grad_() for name, t in tensors.items()}
     fn = sk.sparse_linear if op == "linear" else sk.sparse_conv2d
     y = fn(inputs["x"], inputs["weight"], inputs.get("bias"), inputs["threshold"], **kwargs, ste=ste, backend=backend)
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(y)
+    if silent is not None:  # rows are the last dim of a Linear's output, dim 1 of a Conv2d's
+        keep = (~silent).to(grad_y)
+        keep = keep.view(-1, 1, 1) if op == "conv2d" else keep
+        grad_y = grad_y * keep
     grads = torch.autograd.grad(y, list(inputs.values()), grad_y)
     return {"y": y.detach(), **{f"d{name}": g for name, g in zip(inputs, grads)}}
 
