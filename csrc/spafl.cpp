@@ -15,13 +15,13 @@ TORCH_LIBRARY_FRAGMENT(spafl, m) {
       "native_linear_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor score, int ste, bool need_dx, "
       "bool need_params) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dthreshold)");
   // x [B, C, H, W], weight [N, C/groups, kh, kw] -> y [B, N, H', W'], score [N]
+  // geometry: [stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups] (spafl_conv.h)
   m.def(
-      "native_conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor threshold, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups) -> (Tensor y, Tensor score)");
+      "native_conv2d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor threshold, int[7] geometry) "
+      "-> (Tensor y, Tensor score)");
   m.def(
-      "native_conv2d_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor score, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups, int ste, bool need_dx, bool need_params) "
-      "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dthreshold)");
+      "native_conv2d_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor score, int[7] geometry, int ste, "
+      "bool need_dx, bool need_params) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dthreshold)");
 }
 
 // Importing spafl_kernels._C runs the static registrations above; the module itself is empty.

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from . import ops  # registers torch.ops.spafl.*
 from .backends import get_backend, resolve_backend
-from .semantics import STE_CODES, check_ste
+from .semantics import STE_CODES, Conv2dGeometry, check_ste
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -159,7 +159,6 @@ def sparse_conv2d(
         return get_backend(name).sparse_conv2d(
             x, weight, bias, threshold, stride, padding, dilation, groups, ste
         )
-    y, _ = ops.sparse_op(
-        "conv2d", x, weight, bias, threshold, stride, padding, dilation, groups, STE_CODES[ste], name
-    )
+    geometry = Conv2dGeometry(stride, padding, dilation, groups).flat()
+    y, _ = ops.sparse_op("conv2d", x, weight, bias, threshold, geometry, STE_CODES[ste], name)
     return y

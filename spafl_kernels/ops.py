@@ -6,7 +6,8 @@ backend's kernel; ``functional.py`` validates inputs and resolves the backend be
 - ``spafl::linear_fwd(x[M, K], weight[N, K], bias[N]?, threshold[N], ste, backend) -> (y[M, N], score[N])``
 - ``spafl::linear_bwd(grad_y, x, weight, bias?, score, ste, need_dx, need_params, backend)
   -> (dx, dweight, dbias, dthreshold)``
-- ``spafl::conv2d_fwd`` / ``spafl::conv2d_bwd``: the same with ``stride, padding, dilation, groups``.
+- ``spafl::conv2d_fwd`` / ``spafl::conv2d_bwd``: the same with ``geometry`` (``int[7]``,
+  ``semantics.Conv2dGeometry.flat()``) after the tensors; x ``[B, C, H, W]``, y ``[B, N, H', W']``.
 
 ``ste`` is a code of ``semantics.STE_CODES``. The backward ops are ops too, with fake kernels, so
 ``torch.compile`` traces the backward graph. The ``spafl::native_*`` ops (the ``cpp`` and ``cuda``
@@ -24,7 +25,7 @@ from torch import Tensor
 from ._ext import extension_available
 from .backends import get_backend
 from .backends.base import Kernels
-from .semantics import acc_dtype, conv2d_output_hw
+from .semantics import Conv2dGeometry, acc_dtype
 
 
 def kernels_of(name: str) -> Kernels:
@@ -93,25 +94,15 @@ def _fake_linear_bwd(grad_y, x, weight, bias, score, ste, need_dx, need_params, 
 
 @torch.library.custom_op("spafl::conv2d_fwd", mutates_args=())
 def conv2d_fwd(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    threshold: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    ste: int,
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, geometry: Sequence[int], ste: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return kernels_of(backend).conv2d_fwd(
-        x, weight, bias, threshold, tuple(stride), tuple(padding), tuple(dilation), groups
-    )
+    return kernels_of(backend).conv2d_fwd(x, weight, bias, threshold, geometry)
 
 
-def _fake_conv2d_fwd(x, weight, bias, threshold, stride, padding, dilation, *_):
-    """Fake kernel of ``conv2d_fwd`` and ``native_conv2d_fwd`` (``*_``: ``groups`` and the rest)."""
-    out_hw = conv2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+def _fake_conv2d_fwd(x, weight, bias, threshold, geometry, *_):
+    """Fake kernel of ``conv2d_fwd`` and ``native_conv2d_fwd`` (``*_``: ``ste, backend`` or nothing)."""
+    out_hw = Conv2dGeometry.of(geometry).output_hw(x.shape[2:], weight.shape[2:])
     return x.new_empty(x.shape[0], weight.shape[0], *out_hw), _fake_score(weight)
 
 
@@ -122,22 +113,16 @@ def conv2d_bwd(
     weight: Tensor,
     bias: Optional[Tensor],
     score: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
+    geometry: Sequence[int],
     ste: int,
     need_dx: bool,
     need_params: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return kernels_of(backend).conv2d_bwd(
-        grad_y, x, weight, bias, score, tuple(stride), tuple(padding), tuple(dilation), groups,
-        ste, need_dx, need_params,
-    )
+    return kernels_of(backend).conv2d_bwd(grad_y, x, weight, bias, score, geometry, ste, need_dx, need_params)
 
 
-def _fake_conv2d_bwd(grad_y, x, weight, bias, score, stride, padding, dilation, groups, ste, need_dx, need_params, *_):
+def _fake_conv2d_bwd(grad_y, x, weight, bias, score, geometry, ste, need_dx, need_params, *_):
     """Fake kernel of ``conv2d_bwd`` and ``native_conv2d_bwd`` (``*_``: ``backend`` or nothing)."""
     return _fake_grads(x, weight, bias, need_dx, need_params)
 
@@ -157,7 +142,7 @@ def _setup_context(ctx, inputs, output):
     """Shared by both ops: inputs start ``(x, weight, bias, threshold)``; the rest are constants."""
     x, weight, bias, threshold, *constants = inputs
     ctx.save_for_backward(x, weight, bias, output[1])
-    ctx.constants = constants  # linear: (ste, backend); conv2d: (stride, padding, dilation, groups, ste, backend)
+    ctx.constants = constants  # linear: (ste, backend); conv2d: (geometry, ste, backend)
     ctx.mark_non_differentiable(output[1])
 
 
@@ -179,27 +164,17 @@ def _as_input_grads(ctx, grads, n_constants):
     )
 
 
-def _linear_backward(ctx, grad_y, grad_score):
+def _backward(ctx, grad_y, grad_score):
+    """Autograd formula of both ops: ``<op>_bwd`` on the saved tensors and constants."""
     x, weight, bias, score = ctx.saved_tensors
-    ste, backend = ctx.constants
-    grads = torch.ops.spafl.linear_bwd(
-        grad_y.contiguous(), x, weight, bias, score, ste, *_needs(ctx), backend
-    )
-    return _as_input_grads(ctx, grads, 2)
+    *geometry, ste, backend = ctx.constants
+    bwd = torch.ops.spafl.conv2d_bwd if geometry else torch.ops.spafl.linear_bwd
+    grads = bwd(grad_y.contiguous(), x, weight, bias, score, *geometry, ste, *_needs(ctx), backend)
+    return _as_input_grads(ctx, grads, len(ctx.constants))
 
 
-def _conv2d_backward(ctx, grad_y, grad_score):
-    x, weight, bias, score = ctx.saved_tensors
-    stride, padding, dilation, groups, ste, backend = ctx.constants
-    grads = torch.ops.spafl.conv2d_bwd(
-        grad_y.contiguous(), x, weight, bias, score, stride, padding, dilation, groups, ste,
-        *_needs(ctx), backend,
-    )
-    return _as_input_grads(ctx, grads, 6)
-
-
-linear_fwd.register_autograd(_linear_backward, setup_context=_setup_context)
-conv2d_fwd.register_autograd(_conv2d_backward, setup_context=_setup_context)
+linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+conv2d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------ eager path
@@ -210,7 +185,7 @@ class _EagerSparseOp(torch.autograd.Function):
     backend kernels. Eager calls take it: the custom-op dispatch costs ~0.2 ms per forward+backward
     (measured on LeNet-5's fc1 layer), more than the whole dense layer on the paper's small models.
     Inputs: ``(x, weight, bias, threshold, op, *constants)`` with the op's constants (linear: ste,
-    backend; conv2d: stride, padding, dilation, groups, ste, backend)."""
+    backend; conv2d: geometry, ste, backend)."""
 
     # The old forward(ctx, ...) style on purpose: with a separate setup_context, every apply() binds its
     # arguments through inspect.signature, ~45 us per call (measured: a 100x300 layer's forward went

@@ -14,6 +14,8 @@ Backends import the pieces below instead of re-deriving them, so the definitions
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -91,15 +93,31 @@ def fan_in(weight: torch.Tensor) -> int:
     return math.prod(weight.shape[1:])
 
 
-def conv2d_output_hw(
-    hw: tuple[int, int],
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-) -> tuple[int, int]:
-    """Output height and width of a Conv2d with symmetric ``padding`` (as ``F.conv2d`` computes them)."""
-    return tuple(  # type: ignore[return-value]
-        (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, k, s, p, d in zip(hw, kernel, stride, padding, dilation)
-    )
+class Conv2dGeometry(NamedTuple):
+    """How a Conv2d slides its kernel: everything but the tensors that the conv ops take, as one bundle.
+    The ops and kernels carry it flat (``flat()``, ``of(flat)``): ``int[7]`` ``[stride_h, stride_w, pad_h,
+    pad_w, dilation_h, dilation_w, groups]``, the form the C++ ops parse (csrc/spafl_conv.h)."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    def flat(self) -> list[int]:
+        return [*self.stride, *self.padding, *self.dilation, self.groups]
+
+    @classmethod
+    def of(cls, flat: Sequence[int]) -> Conv2dGeometry:
+        if len(flat) != 7:
+            raise ValueError(
+                f"conv geometry must be [stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups], got {flat}"
+            )
+        s = [int(v) for v in flat]
+        return cls((s[0], s[1]), (s[2], s[3]), (s[4], s[5]), s[6])
+
+    def output_hw(self, hw: Sequence[int], kernel: Sequence[int]) -> tuple[int, int]:
+        """Output height and width for an input of ``hw`` and a kernel of ``kernel`` (as ``F.conv2d``)."""
+        return tuple(  # type: ignore[return-value]
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, p, d in zip(hw, kernel, self.stride, self.padding, self.dilation)
+        )

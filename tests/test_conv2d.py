@@ -86,9 +86,7 @@ def test_opcheck():
     x, weight, threshold, bias = (tensors[k].float() for k in ("x", "weight", "threshold", "bias"))
     for requires_grad in (False, True):
         args = [t.detach().clone().requires_grad_(requires_grad) for t in (x, weight, bias, threshold)]
-        torch.library.opcheck(
-            torch.ops.spafl.conv2d_fwd.default, (*args, [1, 1], [1, 2], [1, 1], 3, 0, "torch")
-        )
+        torch.library.opcheck(torch.ops.spafl.conv2d_fwd.default, (*args, [1, 1, 1, 2, 1, 1, 3], 0, "torch"))
 
 
 def test_compile_fullgraph_matches_eager():

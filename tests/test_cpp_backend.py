@@ -146,11 +146,11 @@ def _op_samples():
     yield torch.ops.spafl.native_linear_bwd.default, (torch.randn_like(y), x, weight, bias, score, 2, True, True)
     cw, cb, ct = (t.float() for t in make_params((4, 3, 3, 3), 2, True, seed=5))
     cx = torch.randn(2, 3, 6, 6)
-    geometry = ([1, 1], [1, 1], [1, 1], 1)
-    cy, cscore = torch.ops.spafl.native_conv2d_fwd(cx, cw, cb, ct, *geometry)
-    yield torch.ops.spafl.native_conv2d_fwd.default, (cx, cw, cb, ct, *geometry)
+    geometry = [1, 1, 1, 1, 1, 1, 1]  # stride, padding, dilation (h, w), groups
+    cy, cscore = torch.ops.spafl.native_conv2d_fwd(cx, cw, cb, ct, geometry)
+    yield torch.ops.spafl.native_conv2d_fwd.default, (cx, cw, cb, ct, geometry)
     grad = torch.randn_like(cy)
-    yield torch.ops.spafl.native_conv2d_bwd.default, (grad, cx, cw, cb, cscore, *geometry, 0, True, True)
+    yield torch.ops.spafl.native_conv2d_bwd.default, (grad, cx, cw, cb, cscore, geometry, 0, True, True)
 
 
 @pytest.mark.parametrize("sample", range(4))

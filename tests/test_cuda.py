@@ -193,7 +193,7 @@ def test_native_conv_refuses_groups():
     require_backend("cuda", "conv2d", DEVICE)
     x, w, t = (torch.randn(*shape, device=DEVICE) for shape in ((1, 4, 5, 5), (4, 2, 3, 3), (4,)))
     with pytest.raises(RuntimeError, match="groups=1 only"):
-        torch.ops.spafl.native_conv2d_fwd(x, w, None, t, [1, 1], [0, 0], [1, 1], 2)
+        torch.ops.spafl.native_conv2d_fwd(x, w, None, t, [1, 1, 0, 0, 1, 1, 2])
 
 
 def test_compile_fullgraph_matches_eager():

@@ -125,7 +125,7 @@ def test_fake_kernels_give_shapes_and_dtypes(dtype):
     assert [g.shape for g in grads] == [(0,), (9, 5), (0,), (9,)]
 
     x, w = torch.empty(2, 3, 9, 8, **meta), torch.empty(9, 3, 3, 3, **meta)
-    y, score = torch.ops.spafl.native_conv2d_fwd(x, w, b, t, [2, 2], [1, 1], [1, 1], 1)
+    y, score = torch.ops.spafl.native_conv2d_fwd(x, w, b, t, [2, 2, 1, 1, 1, 1, 1])
     assert (y.shape, y.dtype, score.dtype) == ((2, 9, 5, 4), dtype, score_dtype)
-    grads = torch.ops.spafl.native_conv2d_bwd(y, x, w, b, score, [2, 2], [1, 1], [1, 1], 1, 2, True, False)
+    grads = torch.ops.spafl.native_conv2d_bwd(y, x, w, b, score, [2, 2, 1, 1, 1, 1, 1], 2, True, False)
     assert [g.shape for g in grads] == [(2, 3, 9, 8), (0,), (0,), (0,)]

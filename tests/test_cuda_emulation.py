@@ -31,7 +31,7 @@ from test_conv2d import GEOMETRIES
 
 import spafl_kernels as sk
 from spafl_kernels.backends import get_backend
-from spafl_kernels.semantics import STES, acc_dtype, conv2d_output_hw, row_score
+from spafl_kernels.semantics import STES, Conv2dGeometry, acc_dtype, row_score
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 SELECT_ACTIVE = -1
@@ -112,14 +112,16 @@ class EmulatedOps:
     # ------------------------------------------------------------------------------------- conv2d
 
     @staticmethod
-    def conv_shape(x, weight, stride, padding, dilation) -> ConvShape:
-        out_h, out_w = conv2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-        return ConvShape(*x.shape, weight.shape[0], *weight.shape[2:], out_h, out_w, *stride, *padding, *dilation)
+    def conv_shape(x, weight, geometry) -> ConvShape:
+        geo = Conv2dGeometry.of(geometry)
+        assert geo.groups == 1
+        out_h, out_w = geo.output_hw(x.shape[2:], weight.shape[2:])
+        return ConvShape(*x.shape, weight.shape[0], *weight.shape[2:], out_h, out_w, *geo.stride, *geo.padding,
+                         *geo.dilation)
 
-    def conv2d_fwd(self, x, weight, bias, threshold, stride, padding, dilation, groups):
-        assert groups == 1
+    def conv2d_fwd(self, x, weight, bias, threshold, geometry):
         x, weight, bias, threshold = (_contiguous(t) for t in (x, weight, bias, threshold))
-        shape = self.conv_shape(x, weight, stride, padding, dilation)
+        shape = self.conv_shape(x, weight, geometry)
         score = self.scores(weight, threshold)
         perm, count = self.select(score, weight.dtype, SELECT_ACTIVE, complement=True)
         y = torch.full((shape.batch, shape.out_channels, shape.out_h, shape.out_w), float("nan"), dtype=x.dtype)
@@ -127,10 +129,9 @@ class EmulatedOps:
                   _ptr(y), shape)
         return y, score
 
-    def conv2d_bwd(self, grad_y, x, weight, bias, score, stride, padding, dilation, groups, ste, need_dx, need_params):
-        assert groups == 1
+    def conv2d_bwd(self, grad_y, x, weight, bias, score, geometry, ste, need_dx, need_params):
         grad_y, x, weight, bias, score = (_contiguous(t) for t in (grad_y, x, weight, bias, score))
-        shape = self.conv_shape(x, weight, stride, padding, dilation)
+        shape = self.conv_shape(x, weight, geometry)
         code = DTYPE_CODES[x.dtype]
         dx = x.new_empty(0)
         if need_dx:
@@ -291,11 +292,11 @@ def opcheck_cuda_ops(device: str) -> None:
         torch.library.opcheck(torch.ops.spafl.native_linear_bwd.default, args)
     conv, _ = _conv_case("stride-pad", 0.5)  # stride 2, padding 1, dilation 1
     x, w, t = (conv[k].to(device, torch.float32) for k in ("x", "weight", "threshold"))
-    geometry = ([2, 2], [1, 1], [1, 1], 1)
-    y, score = torch.ops.spafl.native_conv2d_fwd(x, w, None, t, *geometry)
-    torch.library.opcheck(torch.ops.spafl.native_conv2d_fwd.default, (x, w, None, t, *geometry))
+    geometry = [2, 2, 1, 1, 1, 1, 1]  # stride, padding, dilation (h, w), groups
+    y, score = torch.ops.spafl.native_conv2d_fwd(x, w, None, t, geometry)
+    torch.library.opcheck(torch.ops.spafl.native_conv2d_fwd.default, (x, w, None, t, geometry))
     g = torch.randn_like(y)
-    torch.library.opcheck(torch.ops.spafl.native_conv2d_bwd.default, (g, x, w, None, score, *geometry, 2, True, True))
+    torch.library.opcheck(torch.ops.spafl.native_conv2d_bwd.default, (g, x, w, None, score, geometry, 2, True, True))
 
 
 def compile_matches_eager(device: str) -> None:

@@ -210,7 +210,7 @@ def test_opcheck_linear_and_conv2d():
     weight, b, threshold = (t.float().to(DEVICE) for t in make_params((4, 2, 3, 3), 2, True, seed=7))
     x = torch.randn(1, 2, 5, 5, device=DEVICE)
     args = [t.clone().requires_grad_() for t in (x, weight, b, threshold)]
-    torch.library.opcheck(torch.ops.spafl.conv2d_fwd.default, (*args, [1, 1], [1, 1], [1, 1], 1, 0, "triton"))
+    torch.library.opcheck(torch.ops.spafl.conv2d_fwd.default, (*args, [1, 1, 1, 1, 1, 1, 1], 0, "triton"))
 
 
 def test_compile_fullgraph_matches_eager():

@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../spafl_conv.h"
 #include "rows.h"
 
 namespace spafl::cpu {
@@ -20,10 +21,7 @@ namespace {
 using at::IntArrayRef;
 using at::Tensor;
 
-struct Geometry {
-  std::vector<int64_t> stride, padding, dilation;
-  int64_t groups;
-};
+using Geometry = spafl::ConvGeometry;
 
 void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                   const Geometry& geo) {
@@ -31,14 +29,12 @@ void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const s
               ": the cpp backend supports float32 and float64, got ", weight.scalar_type());
   TORCH_CHECK(weight.dim() == 4 && x.dim() == 4, op, ": expected x [B, C, H, W] and weight [N, C/groups, kh, kw], got ",
               x.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(geo.groups >= 1 && weight.size(0) % geo.groups == 0 && x.size(1) == weight.size(1) * geo.groups, op,
+  TORCH_CHECK(weight.size(0) % geo.groups == 0 && x.size(1) == weight.size(1) * geo.groups, op,
               ": channels do not match groups=", geo.groups);
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": x dtype ", x.scalar_type(), " differs from weight's");
   TORCH_CHECK(
       !bias || (bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == weight.scalar_type()), op,
       ": bias must be [N] in the weight's dtype");
-  TORCH_CHECK(geo.stride.size() == 2 && geo.padding.size() == 2 && geo.dilation.size() == 2, op,
-              ": stride, padding and dilation must have 2 elements");
 }
 
 // Positions [begin, end) of idx (ascending row indices) that fall in each group of `per` rows.
@@ -127,10 +123,11 @@ std::pair<Tensor, Tensor> planes_backward(const Tensor& g, const Tensor& xg, con
 
 // x [B, C, H, W], weight [N, C/groups, kh, kw], bias [N]?, threshold [N] -> (y [B, N, H', W'], score [N]).
 std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                                      const Tensor& threshold, IntArrayRef stride, IntArrayRef padding,
-                                      IntArrayRef dilation, int64_t groups) {
-  const Geometry geo{stride.vec(), padding.vec(), dilation.vec(), groups};
-  check_inputs("spafl::native_conv2d_fwd", x, weight, bias, geo);
+                                      const Tensor& threshold, IntArrayRef geometry) {
+  const char* op = "spafl::native_conv2d_fwd";
+  const Geometry geo = conv_geometry(geometry, op);
+  const int64_t groups = geo.groups;
+  check_inputs(op, x, weight, bias, geo);
   const Tensor w = weight.contiguous();
   const int64_t N = w.size(0);
   Tensor score = row_scores(w, threshold);
@@ -143,8 +140,7 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x, const Tensor& weight, con
     }
     std::vector<int64_t> out_sizes{x.size(0), N, 0, 0};
     for (int d = 0; d < 2; ++d) {
-      out_sizes[2 + d] =
-          (x.size(2 + d) + 2 * geo.padding[d] - geo.dilation[d] * (w.size(2 + d) - 1) - 1) / geo.stride[d] + 1;
+      out_sizes[2 + d] = geo.out_size(d, x.size(2 + d), w.size(2 + d));
     }
     y = fresh_pages(out_sizes, x.options(), /*zero=*/true);
     const Tensor b = bias ? bias->contiguous() : Tensor();
@@ -165,19 +161,21 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x, const Tensor& weight, con
 // Gradients of conv2d_fwd, as for the Linear op; grad_y: [B, N, H', W'].
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
                                                       const std::optional<Tensor>& bias, const Tensor& score,
-                                                      IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-                                                      int64_t groups, int64_t ste, bool need_dx, bool need_params) {
-  const Geometry geo{stride.vec(), padding.vec(), dilation.vec(), groups};
-  check_inputs("spafl::native_conv2d_bwd", x, weight, bias, geo);
+                                                      IntArrayRef geometry, int64_t ste, bool need_dx,
+                                                      bool need_params) {
+  const char* op = "spafl::native_conv2d_bwd";
+  const Geometry geo = conv_geometry(geometry, op);
+  const int64_t groups = geo.groups;
+  check_inputs(op, x, weight, bias, geo);
   const SpaflSte gate_kind = ste_from_code(ste);
   const Tensor w = weight.contiguous();
   const Tensor g = grad_y.contiguous();
   const Tensor s = score.contiguous();
   const int64_t N = w.size(0), fan_in = w.numel() / std::max<int64_t>(N, 1);
-  TORCH_CHECK(g.dim() == 4 && g.size(0) == x.size(0) && g.size(1) == N, "spafl::native_conv2d_bwd: grad_y must be [B, ",
-              N, ", H', W'], got ", g.sizes());
-  TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.scalar_type() == w.scalar_type(),
-              "spafl::native_conv2d_bwd: score must be [N] in the weight's dtype");
+  TORCH_CHECK(g.dim() == 4 && g.size(0) == x.size(0) && g.size(1) == N, op, ": grad_y must be [B, ", N,
+              ", H', W'], got ", g.sizes());
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.scalar_type() == w.scalar_type(), op,
+              ": score must be [N] in the weight's dtype");
   // Distinct empty tensors where a gradient is not asked for: op outputs must not alias each other.
   Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()), dbias = at::empty({0}, x.options()),
          dthreshold = at::empty({0}, x.options());

@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../spafl_conv.h"
 #include "spafl_cuda.h"
 
 namespace {
@@ -53,18 +54,32 @@ void check_row_vector(const Tensor& t, int64_t rows, const char* op, const char*
   TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, op, ": ", name, " must have shape (", rows, ",), got ", t.sizes());
 }
 
-// Checks shared by every op on (weight, bias?, threshold); returns the dtype code.
-int check_params(const char* op, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& threshold) {
+Tensor contiguous_or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? t->contiguous() : Tensor(); }
+
+// Checks of every op: weight on a CUDA device in a supported dtype, x and bias like it; returns the dtype code.
+int check_layer(const char* op, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   TORCH_CHECK(weight.is_cuda(), op, ": weight must be a CUDA tensor, got one on ", weight.device());
   const int dtype = dtype_code(weight.scalar_type(), op);
-  const int64_t rows = weight.size(0);
-  check_like(threshold, weight, op, "threshold");
-  check_row_vector(threshold, rows, op, "threshold");
+  check_like(x, weight, op, "x");
   if (bias.has_value()) {
     check_like(*bias, weight, op, "bias");
-    check_row_vector(*bias, rows, op, "bias");
+    check_row_vector(*bias, weight.size(0), op, "bias");
   }
   return dtype;
+}
+
+// A forward op's inputs, checked beyond their shapes (the caller's) and made contiguous.
+struct FwdInputs {
+  int dtype;
+  Tensor x, weight, bias, threshold;  // bias: undefined when the layer has none
+};
+
+FwdInputs fwd_inputs(const char* op, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                     const Tensor& threshold) {
+  const int dtype = check_layer(op, x, weight, bias);
+  check_like(threshold, weight, op, "threshold");
+  check_row_vector(threshold, weight.size(0), op, "threshold");
+  return {dtype, x.contiguous(), weight.contiguous(), contiguous_or_undefined(bias), threshold.contiguous()};
 }
 
 // The saved score: [rows] in the accumulation dtype, on weight's device.
@@ -76,27 +91,30 @@ void check_score(const Tensor& score, const Tensor& weight, const char* op) {
   check_row_vector(score, weight.size(0), op, "score");
 }
 
-// Checks of a backward op's inputs beyond their shapes (grad_y's shape: the caller): devices, dtypes, bias,
-// the saved score; returns the STE code.
-int check_bwd_inputs(const char* op, const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+const void* data_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+void* mutable_data_or_null(const Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
+
+// A backward op's inputs, checked beyond their shapes (grad_y's shape: the caller) and made contiguous.
+struct BwdInputs {
+  int dtype, ste;
+  Tensor grad_y, x, weight, bias, score;  // bias: undefined when the layer has none
+};
+
+BwdInputs bwd_inputs(const char* op, const Tensor& grad_y, const Tensor& x, const Tensor& weight,
                      const std::optional<Tensor>& bias, const Tensor& score, int64_t ste) {
-  TORCH_CHECK(weight.is_cuda(), op, ": weight must be a CUDA tensor, got one on ", weight.device());
-  check_like(x, weight, op, "x");
+  const int dtype = check_layer(op, x, weight, bias);
   check_like(grad_y, weight, op, "grad_y");
-  if (bias.has_value()) {
-    check_like(*bias, weight, op, "bias");
-    check_row_vector(*bias, weight.size(0), op, "bias");
-  }
   check_score(score, weight, op);
   TORCH_CHECK(ste == SPAFL_STE_IDENTITY || ste == SPAFL_STE_OUTER || ste == SPAFL_STE_CLIPPED, op,
               ": ste must be 0 (identity), 1 (outer) or 2 (clipped), got ", ste);
-  return static_cast<int>(ste);
+  return {dtype,
+          static_cast<int>(ste),
+          grad_y.contiguous(),
+          x.contiguous(),
+          weight.contiguous(),
+          contiguous_or_undefined(bias),
+          score.contiguous()};
 }
-
-Tensor contiguous_or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? t->contiguous() : Tensor(); }
-
-const void* data_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-void* mutable_data_or_null(const Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
 
 // score [rows] = mean|W_row| - tau, in the accumulation dtype. weight contiguous [rows, ...].
 Tensor row_scores(const Tensor& weight, const Tensor& threshold, int dtype, cudaStream_t stream, const char* op) {
@@ -148,12 +166,9 @@ std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x_, const Tensor& weight_, c
   const char* op = "spafl::native_linear_fwd";
   TORCH_CHECK(x_.dim() == 2 && weight_.dim() == 2 && x_.size(1) == weight_.size(1), op,
               ": expected x [M, K] and weight [N, K], got ", x_.sizes(), " and ", weight_.sizes());
-  const int dtype = check_params(op, weight_, bias_, threshold_);
-  check_like(x_, weight_, op, "x");
-  const c10::cuda::CUDAGuard guard(weight_.device());
-  const cudaStream_t stream = current_stream(weight_);
-  const Tensor x = x_.contiguous(), weight = weight_.contiguous(), threshold = threshold_.contiguous();
-  const Tensor bias = contiguous_or_undefined(bias_);
+  const auto [dtype, x, weight, bias, threshold] = fwd_inputs(op, x_, weight_, bias_, threshold_);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const cudaStream_t stream = current_stream(weight);
   const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1);
 
   Tensor score = row_scores(weight, threshold, dtype, stream, op);
@@ -167,23 +182,19 @@ std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x_, const Tensor& weight_, c
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y_, const Tensor& x_, const Tensor& weight_,
-                                                      const std::optional<Tensor>& bias_, const Tensor& score,
+                                                      const std::optional<Tensor>& bias_, const Tensor& score_,
                                                       int64_t ste_, bool need_dx, bool need_params) {
   const char* op = "spafl::native_linear_bwd";
   TORCH_CHECK(x_.dim() == 2 && weight_.dim() == 2 && x_.size(1) == weight_.size(1), op,
               ": expected x [M, K] and weight [N, K], got ", x_.sizes(), " and ", weight_.sizes());
   TORCH_CHECK(grad_y_.dim() == 2 && grad_y_.size(0) == x_.size(0) && grad_y_.size(1) == weight_.size(0), op,
               ": grad_y must have shape (", x_.size(0), ", ", weight_.size(0), "), got ", grad_y_.sizes());
-  const int dtype = dtype_code(weight_.scalar_type(), op);
-  const int ste = check_bwd_inputs(op, grad_y_, x_, weight_, bias_, score, ste_);
-  const c10::cuda::CUDAGuard guard(weight_.device());
-  const cudaStream_t stream = current_stream(weight_);
-  const Tensor grad_y = grad_y_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
-  const Tensor bias = contiguous_or_undefined(bias_);
-  const Tensor scores = score.contiguous();
+  const auto [dtype, ste, grad_y, x, weight, bias, scores] = bwd_inputs(op, grad_y_, x_, weight_, bias_, score_, ste_);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const cudaStream_t stream = current_stream(weight);
   const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1);
   // Each gradient not computed is its own empty tensor: the schema declares no aliasing between outputs.
-  const auto none = [&] { return at::empty({0}, x.options()); };
+  const auto none = [options = x.options()] { return at::empty({0}, options); };
 
   Tensor dx = none();
   if (need_dx) {
@@ -210,20 +221,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y_, con
 
 // ------------------------------------------------------------------------------------------ conv2d
 
-int64_t pair_at(at::IntArrayRef pair, int i, const char* op, const char* name) {
-  TORCH_CHECK(pair.size() == 2, op, ": ", name, " must have 2 values, got ", pair);
-  return pair[i];
-}
-
-// Geometry of x [B, C, H, W] * weight [N, C, kh, kw] (groups == 1), checked.
-SpaflConvShape conv_shape(const Tensor& x, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, int64_t groups, const char* op) {
+// Shape of x [B, C, H, W] * weight [N, C, kh, kw] (groups == 1) under `geometry`, checked.
+SpaflConvShape conv_shape(const Tensor& x, const Tensor& weight, at::IntArrayRef geometry, const char* op) {
+  const spafl::ConvGeometry geo = spafl::conv_geometry(geometry, op);
   // Dispatch never sends groups > 1 here (the cuda backend declares supports_groups = False): this guards
   // direct calls of the op.
-  TORCH_CHECK(groups == 1, op, ": the CUDA kernels implement groups=1 only, got groups=", groups);
+  TORCH_CHECK(geo.groups == 1, op, ": the CUDA kernels implement groups=1 only, got groups=", geo.groups);
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, op, ": expected x [B, C, H, W] and weight [N, C, kh, kw], got ",
               x.sizes(), " and ", weight.sizes());
   TORCH_CHECK(x.size(1) == weight.size(1), op, ": x has ", x.size(1), " channels but weight expects ", weight.size(1));
+  TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, op, ": empty kernel ", weight.sizes());
   SpaflConvShape s{};
   s.batch = x.size(0);
   s.in_channels = x.size(1);
@@ -232,35 +239,26 @@ SpaflConvShape conv_shape(const Tensor& x, const Tensor& weight, at::IntArrayRef
   s.out_channels = weight.size(0);
   s.kernel_h = weight.size(2);
   s.kernel_w = weight.size(3);
-  s.stride_h = pair_at(stride, 0, op, "stride");
-  s.stride_w = pair_at(stride, 1, op, "stride");
-  s.pad_h = pair_at(padding, 0, op, "padding");
-  s.pad_w = pair_at(padding, 1, op, "padding");
-  s.dilation_h = pair_at(dilation, 0, op, "dilation");
-  s.dilation_w = pair_at(dilation, 1, op, "dilation");
-  TORCH_CHECK(
-      s.stride_h >= 1 && s.stride_w >= 1 && s.dilation_h >= 1 && s.dilation_w >= 1 && s.pad_h >= 0 && s.pad_w >= 0, op,
-      ": stride and dilation must be >= 1 and padding >= 0, got stride=", stride, " padding=", padding,
-      " dilation=", dilation);
-  TORCH_CHECK(s.kernel_h >= 1 && s.kernel_w >= 1, op, ": empty kernel ", weight.sizes());
-  s.out_h = (s.height + 2 * s.pad_h - s.dilation_h * (s.kernel_h - 1) - 1) / s.stride_h + 1;
-  s.out_w = (s.width + 2 * s.pad_w - s.dilation_w * (s.kernel_w - 1) - 1) / s.stride_w + 1;
+  s.stride_h = geo.stride[0];
+  s.stride_w = geo.stride[1];
+  s.pad_h = geo.padding[0];
+  s.pad_w = geo.padding[1];
+  s.dilation_h = geo.dilation[0];
+  s.dilation_w = geo.dilation[1];
+  s.out_h = geo.out_size(0, s.height, s.kernel_h);
+  s.out_w = geo.out_size(1, s.width, s.kernel_w);
   TORCH_CHECK(s.out_h > 0 && s.out_w > 0, op, ": the padded input ", x.sizes(), " is smaller than the dilated kernel ",
               weight.sizes());
   return s;
 }
 
 std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x_, const Tensor& weight_, const std::optional<Tensor>& bias_,
-                                      const Tensor& threshold_, at::IntArrayRef stride, at::IntArrayRef padding,
-                                      at::IntArrayRef dilation, int64_t groups) {
+                                      const Tensor& threshold_, at::IntArrayRef geometry) {
   const char* op = "spafl::native_conv2d_fwd";
-  const SpaflConvShape s = conv_shape(x_, weight_, stride, padding, dilation, groups, op);
-  const int dtype = check_params(op, weight_, bias_, threshold_);
-  check_like(x_, weight_, op, "x");
-  const c10::cuda::CUDAGuard guard(weight_.device());
-  const cudaStream_t stream = current_stream(weight_);
-  const Tensor x = x_.contiguous(), weight = weight_.contiguous(), threshold = threshold_.contiguous();
-  const Tensor bias = contiguous_or_undefined(bias_);
+  const SpaflConvShape s = conv_shape(x_, weight_, geometry, op);
+  const auto [dtype, x, weight, bias, threshold] = fwd_inputs(op, x_, weight_, bias_, threshold_);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const cudaStream_t stream = current_stream(weight);
 
   Tensor score = row_scores(weight, threshold, dtype, stream, op);
   const RowSet perm = select_rows(score, dtype, SPAFL_SELECT_ACTIVE, true, stream, op);  // active, then pruned
@@ -274,24 +272,19 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x_, const Tensor& weight_, c
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y_, const Tensor& x_, const Tensor& weight_,
-                                                      const std::optional<Tensor>& bias_, const Tensor& score,
-                                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                                      at::IntArrayRef dilation, int64_t groups, int64_t ste_,
-                                                      bool need_dx, bool need_params) {
+                                                      const std::optional<Tensor>& bias_, const Tensor& score_,
+                                                      at::IntArrayRef geometry, int64_t ste_, bool need_dx,
+                                                      bool need_params) {
   const char* op = "spafl::native_conv2d_bwd";
-  const SpaflConvShape s = conv_shape(x_, weight_, stride, padding, dilation, groups, op);
+  const SpaflConvShape s = conv_shape(x_, weight_, geometry, op);
   TORCH_CHECK(grad_y_.dim() == 4 && grad_y_.size(0) == s.batch && grad_y_.size(1) == s.out_channels &&
                   grad_y_.size(2) == s.out_h && grad_y_.size(3) == s.out_w,
               op, ": grad_y must have shape (", s.batch, ", ", s.out_channels, ", ", s.out_h, ", ", s.out_w, "), got ",
               grad_y_.sizes());
-  const int dtype = dtype_code(weight_.scalar_type(), op);
-  const int ste = check_bwd_inputs(op, grad_y_, x_, weight_, bias_, score, ste_);
-  const c10::cuda::CUDAGuard guard(weight_.device());
-  const cudaStream_t stream = current_stream(weight_);
-  const Tensor grad_y = grad_y_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
-  const Tensor bias = contiguous_or_undefined(bias_);
-  const Tensor scores = score.contiguous();
-  const auto none = [&] { return at::empty({0}, x.options()); };  // one per gradient not computed
+  const auto [dtype, ste, grad_y, x, weight, bias, scores] = bwd_inputs(op, grad_y_, x_, weight_, bias_, score_, ste_);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const cudaStream_t stream = current_stream(weight);
+  const auto none = [options = x.options()] { return at::empty({0}, options); };  // one per gradient not computed
 
   Tensor dx = none();
   if (need_dx) {

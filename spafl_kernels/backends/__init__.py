@@ -10,13 +10,17 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import pkgutil
 
 import torch
 
 from .base import Backend, CallSpec
 
-BACKEND_NAMES = ("reference", "torch", "cpp", "cuda", "triton")
-"""Every backend, in the order ``info`` lists them."""
+BACKEND_NAMES = tuple(sorted(
+    (module.name for module in pkgutil.iter_modules(__path__) if module.ispkg), key=lambda n: (n != "reference", n)
+))
+"""Every backend: each subpackage here is one (its ``BACKEND`` object), ``reference`` first, then by name. A
+new backend is a new folder, and a line in ``AUTO_ORDER`` if ``auto`` may choose it."""
 
 AUTO_ORDER = ("triton", "cpp", "torch")
 """Preference of ``backend="auto"``: fastest first (each backend also names the devices it is chosen on).

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -10,6 +11,11 @@ import torch
 from torch import Tensor
 
 from .._ext import BUILD_HINT, EXTENSION_ERROR
+
+YScore = tuple[Tensor, Tensor]
+"""``(y, score)``."""
+Grads = tuple[Tensor, Tensor, Tensor, Tensor]
+"""``(dx, dweight, dbias, dthreshold)``."""
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -33,8 +39,9 @@ class CallSpec:
 
 
 class Kernels(Protocol):
-    """The kernels a kernel backend gives the ``torch.ops.spafl`` ops (shapes for Linear; Conv2d adds
-    ``stride, padding, dilation, groups`` after the tensors):
+    """The kernels a kernel backend gives the ``torch.ops.spafl`` ops, with their schemas less ``backend``
+    (ops.py). Conv2d takes x ``[B, C, H, W]``, weight ``[N, C/groups, kh, kw]``, y ``[B, N, H', W']`` and
+    ``geometry`` after the tensors (``int[7]``: ``semantics.Conv2dGeometry.flat()``):
 
     - ``linear_fwd(x[M, K], weight[N, K], bias[N]|None, threshold[N]) -> (y[M, N], score[N])``
     - ``linear_bwd(grad_y[M, N], x, weight, bias, score, ste, need_dx, need_params)
@@ -42,31 +49,22 @@ class Kernels(Protocol):
       every gradient not asked for (``dx`` unless ``need_dx``; the rest unless ``need_params``;
       ``dbias`` when ``bias`` is None); no two outputs alias each other.
 
-    ``ste`` is a name of ``semantics.STES``. ``score`` is in ``semantics.acc_dtype(weight.dtype)``.
+    ``ste`` is a code of ``semantics.STE_CODES``. ``score`` is in ``semantics.acc_dtype(weight.dtype)``.
     Nothing else is saved: ``dL/dm_i`` comes from the weight gradient, ``<G_i, W_i> + b_i * sum(g_i)``,
     which backward computes anyway for active rows, so no output is kept alive (in-place ops on ``y``
     stay legal, memory stays dense's).
     """
 
-    def linear_fwd(
-        self, x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor
-    ) -> tuple[Tensor, Tensor]: ...
+    def linear_fwd(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor) -> YScore: ...
 
-    def linear_bwd(
-        self, grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], score: Tensor, ste: str,
-        need_dx: bool, need_params: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
+    def linear_bwd(self, grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], score: Tensor,
+                   ste: int, need_dx: bool, need_params: bool) -> Grads: ...
 
-    def conv2d_fwd(
-        self, x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, stride: tuple[int, int],
-        padding: tuple[int, int], dilation: tuple[int, int], groups: int,
-    ) -> tuple[Tensor, Tensor]: ...
+    def conv2d_fwd(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor,
+                   geometry: Sequence[int]) -> YScore: ...
 
-    def conv2d_bwd(
-        self, grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], score: Tensor,
-        stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int, ste: str,
-        need_dx: bool, need_params: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
+    def conv2d_bwd(self, grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], score: Tensor,
+                   geometry: Sequence[int], ste: int, need_dx: bool, need_params: bool) -> Grads: ...
 
 
 class Backend:

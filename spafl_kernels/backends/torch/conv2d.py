@@ -9,10 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...semantics import acc_dtype, conv2d_output_hw, row_score
+from ...semantics import Conv2dGeometry, acc_dtype, row_score
 from .rows import RowSets, param_grads, scatter_rows, take
-
-Pair = tuple[int, int]
 
 
 def _group_runs(rows: torch.Tensor, n_rows: int, groups: int) -> list[tuple[int, int, int]]:
@@ -32,19 +30,16 @@ def _conv_rows(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     rows: torch.Tensor,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    groups: int,
+    geo: Conv2dGeometry,
 ) -> torch.Tensor:
     """``conv2d(x, W[rows]) + b[rows]``: ``[B, len(rows), H', W']``. rows: ascending filter indices."""
-    n_rows = weight.shape[0]
+    n_rows, (stride, padding, dilation, groups) = weight.shape[0], geo
     if rows.numel() == n_rows:  # every filter (rows are distinct)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if groups == 1 or rows.numel() == 0:
         b = None if bias is None else bias.index_select(0, rows)
         if rows.numel() == 0:  # a conv with no filters: keep the shape, skip the work
-            out_hw = conv2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+            out_hw = geo.output_hw(x.shape[2:], weight.shape[2:])
             return x.new_zeros(x.shape[0], 0, *out_hw)
         return F.conv2d(x, weight.index_select(0, rows), b, stride, padding, dilation)
     group_in = x.shape[1] // groups
@@ -62,10 +57,7 @@ def _conv_rows_backward(
     x: torch.Tensor,
     weight: torch.Tensor,
     rows: torch.Tensor,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    groups: int,
+    geo: Conv2dGeometry,
     need_dx: bool,
     need_dw: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -73,6 +65,8 @@ def _conv_rows_backward(
 
     grad: ``[B, len(rows), H', W']``.
     """
+
+    stride, padding, dilation, groups = geo
 
     def conv_backward(g, inp, w, grps):
         dx, dw, _ = torch.ops.aten.convolution_backward(
@@ -99,48 +93,26 @@ def _conv_rows_backward(
     return dx, (torch.cat(dws, dim=0) if need_dw else None)
 
 
-def conv2d_fwd(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    threshold: torch.Tensor,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    groups: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def conv2d_fwd(x, weight, bias, threshold, geometry):
     """x: ``[B, C, H, W]``, weight: ``[N, C/groups, kh, kw]`` -> ``(y [B, N, H', W'], score [N])``."""
     score = row_score(weight, threshold)
     rows = RowSets.from_score(score, ste=None)
-    z = _conv_rows(x, weight, bias, rows.active, stride, padding, dilation, groups)
+    z = _conv_rows(x, weight, bias, rows.active, Conv2dGeometry.of(geometry))
     return scatter_rows(z, 1, rows.active, rows.n_rows), score
 
 
-def conv2d_bwd(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    score: torch.Tensor,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    groups: int,
-    ste: int,
-    need_dx: bool,
-    need_params: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``conv2d_fwd`` (see ``Backend``); grad_y: ``[B, N, H', W']``."""
-    geometry = (stride, padding, dilation, groups)
+def conv2d_bwd(grad_y, x, weight, bias, score, geometry, ste, need_dx, need_params):
+    """Gradients of ``conv2d_fwd`` (see ``Kernels``); grad_y: ``[B, N, H', W']``."""
+    geo = Conv2dGeometry.of(geometry)
     rows = RowSets.from_score(score, ste if need_params else None)
     dx = x.new_empty(0)
     if need_dx:
         g_active = take(grad_y, 1, rows.active)
-        dx, _ = _conv_rows_backward(g_active, x, weight, rows.active, *geometry, True, False)
+        dx, _ = _conv_rows_backward(g_active, x, weight, rows.active, geo, True, False)
     if not need_params:
         # Distinct empty tensors: op outputs must not alias each other.
         return dx, x.new_empty(0), x.new_empty(0), x.new_empty(0)
     g_graded = take(grad_y, 1, rows.graded)
-    _, dweight_graded = _conv_rows_backward(g_graded, x, weight, rows.graded, *geometry, False, True)
+    _, dweight_graded = _conv_rows_backward(g_graded, x, weight, rows.graded, geo, False, True)
     grad_sum = grad_y.sum((0, 2, 3), dtype=acc_dtype(weight.dtype))
     return (dx, *param_grads(weight, bias, rows, dweight_graded, grad_sum))

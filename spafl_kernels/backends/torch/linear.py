@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ...semantics import acc_dtype, row_score
 from .rows import RowSets, param_grads, scatter_rows, take
 
 
-def linear_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_fwd(x, weight, bias, threshold):
     """x: ``[M, K]``, weight: ``[N, K]``, bias/threshold: ``[N]`` -> ``(y [M, N], score [N])``."""
     score = row_score(weight, threshold)
     rows = RowSets.from_score(score, ste=None)
@@ -21,17 +18,8 @@ def linear_fwd(
     return y, score
 
 
-def linear_bwd(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    score: torch.Tensor,
-    ste: int,
-    need_dx: bool,
-    need_params: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``linear_fwd`` (see ``Backend``); grad_y: ``[M, N]``."""
+def linear_bwd(grad_y, x, weight, bias, score, ste, need_dx, need_params):
+    """Gradients of ``linear_fwd`` (see ``Kernels``); grad_y: ``[M, N]``."""
     rows = RowSets.from_score(score, ste if need_params else None)
     dx = x.new_empty(0)
     if need_dx:

@@ -12,14 +12,13 @@ count exit, or zero-fill their pruned output channels in the forward pass.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...semantics import conv2d_output_hw
+from ...semantics import Conv2dGeometry
 from .rows import (
     SIZE_ARGS,
     compact,
@@ -228,16 +227,17 @@ def _tf32() -> bool:
     return torch.backends.cudnn.allow_tf32
 
 
-def _geometry(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> dict:
-    """Size and geometry arguments the kernels share, by name."""
-    out_h, out_w = conv2d_output_hw(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+def _geometry(x: Tensor, weight: Tensor, geometry: Sequence[int]) -> tuple[dict, int]:
+    """Size and geometry arguments the kernels share, by name, and ``groups``."""
+    stride, padding, dilation, groups = geo = Conv2dGeometry.of(geometry)
+    out_h, out_w = geo.output_hw(x.shape[2:], weight.shape[2:])
     n_rows = weight.shape[0]
     return {
         "H": x.shape[2], "W": x.shape[3], "OH": out_h, "OW": out_w,
         "rows_per_group": n_rows // groups, "channels_per_group": x.shape[1] // groups,
         "stride_h": stride[0], "stride_w": stride[1], "pad_h": padding[0], "pad_w": padding[1],
         "dil_h": dilation[0], "dil_w": dilation[1], "KH": weight.shape[2], "KW": weight.shape[3],
-    }
+    }, groups
 
 
 def _strides(prefix: str, t: Tensor, dims: str) -> dict:
@@ -246,19 +246,10 @@ def _strides(prefix: str, t: Tensor, dims: str) -> dict:
     return {f"stride_{prefix}{dim}": step for dim, step in zip(dims, t.stride())}
 
 
-def conv2d_fwd(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    threshold: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-) -> tuple[Tensor, Tensor]:
+def conv2d_fwd(x, weight, bias, threshold, geometry):
     """x: ``[B, C, H, W]``, weight: ``[N, C/groups, kh, kw]`` -> ``(y [B, N, OH, OW] contiguous, score [N])``."""
     weight, bias, threshold = rows_dense(weight), dense_vector(bias), dense_vector(threshold)
-    geo = _geometry(x, weight, stride, padding, dilation, groups)
+    geo, groups = _geometry(x, weight, geometry)
     score = row_scores(weight, threshold)
     active, count, _, _ = compact(score, groups, None)
     n_rows = weight.shape[0]
@@ -274,23 +265,10 @@ def conv2d_fwd(
     return y, score
 
 
-def conv2d_bwd(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    score: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    ste: int,
-    need_dx: bool,
-    need_params: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of ``conv2d_fwd`` (see ``backends.base.Backend``); grad_y: ``[B, N, OH, OW]``."""
+def conv2d_bwd(grad_y, x, weight, bias, score, geometry, ste, need_dx, need_params):
+    """Gradients of ``conv2d_fwd`` (see ``backends.base.Kernels``); grad_y: ``[B, N, OH, OW]``."""
     weight, bias = rows_dense(weight), dense_vector(bias)
-    geo = _geometry(x, weight, stride, padding, dilation, groups)
+    geo, groups = _geometry(x, weight, geometry)
     active, count, graded, graded_count = compact(score, groups, ste if need_params else None)
     options = dot_options(x.dtype, _tf32())
     w_strides = _strides("w", weight, "nchw")

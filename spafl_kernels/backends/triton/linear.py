@@ -7,12 +7,9 @@ count exit (the forward pass's zero-fill their pruned output columns instead).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
 from .rows import (
     SIZE_ARGS,
@@ -156,7 +153,7 @@ def _tf32() -> bool:
     return torch.backends.cuda.matmul.allow_tf32
 
 
-def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor) -> tuple[Tensor, Tensor]:
+def linear_fwd(x, weight, bias, threshold):
     """x: ``[M, K]``, weight: ``[N, K]``, bias/threshold: ``[N]`` -> ``(y [M, N], score [N])``."""
     weight, bias, threshold = rows_dense(weight), dense_vector(bias), dense_vector(threshold)
     (m, k), n = x.shape, weight.shape[0]
@@ -172,17 +169,8 @@ def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Ten
     return y, score
 
 
-def linear_bwd(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    score: Tensor,
-    ste: int,
-    need_dx: bool,
-    need_params: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of ``linear_fwd`` (see ``backends.base.Backend``); grad_y: ``[M, N]``."""
+def linear_bwd(grad_y, x, weight, bias, score, ste, need_dx, need_params):
+    """Gradients of ``linear_fwd`` (see ``backends.base.Kernels``); grad_y: ``[M, N]``."""
     weight, bias = rows_dense(weight), dense_vector(bias)
     (m, k), n = x.shape, weight.shape[0]
     active, count, graded, graded_count = compact(score, 1, ste if need_params else None)
