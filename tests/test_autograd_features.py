@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import KERNEL_BACKENDS, require_backend
+from oracle import KERNEL_BACKENDS, make_params, require_backend
 
 import spafl_kernels as sk
 
@@ -136,3 +136,73 @@ def test_zero_gradient_columns_behind_relu_match_reference(backend, op, ste):
         results.append([y.detach(), *(t.grad for t in leaves)])
     for key, a, b in zip(("y", "dx", "dweight", "dbias", "dthreshold"), *results):
         torch.testing.assert_close(a, b, msg=key)
+
+
+def _dead_input_layer(op: str, n_active: int, seed: int):
+    """x (float64) whose input columns (Linear) or channels (Conv2d) 1, 2, 5, 6, 9 and 10 of 12 are zero
+    over the whole batch, as behind a pruned row and ReLU, and a layer (weight, bias, threshold) of 9
+    rows of which ``n_active`` are active."""
+    gen = torch.Generator().manual_seed(seed)
+    shape, row = ((6, 12), (12,)) if op == "linear" else ((2, 12, 6, 6), (12, 3, 3))
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x[:, [1, 2, 5, 6, 9, 10]] = 0.0
+    weight, bias, threshold = make_params((9, *row), n_active, True, seed)
+    return x, weight, bias, threshold
+
+
+@pytest.mark.parametrize("ste", sk.STES)
+@pytest.mark.parametrize("n_active", [0, 4, 9])
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_zero_input_columns_match_reference(backend, op, n_active, ste):
+    """Input columns (channels) that are zero over the whole batch add nothing to the forward product or
+    to G; a backend may drop them (exact skipping). Outputs and all gradients stay the reference's,
+    also when every input is zero. dx keeps its values on the dead columns (the layer before needs them)."""
+    require_backend(backend, op)
+    x, weight, bias, threshold = _dead_input_layer(op, n_active, seed=11)
+    fn = sk.sparse_linear if op == "linear" else sk.sparse_conv2d
+    for inputs in (x, torch.zeros_like(x)):
+        results = []
+        for name in ("reference", backend):
+            leaves = [t.clone().requires_grad_() for t in (inputs, weight, bias, threshold)]
+            y = fn(*leaves, ste=ste, backend=name)
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype))
+            results.append([y.detach(), *(t.grad for t in leaves)])
+        for key, a, b in zip(("y", "dx", "dweight", "dbias", "dthreshold"), *results):
+            torch.testing.assert_close(a, b, msg=key)
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_nan_weight_on_zero_input_column_stays_nan(backend, op):
+    """A NaN (or infinite) weight times a zero input is NaN in masked dense: skipping the zero input
+    column must not hide it."""
+    require_backend(backend, op)
+    x, weight, bias, threshold = _dead_input_layer(op, 9, seed=12)
+    weight[3, 1] = float("nan")  # row 3 (active) on dead input column 1
+    weight[5, 2] = float("inf")
+    fn = sk.sparse_linear if op == "linear" else sk.sparse_conv2d
+    want = fn(x, weight, bias, threshold, backend="reference")
+    got = fn(x, weight, bias, threshold, backend=backend)
+    assert want[:, 3].isnan().all()
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_nan_gradient_on_zero_input_column_stays_nan(backend, op):
+    """A NaN in dL/dy times a zero input column is NaN in masked dense's weight gradient: skipping the
+    zero column in G must not hide it."""
+    require_backend(backend, op)
+    x, weight, bias, threshold = _dead_input_layer(op, 9, seed=13)
+    results = []
+    for name in ("reference", backend):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, threshold)]
+        y = (sk.sparse_linear if op == "linear" else sk.sparse_conv2d)(*leaves, backend=name)
+        grad_y = torch.ones_like(y)
+        grad_y[0, 3] = float("nan")  # row 3 of sample 0
+        y.backward(grad_y)
+        results.append([t.grad for t in leaves[1:]])
+    (ref_dw, *_), (dw, *_) = results
+    assert ref_dw[3].isnan().all()
+    torch.testing.assert_close(dw, ref_dw, equal_nan=True)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import spafl_kernels as sk
-from spafl_kernels.flops import FLOP_FIELDS, FlopCounter, LayerFlops, layer_flops, row_counts
+from spafl_kernels.flops import FLOP_FIELDS, FlopCounter, LayerFlops, layer_flops, live_fan_in, row_counts
 
 
 def test_layer_flops_counts():
@@ -36,7 +36,9 @@ def test_flop_counter_on_a_model():
     conv = counter.per_layer["0"]
     positions, fan_in = 3 * 5 * 5, 2 * 9
     assert conv == layer_flops(positions, fan_in, 4, active=2, open_pruned=1, need_dx=False)
-    assert counter.per_layer["2"] == layer_flops(3, 100, 6, active=6, open_pruned=0, need_dx=True)
+    # The Linear's input: channels 2 and 3 of the conv are pruned, so 50 of its 100 columns are zero over
+    # the batch and its forward product reads the other 50.
+    assert counter.per_layer["2"] == layer_flops(3, 100, 6, active=6, open_pruned=0, need_dx=True, live_fan_in=50)
     assert counter.total.train == conv.train + counter.per_layer["2"].train
     assert counter.total.train < counter.total.dense_train
     with FlopCounter(model) as again:
@@ -52,3 +54,22 @@ def test_row_counts_and_flop_fields():
         layer.threshold.copy_(torch.tensor([0.5, 1.5, 3.0, 0.0]))
     assert row_counts(layer) == (2, 1)  # a NaN row counts as active, as in every backend
     assert FLOP_FIELDS == ("forward", "backward", "dense_forward", "dense_backward", "paper_forward", "paper_backward")
+
+
+def test_live_fan_in_counts_the_inputs_the_kernels_read():
+    linear, conv = sk.SparseLinear(16, 3), sk.SparseConv2d(8, 2, 3)
+    x = torch.randn(4, 16)
+    assert live_fan_in(linear, x) == 16
+    x[:, [0, 5]] = 0.0  # 2 of 16 dead: an eighth, skipped
+    assert live_fan_in(linear, x) == 14
+    x[0, 0] = float("nan")  # a NaN is not zero
+    assert live_fan_in(linear, x) == 16  # 1 of 16 dead: under an eighth, not skipped
+    assert live_fan_in(linear, torch.zeros(2, 5, 16)) == 0
+    assert live_fan_in(linear, torch.zeros(16, 4).t()) == 16  # not contiguous: read whole
+    xc = torch.randn(2, 8, 5, 5)
+    xc[:, 3] = 0.0
+    assert live_fan_in(conv, xc) == 7 * 9
+    assert live_fan_in(conv, xc.contiguous(memory_format=torch.channels_last)) == 8 * 9
+    assert layer_flops(10, 4, 8, 2, live_fan_in=1).forward == 2 * 10 * 1 * 2
+    with pytest.raises(ValueError, match="live_fan_in"):
+        layer_flops(10, 4, 8, 2, live_fan_in=5)

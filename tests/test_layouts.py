@@ -89,7 +89,7 @@ def cases(draw, op: str):
     else:
         groups = draw(st.sampled_from((1, 1, 2, 3)))
         n_rows = groups * max(1, n_rows // groups)
-        group_in = draw(st.integers(1, 3))
+        group_in = draw(st.sampled_from((1, 2, 3, 9)))  # 9: enough channels for a backend to skip dead ones
         kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
         stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
         dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
@@ -123,6 +123,13 @@ def cases(draw, op: str):
     else:
         tau = mean_abs - score
     x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    # Sometimes some or all input columns (Linear) or channels (Conv2d) are zero over the whole batch, as
+    # behind a pruned row and ReLU: the case in which a backend may skip them (issue 11, exact skipping).
+    dead_inputs = draw(st.sampled_from(("none", "none", "some", "all")))
+    if dead_inputs != "none":
+        dim = x.dim() - 1 if op == "linear" else 1
+        dead = torch.rand(x.shape[dim], generator=gen) < 0.6 if dead_inputs == "some" else slice(None)
+        x.transpose(0, dim)[dead] = 0.0
     if layout["x"] == "expanded":
         x = x[:1].expand_as(x).clone()
     tensors = {"x": x, "weight": weight, "threshold": tau}
@@ -174,7 +181,13 @@ def _check(op: str, backend: str, dtype: torch.dtype, case) -> None:
         scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
         own = (ref_low[key].double() - want).abs().max().item() if want.numel() else 0.0
         error = (got.double() - want).abs().max().item() if want.numel() else 0.0
-        allowed = 2 * own + ATOL.get(dtype, torch.finfo(dtype).eps) * scale
+        slack = ATOL.get(dtype, torch.finfo(dtype).eps)
+        if key in ("dbias", "dthreshold") and dtype in (torch.float16, torch.bfloat16):
+            # Sums over a whole row or batch, rounded once to 16 bits from a float32 accumulator in the
+            # kernels but summed from rounded 16-bit terms by the 16-bit reference: two roundings of the
+            # result apart (seen: triton bfloat16 dtau of a 9-channel 3x3 filter, 0.0165 at scale ~1).
+            slack *= 2
+        allowed = 2 * own + slack * scale
         context = f"{op}, {backend}, {dtype}, {ste}, {kwargs}, {layouts}"
         assert error <= allowed, f"{key}: error {error:.3g} > {allowed:.3g} ({context})"
 

@@ -40,7 +40,9 @@ std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight, con
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_linear_fwd", [&] {
     const RowSets rows(score.const_data_ptr<scalar_t>(), N, SPAFL_STE_IDENTITY, /*with_gates=*/false);
     const int64_t A = rows.num_active();
-    if (A == N) {  // density 1: exactly the dense op
+    const LiveInputs in =
+        A ? live_inputs<scalar_t>(x, M, K, 1, score.const_data_ptr<scalar_t>(), rows.active) : LiveInputs{};
+    if (A == N && !in.skip) {  // density 1: exactly the dense op
       y = bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
       return;
     }
@@ -48,22 +50,35 @@ std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight, con
       y = at::zeros({M, N}, x.options());
       return;
     }
+    // The product reads L columns: all of x, or its live ones (then gathered, with those columns of
+    // each active row).
+    const int64_t L = in.skip ? static_cast<int64_t>(in.live.size()) : K;
+    Tensor xs = x;
+    if (in.skip) {
+      xs = at::empty({M, L}, x.options());
+      gather_planes(x.const_data_ptr<scalar_t>(), M, K, 1, in.live.data(), L, xs.mutable_data_ptr<scalar_t>());
+    }
     // z[:, j] = x @ W[active[j]]: one GEMM per segment of the active rows, into z's column slices.
-    Tensor z = at::empty({M, A}, x.options());
-    const int64_t chunk = panel_rows(K, w.element_size(), A);
+    Tensor z = L ? at::empty({M, A}, x.options()) : at::zeros({M, A}, x.options());
+    const int64_t chunk = panel_rows(L, w.element_size(), A);
     Tensor panel;
-    for (const Segment& s : segments(rows.active.data(), A, chunk, kMinRun)) {
+    for (const Segment& s : L ? segments(rows.active.data(), A, chunk, kMinRun) : std::vector<Segment>{}) {
       Tensor rows_w;
-      if (s.run) {
+      if (s.run && !in.skip) {
         rows_w = w.narrow(0, rows.active[s.begin], s.size());
       } else {
-        if (!panel.defined()) panel = at::empty({chunk, K}, w.options());
-        gather_planes(w.const_data_ptr<scalar_t>(), 1, N, K, rows.active.data() + s.begin, s.size(),
-                      panel.mutable_data_ptr<scalar_t>());
+        if (!panel.defined()) panel = at::empty({chunk, L}, w.options());
+        scalar_t* dst = panel.mutable_data_ptr<scalar_t>();
+        if (in.skip) {
+          gather_rows_cols(w.const_data_ptr<scalar_t>(), K, 1, rows.active.data() + s.begin, s.size(), in.live.data(),
+                           L, dst);
+        } else {
+          gather_planes(w.const_data_ptr<scalar_t>(), 1, N, K, rows.active.data() + s.begin, s.size(), dst);
+        }
         rows_w = panel.narrow(0, 0, s.size());
       }
       Tensor out = z.narrow(1, s.begin, s.size());
-      at::mm_out(out, x, rows_w.t());
+      at::mm_out(out, xs, rows_w.t());
     }
     // Scatter into y, bias added on the way; every element of y is written once, pruned ones as 0.
     y = at::empty({M, N}, x.options());
@@ -173,6 +188,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, cons
     scalar_t* dthr = dthreshold.mutable_data_ptr<scalar_t>();
     std::fill(dthr, dthr + N, scalar_t(0));
     const int64_t R = rows.num_graded();
+    // Input columns that are zero over the batch add nothing to G = g^T x: each segment's product then
+    // reads x's live columns only and is spread into its dW rows with zeros on the dead columns, unless
+    // dL/dy holds a NaN or infinity (times a zero input: NaN in G, as in dense).
+    LiveInputs in = R ? live_inputs<scalar_t>(x, M, K, 1, s.const_data_ptr<scalar_t>(), rows.active) : LiveInputs{};
+    if (in.skip && !all_finite(gp, g.numel())) in = LiveInputs{};
+    const int64_t L = static_cast<int64_t>(in.live.size());
+    Tensor xs;
+    if (in.skip) {
+      xs = at::empty({M, L}, x.options());
+      gather_planes(x.const_data_ptr<scalar_t>(), M, K, 1, in.live.data(), L, xs.mutable_data_ptr<scalar_t>());
+    }
     panel.reset();  // the dx phase's buffers are not kept alive beside dW
     g_cols.reset();
     // Rows never written (not graded) stay untouched zero pages. Each segment's G lands in dW's own
@@ -203,7 +229,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, cons
         cols = at::from_blob(dst, {M, size}, g.options());
       }
       Tensor out = dweight.narrow(0, base, size);
-      at::mm_out(out, cols.t(), x);
+      if (in.skip) {
+        const Tensor live_g = at::mm(cols.t(), xs).contiguous();  // [size, L]
+        scatter_cols(live_g.const_data_ptr<scalar_t>(), size, L, 1, in.live.data(), K,
+                     out.mutable_data_ptr<scalar_t>());
+      } else {
+        at::mm_out(out, cols.t(), x);
+      }
       grads.finish_block(seg.begin, seg.end, scratch_rows);
     }
     if (R < N) map_unwritten(dweight);

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -215,6 +216,107 @@ void plane_sums(const T* src, int64_t outer, int64_t rows, int64_t inner, T* out
         acc += part;
       }
       out[r] = static_cast<T>(acc);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------ live inputs
+
+// The planes of an input x [outer, planes, inner] that the product reads: the input columns of a
+// Linear (x [M, K]: outer = M, inner = 1) or channels of a Conv2d (x [B, C, H, W]: outer = B, inner =
+// H*W). A plane that is zero over the whole batch (an input behind a pruned row and ReLU, max-pool,
+// GELU, dropout, flatten) adds nothing to the forward product or to the weight gradient G = g^T x, so
+// the ops drop it from x and from the weight rows (issue 11: a chain of sparse layers then costs about
+// density_in * density_out of dense). `skip` is false, and `live` empty, when that is not exact or not
+// worth a gather: x is not contiguous; fewer than an eighth of the planes are dead; or an active row has
+// a non-finite score (a NaN or infinite weight times a zero input is NaN in the dense product, and must
+// stay so). A NaN input counts as non-zero.
+struct LiveInputs {
+  bool skip = false;
+  std::vector<int64_t> live;  // ascending plane indices, when skip
+};
+
+template <typename T>
+LiveInputs live_inputs(const at::Tensor& x, int64_t outer, int64_t planes, int64_t inner, const T* score,
+                       const std::vector<int64_t>& active) {
+  LiveInputs out;
+  if (!x.is_contiguous() || planes < 8) return out;
+  for (const int64_t i : active) {
+    if (!std::isfinite(score[i])) return out;
+  }
+  const T* src = x.const_data_ptr<T>();
+  std::vector<uint8_t> is_live(planes, 0);
+  if (inner == 1) {  // columns of a matrix: stream its rows (a column-wise scan strides through memory)
+    at::parallel_for(0, planes, grain(outer), [&](int64_t b, int64_t e) {
+      uint8_t* live = is_live.data();
+      for (int64_t o = 0; o < outer; ++o) {
+        const T* row = src + o * planes;
+#pragma omp simd
+        for (int64_t p = b; p < e; ++p) live[p] |= static_cast<uint8_t>(!(row[p] == T(0)));
+      }
+    });
+  }
+  // A live plane is usually found at its first element: the pass reads about `planes` elements plus
+  // every element of the dead planes.
+  at::parallel_for(0, inner == 1 ? 0 : planes, grain(outer * inner), [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      for (int64_t o = 0; o < outer && !is_live[p]; ++o) {
+        const T* v = src + (o * planes + p) * inner;
+        for (int64_t k = 0; k < inner; ++k) {
+          if (!(v[k] == T(0))) {
+            is_live[p] = 1;
+            break;
+          }
+        }
+      }
+    }
+  });
+  for (int64_t p = 0; p < planes; ++p) {
+    if (is_live[p]) out.live.push_back(p);
+  }
+  out.skip = static_cast<int64_t>(out.live.size()) * 8 <= planes * 7;
+  if (!out.skip) out.live.clear();
+  return out;
+}
+
+// Whether every element of p[0:n) is finite (v - v is 0 for finite v, NaN for infinities and NaN).
+template <typename T>
+bool all_finite(const T* p, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += p[i] - p[i];
+  return acc == T(0);
+}
+
+// dst[r, cols[l], :] = src[r, l, :] for r < rows, l < n_cols, and zero elsewhere in dst's rows: the
+// inverse of gather_rows_cols on whole rows. src: [rows, n_cols, inner], dst: [rows, width, inner].
+template <typename T>
+void scatter_cols(const T* src, int64_t rows, int64_t n_cols, int64_t inner, const int64_t* cols, int64_t width,
+                  T* dst) {
+  at::parallel_for(0, rows, grain(width * inner), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      T* d = dst + r * width * inner;
+      std::memset(d, 0, width * inner * sizeof(T));
+      const T* s = src + r * n_cols * inner;
+      for (int64_t l = 0; l < n_cols; ++l) std::memcpy(d + cols[l] * inner, s + l * inner, inner * sizeof(T));
+    }
+  });
+}
+
+// dst[j, l, :] = src[rows[j], cols[l], :] for j < n_rows, l < n_cols: rows of src [*, width, inner]
+// (contiguous) restricted to some of their columns, as a contiguous [n_rows, n_cols, inner].
+template <typename T>
+void gather_rows_cols(const T* src, int64_t width, int64_t inner, const int64_t* rows, int64_t n_rows,
+                      const int64_t* cols, int64_t n_cols, T* dst) {
+  at::parallel_for(0, n_rows, grain(n_cols * inner), [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      const T* s = src + rows[j] * width * inner;
+      T* d = dst + j * n_cols * inner;
+      if (inner == 1) {
+        for (int64_t l = 0; l < n_cols; ++l) d[l] = s[cols[l]];
+      } else {
+        for (int64_t l = 0; l < n_cols; ++l) std::memcpy(d + l * inner, s + cols[l] * inner, inner * sizeof(T));
+      }
     }
   });
 }
