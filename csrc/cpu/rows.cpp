@@ -1,6 +1,7 @@
 // Row machinery of the CPU kernels; see rows.h.
 #include "rows.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -110,11 +111,16 @@ at::Tensor row_scores(const at::Tensor& weight, const at::Tensor& threshold) {
     const scalar_t* tau = t.const_data_ptr<scalar_t>();
     scalar_t* s = score.mutable_data_ptr<scalar_t>();
     const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(fan_in, 1));
+    std::atomic<bool> finite{true};
     at::parallel_for(0, rows, grain(fan_in), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
+        if (!std::isfinite(tau[i])) finite.store(false, std::memory_order_relaxed);
         s[i] = row_abs_sum(w + i * fan_in, fan_in) * inv - tau[i];
       }
     });
+    // The check of sparse_linear/sparse_conv2d for the backends that do not make it (backends/base.py
+    // Backend.checks_threshold), made here in the pass that reads the threshold anyway.
+    TORCH_CHECK(finite, "spafl: threshold has non-finite values (nan or inf)");
   });
   return score;
 }

@@ -86,6 +86,8 @@ class Backend:
     """Whether it runs the compiled extension ``spafl_kernels._C``."""
     supports_groups: bool = True
     """Whether it runs grouped convolutions (``groups > 1``)."""
+    checks_threshold: bool = False
+    """Whether its kernels raise for a non-finite threshold themselves (else ``functional`` asserts it)."""
 
     def extra_reasons(self, spec: CallSpec) -> list[str]:
         """Reasons beyond what the class attributes say."""
