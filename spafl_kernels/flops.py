@@ -128,11 +128,13 @@ class FlopCounter:
 
     A layer's input needs a gradient unless it is a leaf tensor without ``requires_grad`` (the data). The
     forward and ``G`` counts leave out the dead inputs of each call (``live_fan_in``; the kernels keep
-    them when dL/dy holds a NaN or infinity, which this count does not see).
+    them when dL/dy holds a NaN or infinity, which this count does not see); ``dead_inputs=False`` counts
+    rows only, as ``spafl_fl``'s per-step ``FlopPlan`` does (it learns shapes once and sees no data).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, dead_inputs: bool = True):
         self.model = model
+        self.dead_inputs = dead_inputs
         self.layers = dict(sparse_layers(model))
         self.per_layer: dict[str, LayerFlops] = {name: LayerFlops() for name in self.layers}
         self._handles: list = []
@@ -145,7 +147,7 @@ class FlopCounter:
             active, open_pruned = row_counts(layer)
             self.per_layer[name] += layer_flops(
                 positions, layer.fan_in, rows, active, open_pruned, need_dx=x.requires_grad,
-                live_fan_in=live_fan_in(layer, x),
+                live_fan_in=live_fan_in(layer, x) if self.dead_inputs else None,
             )
 
         return hook

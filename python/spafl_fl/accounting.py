@@ -5,7 +5,9 @@ buffers included). FLOPs: ``spafl_kernels.flops.layer_flops`` per Linear/Conv2d 
 skipping kernel executes, the dense count and the paper's formula; dense layers count in all three
 as fully active, and so do sparse layers on the ``reference`` backend in the executed count (masked
 dense skips nothing; the paper's formula still applies the density). Only those matrix products are
-counted (as in ``spafl_kernels.flops``).
+counted (as in ``spafl_kernels.flops``). The executed count skips rows only: the kernels also skip input
+columns/channels that are zero over the batch (``spafl_kernels.flops.live_fan_in``), which depends on the
+data, and a plan sees none, so the savings reported here are a lower bound.
 
 Counting never runs inside a timed training step: ``FlopPlan`` learns once, by one probe forward with
 hooks, each layer's output positions per sample and whether its input needs a gradient; a step then
