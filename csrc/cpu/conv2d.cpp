@@ -160,9 +160,7 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x, const Tensor& weight, con
       if (L == 0) {
         z = at::zeros({out_sizes[0], A, out_sizes[2], out_sizes[3]}, x.options());
       } else {
-        Tensor xs = at::empty({x.size(0), L, x.size(2), x.size(3)}, x.options());
-        gather_planes(x.const_data_ptr<scalar_t>(), x.size(0), C, x.size(2) * x.size(3), in.live.data(), L,
-                      xs.mutable_data_ptr<scalar_t>());
+        const Tensor xs = gather_live<scalar_t>(x, in);
         Tensor filters = at::empty({A, L, w.size(2), w.size(3)}, w.options());
         gather_rows_cols(w.const_data_ptr<scalar_t>(), C, taps, rows.active.data(), A, in.live.data(), L,
                          filters.mutable_data_ptr<scalar_t>());
@@ -210,7 +208,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
     if (need_params) rows.drop_silent(g.const_data_ptr<scalar_t>(), g.size(0), g.size(2) * g.size(3));
     const int64_t A = rows.num_active(), R = rows.num_graded(), per = N / groups, C = x.size(1);
     // Input channels that are zero over the batch add nothing to G: dW's product then reads x's live
-    // channels only, unless dL/dy holds a NaN or infinity (times a zero input: NaN in G, as in dense).
+    // channels only, unless dL/dy holds a NaN or infinity (times a zero input: NaN in G, as in dense). Found
+    // again, not saved by the forward: the op saves nothing but its inputs and the score.
     LiveInputs in;
     if (need_params && groups == 1 && R > 0) {
       in = live_inputs<scalar_t>(x, x.size(0), C, x.size(2) * x.size(3), s.const_data_ptr<scalar_t>(), rows.active);
@@ -283,17 +282,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, cons
       // backward for dW alone reads x and dL/dy, not the weight.
       const int64_t L = static_cast<int64_t>(in.live.size()), taps = w.size(2) * w.size(3);
       Tensor compact = at::empty({R, C, w.size(2), w.size(3)}, w.options());
-      Tensor live_dw = at::zeros({R, L, w.size(2), w.size(3)}, w.options());
+      Tensor live_dw;  // [R, L, kh, kw]
       if (L > 0) {
-        Tensor xs = at::empty({x.size(0), L, x.size(2), x.size(3)}, x.options());
-        gather_planes(x.const_data_ptr<scalar_t>(), x.size(0), C, x.size(2) * x.size(3), in.live.data(), L,
-                      xs.mutable_data_ptr<scalar_t>());
+        const Tensor xs = gather_live<scalar_t>(x, in);
         const Tensor shape_only = at::zeros({N, L, w.size(2), w.size(3)}, w.options());
         live_dw = (R == N ? std::get<1>(conv_backward(g, xs, shape_only, geo, 1, false, true))
                           : planes_backward<scalar_t>(g, xs, shape_only, rows.graded, 0, R, geo, false, true).second)
                       .contiguous();
       }
-      scatter_cols(live_dw.const_data_ptr<scalar_t>(), R, L, taps, in.live.data(), C,
+      scatter_cols(L > 0 ? live_dw.const_data_ptr<scalar_t>() : nullptr, R, L, taps, in.live.data(), C,
                    compact.mutable_data_ptr<scalar_t>());
       dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);
       finish(0, R, compact);

@@ -53,11 +53,7 @@ std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight, con
     // The product reads L columns: all of x, or its live ones (then gathered, with those columns of
     // each active row).
     const int64_t L = in.skip ? static_cast<int64_t>(in.live.size()) : K;
-    Tensor xs = x;
-    if (in.skip) {
-      xs = at::empty({M, L}, x.options());
-      gather_planes(x.const_data_ptr<scalar_t>(), M, K, 1, in.live.data(), L, xs.mutable_data_ptr<scalar_t>());
-    }
+    const Tensor xs = in.skip ? gather_live<scalar_t>(x, in) : x;
     // z[:, j] = x @ W[active[j]]: one GEMM per segment of the active rows, into z's column slices.
     Tensor z = L ? at::empty({M, A}, x.options()) : at::zeros({M, A}, x.options());
     const int64_t chunk = panel_rows(L, w.element_size(), A);
@@ -190,15 +186,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_bwd(const Tensor& grad_y, cons
     const int64_t R = rows.num_graded();
     // Input columns that are zero over the batch add nothing to G = g^T x: each segment's product then
     // reads x's live columns only and is spread into its dW rows with zeros on the dead columns, unless
-    // dL/dy holds a NaN or infinity (times a zero input: NaN in G, as in dense).
+    // dL/dy holds a NaN or infinity (times a zero input: NaN in G, as in dense). Found again, not saved by
+    // the forward: the op saves nothing but its inputs and the score.
     LiveInputs in = R ? live_inputs<scalar_t>(x, M, K, 1, s.const_data_ptr<scalar_t>(), rows.active) : LiveInputs{};
     if (in.skip && !all_finite(gp, g.numel())) in = LiveInputs{};
     const int64_t L = static_cast<int64_t>(in.live.size());
-    Tensor xs;
-    if (in.skip) {
-      xs = at::empty({M, L}, x.options());
-      gather_planes(x.const_data_ptr<scalar_t>(), M, K, 1, in.live.data(), L, xs.mutable_data_ptr<scalar_t>());
-    }
+    const Tensor xs = in.skip ? gather_live<scalar_t>(x, in) : Tensor();
     panel.reset();  // the dx phase's buffers are not kept alive beside dW
     g_cols.reset();
     // Rows never written (not graded) stay untouched zero pages. Each segment's G lands in dW's own

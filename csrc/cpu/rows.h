@@ -281,6 +281,20 @@ LiveInputs live_inputs(const at::Tensor& x, int64_t outer, int64_t planes, int64
   return out;
 }
 
+// x's live planes (in.live) as a contiguous tensor: [M, L] for a Linear's x [M, K], [B, L, H, W] for a
+// Conv2d's x [B, C, H, W]. x is contiguous (live_inputs skips nothing otherwise).
+template <typename T>
+at::Tensor gather_live(const at::Tensor& x, const LiveInputs& in) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  const int64_t outer = sizes[0], planes = sizes[1], L = static_cast<int64_t>(in.live.size());
+  int64_t inner = 1;
+  for (size_t d = 2; d < sizes.size(); ++d) inner *= sizes[d];
+  sizes[1] = L;
+  at::Tensor out = at::empty(sizes, x.options());
+  gather_planes(x.const_data_ptr<T>(), outer, planes, inner, in.live.data(), L, out.mutable_data_ptr<T>());
+  return out;
+}
+
 // Whether every element of p[0:n) is finite (v - v is 0 for finite v, NaN for infinities and NaN).
 template <typename T>
 bool all_finite(const T* p, int64_t n) {
