@@ -22,6 +22,10 @@ TORCH_LIBRARY_FRAGMENT(spafl, m) {
   m.def(
       "native_conv2d_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor score, int[7] geometry, int ste, "
       "bool need_dx, bool need_params) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dthreshold)");
+  // The forward op and its backward as one C++ autograd node (csrc/autograd.cpp): the eager path of both
+  // native backends, for the device of the tensors.
+  m.def("native_linear(Tensor x, Tensor weight, Tensor? bias, Tensor threshold, int ste) -> Tensor y");
+  m.def("native_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor threshold, int[7] geometry, int ste) -> Tensor y");
 }
 
 // Importing spafl_kernels._C runs the static registrations above; the module itself is empty.

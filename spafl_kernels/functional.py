@@ -80,7 +80,7 @@ def sparse_linear(
     if name == "reference":
         return get_backend(name).sparse_linear(x, weight, bias, threshold, ste)
     flat = x.dim() == 2  # the common case: no reshapes (each costs a few microseconds per call)
-    y, _ = ops.sparse_op(
+    y = ops.sparse_op(
         "linear", x if flat else x.reshape(-1, x.shape[-1]), weight, bias, threshold, STE_CODES[ste], name
     )
     return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
@@ -170,5 +170,4 @@ def sparse_conv2d(
             x, weight, bias, threshold, stride, padding, dilation, groups, ste
         )
     geometry = Conv2dGeometry(stride, padding, dilation, groups).flat()
-    y, _ = ops.sparse_op("conv2d", x, weight, bias, threshold, geometry, STE_CODES[ste], name)
-    return y
+    return ops.sparse_op("conv2d", x, weight, bias, threshold, geometry, STE_CODES[ste], name)

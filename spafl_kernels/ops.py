@@ -182,8 +182,9 @@ conv2d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerSparseOp(torch.autograd.Function):
     """The ``<op>_fwd`` op and its autograd formula as a plain ``autograd.Function`` calling the same
-    backend kernels. Eager calls take it: the custom-op dispatch costs ~0.2 ms per forward+backward
-    (measured on LeNet-5's fc1 layer), more than the whole dense layer on the paper's small models.
+    backend kernels. Eager calls of the Python backends (and of the native ones under forward-mode AD
+    or ``torch.func``) take it: the custom-op dispatch costs ~0.2 ms per forward+backward (measured on
+    LeNet-5's fc1 layer), more than the whole dense layer on the paper's small models.
     Inputs: ``(x, weight, bias, threshold, op, *constants)`` with the op's constants (linear: ste,
     backend; conv2d: geometry, ste, backend)."""
 
@@ -231,7 +232,8 @@ def _unsupported(feature: str, backend: str, instead: str) -> str:
 class _NoDoubleBackward(torch.autograd.Function):
     """Passes a backward pass's ``n`` gradients through; differentiating them again raises. Their
     true inputs (``grad_y`` and the saved tensors) come along, so that the gradients require grad
-    exactly when a second derivative could flow, and reach this backward instead of reading 0."""
+    exactly when a second derivative could flow, and reach this backward instead of reading 0. The C++
+    autograd node of the native backends has its twin (csrc/autograd.cpp), in the same words."""
 
     @staticmethod
     def forward(ctx, backend, n, *tensors):
@@ -246,10 +248,26 @@ class _NoDoubleBackward(torch.autograd.Function):
         ))
 
 
-def sparse_op(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, *constants):
-    """``torch.ops.spafl.<op>_fwd(x, weight, bias, threshold, *constants)`` -> ``(y, score)``, with
-    autograd. Under ``torch.compile`` this is the op itself (traceable, fake kernels); in eager mode the
-    equivalent ``_EagerSparseOp``, which skips the custom-op dispatch."""
+def _native_autograd(backend: str) -> bool:
+    """Whether this eager call can take the native backends' C++ autograd node (csrc/autograd.cpp):
+    ``backend`` runs the native ops, and no forward-mode AD or ``torch.func`` transform is active (the
+    node has neither; the Python path refuses them with this package's errors)."""
+    return (
+        get_backend(backend).needs_extension
+        and torch.autograd.forward_ad._current_level < 0
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+def sparse_op(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, *constants) -> Tensor:
+    """``torch.ops.spafl.<op>_fwd(x, weight, bias, threshold, *constants)``'s ``y``, with autograd.
+
+    Under ``torch.compile`` this is the op itself (traceable, fake kernels). In eager mode it is the same
+    computation without the custom-op dispatch: for the native backends (``cpp``, ``cuda``) one C++
+    autograd node, ``torch.ops.spafl.native_<op>`` (no Python in forward or backward); for the others
+    ``_EagerSparseOp``."""
     if torch.compiler.is_compiling():
-        return getattr(torch.ops.spafl, f"{op}_fwd")(x, weight, bias, threshold, *constants)
-    return _EagerSparseOp.apply(x, weight, bias, threshold, op, *constants)
+        return getattr(torch.ops.spafl, f"{op}_fwd")(x, weight, bias, threshold, *constants)[0]
+    if _native_autograd(constants[-1]):
+        return getattr(torch.ops.spafl, f"native_{op}")(x, weight, bias, threshold, *constants[:-1])
+    return _EagerSparseOp.apply(x, weight, bias, threshold, op, *constants)[0]

@@ -151,13 +151,57 @@ def _op_samples():
     yield torch.ops.spafl.native_conv2d_fwd.default, (cx, cw, cb, ct, geometry)
     grad = torch.randn_like(cy)
     yield torch.ops.spafl.native_conv2d_bwd.default, (grad, cx, cw, cb, cscore, geometry, 0, True, True)
+    # The autograd nodes (csrc/autograd.cpp), with a weight that requires grad.
+    yield torch.ops.spafl.native_linear.default, (x, weight.requires_grad_(), bias, threshold, 1)
+    yield torch.ops.spafl.native_conv2d.default, (cx, cw.requires_grad_(), None, ct, geometry, 0)
 
 
-@pytest.mark.parametrize("sample", range(4))
+@pytest.mark.parametrize("sample", range(6))
 def test_opcheck(sample):
-    """Schemas, fake kernels and dispatch of the C++ ops agree (torch.library.opcheck)."""
+    """Schemas, fake kernels and dispatch of the C++ ops agree (torch.library.opcheck); the autograd
+    nodes also pass its autograd-registration and AOT-dispatch checks."""
     op, args = list(_op_samples())[sample]
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    full = op in (torch.ops.spafl.native_linear.default, torch.ops.spafl.native_conv2d.default)
+    torch.library.opcheck(op, args, **({} if full else {"test_utils": ("test_schema", "test_faketensor")}))
+
+
+# The eager path: one C++ autograd node per call (csrc/autograd.cpp). Its input edges exist for the
+# tensors only, bias only when given, so which gradients it computes depends on both.
+_GRAD_SUBSETS = {
+    "x": ("x",), "weight": ("weight",), "bias": ("bias",), "threshold": ("threshold",),
+    "params": ("weight", "bias", "threshold"), "all": ("x", "weight", "bias", "threshold"), "none": (),
+}
+
+
+@pytest.mark.parametrize("subset", sorted(_GRAD_SUBSETS))
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_autograd_node_gradients_asked_for(op, bias, subset):
+    """Only the tensors that require grad get one, and each equals the reference's; ``none``: y has no
+    grad_fn. Checks the node's edge bookkeeping against the oracle for every subset."""
+    require_backend("cpp", op)
+    shape = (7, 5) if op == "linear" else (6, 3, 3, 3)
+    weight, b, threshold = (t.double() for t in make_params(shape, 3, True, seed=2))
+    x = torch.randn(4, 5) if op == "linear" else torch.randn(2, 3, 7, 7)
+    tensors = {"x": x.double(), "weight": weight, "bias": b if bias else None, "threshold": threshold}
+    results = {}
+    for backend in ("cpp", "reference"):
+        leaves = {k: None if v is None else v.clone().requires_grad_(k in _GRAD_SUBSETS[subset])
+                  for k, v in tensors.items()}
+        if op == "linear":
+            y = sk.sparse_linear(**leaves, ste="identity", backend=backend)
+        else:
+            y = sk.sparse_conv2d(**leaves, padding=1, ste="identity", backend=backend)
+        if y.requires_grad:
+            y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape))
+        results[backend] = (y, {k: None if v is None else v.grad for k, v in leaves.items()})
+    (y, grads), (y_ref, grads_ref) = results["cpp"], results["reference"]
+    torch.testing.assert_close(y.detach(), y_ref.detach())
+    assert y.requires_grad == bool(set(_GRAD_SUBSETS[subset]) - ({"bias"} if not bias else set()))
+    for key, expected in grads_ref.items():
+        assert (grads[key] is None) == (expected is None), key
+        if expected is not None:
+            torch.testing.assert_close(grads[key], expected, msg=key)
 
 
 # --------------------------------------------------------------------------------- dispatch

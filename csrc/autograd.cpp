@@ -1,0 +1,153 @@
+// The eager path of the native backends (`cpp`, `cuda`): one sparse layer call is one C++ autograd node,
+// so neither its forward nor its backward runs any Python (issue 11: the Python autograd.Function cost
+// more than a small dense layer). It computes exactly what spafl_kernels/ops.py's autograd formula does
+// with the same native ops, called through the dispatcher so that one node serves the CPU and the CUDA
+// kernels:
+//
+//   native_linear(x [M, K], weight [N, K], bias [N]?, threshold [N], ste) -> y [M, N]
+//   native_conv2d(x [B, C, H, W], weight [N, C/groups, kh, kw], bias?, threshold, geometry, ste) -> y
+//
+// Python calls them in eager mode when no forward-mode AD or torch.func transform is active
+// (ops.sparse_op); torch.compile traces the `spafl::linear_fwd`/`conv2d_fwd` custom ops instead (these
+// ops trace too: CompositeImplicitAutograd, and opcheck passes). Like the Python formula, the gradients
+// refuse a second derivative with a clear error instead of reading 0 (NoDoubleBackward).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace spafl {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using YScore = std::tuple<Tensor, Tensor>;
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+// The native ops through the dispatcher (csrc/spafl.cpp schemas); an empty geometry means Linear.
+YScore native_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& threshold,
+                  c10::IntArrayRef geometry) {
+  if (geometry.empty()) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("spafl::native_linear_fwd", "")
+            .typed<YScore(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&)>();
+    return op.call(x, weight, bias, threshold);
+  }
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("spafl::native_conv2d_fwd", "")
+          .typed<YScore(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, c10::IntArrayRef)>();
+  return op.call(x, weight, bias, threshold, geometry);
+}
+
+Grads native_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                 const Tensor& score, c10::IntArrayRef geometry, int64_t ste, bool need_dx, bool need_params) {
+  if (geometry.empty()) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("spafl::native_linear_bwd", "")
+                               .typed<Grads(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                            const Tensor&, int64_t, bool, bool)>();
+    return op.call(grad_y, x, weight, bias, score, ste, need_dx, need_params);
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("spafl::native_conv2d_bwd", "")
+                             .typed<Grads(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                          const Tensor&, c10::IntArrayRef, int64_t, bool, bool)>();
+  return op.call(grad_y, x, weight, bias, score, geometry, ste, need_dx, need_params);
+}
+
+// Passes a backward pass's gradients through; differentiating them again raises. Their true inputs
+// (grad_y and the saved tensors) come along as `deps`, so that the gradients require grad exactly when a
+// second derivative could flow, and reach this backward instead of reading 0. ops.py's
+// _NoDoubleBackward does the same for the Python path, in the same words.
+struct NoDoubleBackward : torch::autograd::Function<NoDoubleBackward> {
+  static variable_list forward(AutogradContext* ctx, at::TensorList grads, at::TensorList deps, bool cuda) {
+    ctx->saved_data["backend"] = std::string(cuda ? "cuda" : "cpp");
+    variable_list out;
+    out.reserve(grads.size());
+    for (const Tensor& g : grads) out.push_back(g.view_as(g));
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list) {
+    TORCH_CHECK(false, "spafl: backend '", ctx->saved_data["backend"].toStringRef(),
+                "' does not support double backward (create_graph=True, hessians, gradient penalties): its kernels "
+                "give first derivatives through backward() only; backend='reference' (masked dense under plain "
+                "autograd) gives higher derivatives");
+  }
+};
+
+// One sparse layer call. Saves x, weight, bias and score (nothing of y: in-place ops on y stay legal).
+struct SparseLayer : torch::autograd::Function<SparseLayer> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                        const Tensor& threshold, c10::IntArrayRef geometry, int64_t ste) {
+    auto [y, score] = native_fwd(x, weight, bias, threshold, geometry);
+    ctx->save_for_backward({x, weight, bias.value_or(Tensor()), score});
+    ctx->saved_data["geometry"] = geometry.vec();
+    ctx->saved_data["ste"] = ste;
+    return y;
+  }
+
+  // Returns one gradient per forward argument: x, weight, bias, threshold, geometry, ste.
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &score = saved[3];
+    const std::vector<int64_t> geometry = ctx->saved_data["geometry"].toIntVector();
+    // Input edges exist for the tensor arguments only, and for bias only when there is one.
+    const bool has_bias = bias.defined();
+    const bool need_dx = ctx->needs_input_grad(0), need_dweight = ctx->needs_input_grad(1);
+    const bool need_dbias = has_bias && ctx->needs_input_grad(2);
+    const bool need_dthreshold = ctx->needs_input_grad(has_bias ? 3 : 2);
+    const Tensor grad_y = grad_outputs[0].contiguous();
+    Grads grads;
+    {
+      // The kernels are not differentiable: under create_graph=True they run without autograd, and
+      // NoDoubleBackward ties their results to what they depend on.
+      at::AutoGradMode no_grad(false);
+      grads = native_bwd(grad_y, x, weight, has_bias ? std::optional<Tensor>(bias) : std::nullopt, score, geometry,
+                         ctx->saved_data["ste"].toInt(), need_dx, need_dweight || need_dbias || need_dthreshold);
+    }
+    auto [dx, dweight, dbias, dthreshold] = grads;
+    variable_list input_grads = {need_dx ? dx : Tensor(), need_dweight ? dweight : Tensor(),
+                                 need_dbias ? dbias : Tensor(), need_dthreshold ? dthreshold : Tensor()};
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      std::vector<size_t> asked;
+      variable_list to_pass;
+      for (size_t i = 0; i < input_grads.size(); ++i) {
+        if (input_grads[i].defined()) {
+          asked.push_back(i);
+          to_pass.push_back(input_grads[i]);
+        }
+      }
+      variable_list deps = {grad_y, x, weight, score};
+      if (has_bias) deps.push_back(bias);
+      const variable_list passed = NoDoubleBackward::apply(at::TensorList(to_pass), at::TensorList(deps), x.is_cuda());
+      for (size_t j = 0; j < asked.size(); ++j) input_grads[asked[j]] = passed[j];
+    }
+    input_grads.resize(6);  // geometry and ste: no gradient
+    return input_grads;
+  }
+};
+
+Tensor native_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& threshold,
+                     int64_t ste) {
+  return SparseLayer::apply(x, weight, bias, threshold, c10::IntArrayRef(), ste);
+}
+
+Tensor native_conv2d(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& threshold,
+                     c10::IntArrayRef geometry, int64_t ste) {
+  return SparseLayer::apply(x, weight, bias, threshold, geometry, ste);
+}
+
+}  // namespace
+}  // namespace spafl
+
+TORCH_LIBRARY_IMPL(spafl, CompositeImplicitAutograd, m) {
+  m.impl("native_linear", &spafl::native_linear);
+  m.impl("native_conv2d", &spafl::native_conv2d);
+}
