@@ -97,6 +97,10 @@ _GEOMETRIES = [
     ((2, 6, 8, 8), (9, 2, 3, 3), {"padding": "same", "groups": 3}),
     ((2, 4, 7, 7), (4, 1, 3, 3), {"padding": 1, "groups": 4}),  # depthwise
     ((2, 3, 10, 10), (8, 3, 2, 2), {"padding": "same"}),  # even kernel: asymmetric 'same' padding
+    # One input channel and >= 8 filters: dW by im2col + batched GEMM (conv2d.cpp single_channel_dw).
+    ((3, 1, 12, 11), (20, 1, 5, 5), {}),  # LeNet-5's conv1
+    ((2, 1, 11, 13), (24, 1, 3, 3), {"stride": (2, 1), "padding": (1, 2), "dilation": (1, 2)}),
+    ((2, 2, 9, 9), (32, 1, 3, 3), {"padding": 1, "groups": 2}),  # one channel per group
 ]
 
 
@@ -113,6 +117,23 @@ def test_conv2d_matches_reference(ste, density, case, bias):
     assert_matches_oracle(
         functools.partial(_conv, "cpp", ste, geometry), functools.partial(_conv, "reference", ste, geometry), tensors
     )
+
+
+@pytest.mark.parametrize("setting", ["auto", "onednn"])
+def test_single_channel_weight_gradient_settings(monkeypatch, setting):
+    """Both algorithms for the weight gradient of a one-channel convolution (im2col + GEMM by default,
+    oneDNN under SPAFL_CPU_CONV_DW=onednn) match the reference, x without a gradient (a first layer)."""
+    require_backend("cpp", "conv2d")
+    monkeypatch.setenv("SPAFL_CPU_CONV_DW", setting)
+    weight, bias, threshold = make_params((20, 1, 5, 5), 19, True, seed=3)
+    x = torch.randn(4, 1, 14, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for backend in ("cpp", "reference"):
+        w, b, t = (p.clone().requires_grad_() for p in (weight, bias, threshold))
+        sk.sparse_conv2d(x, w, b, t, padding=2, backend=backend).sin().sum().backward()
+        grads[backend] = (w.grad, b.grad, t.grad)
+    for got, expected in zip(grads["cpp"], grads["reference"]):
+        torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("ste", ["identity", "outer"])
@@ -175,14 +196,15 @@ _GRAD_SUBSETS = {
 
 @pytest.mark.parametrize("subset", sorted(_GRAD_SUBSETS))
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("op", ["linear", "conv2d"])
+@pytest.mark.parametrize("op", ["linear", "conv2d", "conv2d_1ch"])
 def test_autograd_node_gradients_asked_for(op, bias, subset):
     """Only the tensors that require grad get one, and each equals the reference's; ``none``: y has no
     grad_fn. Checks the node's edge bookkeeping against the oracle for every subset."""
-    require_backend("cpp", op)
-    shape = (7, 5) if op == "linear" else (6, 3, 3, 3)
-    weight, b, threshold = (t.double() for t in make_params(shape, 3, True, seed=2))
-    x = torch.randn(4, 5) if op == "linear" else torch.randn(2, 3, 7, 7)
+    require_backend("cpp", "conv2d" if op.startswith("conv2d") else op)
+    # conv2d_1ch: one input channel, 20 filters (LeNet-5's conv1), whose dW takes im2col + GEMM.
+    shape = {"linear": (7, 5), "conv2d": (6, 3, 3, 3), "conv2d_1ch": (20, 1, 5, 5)}[op]
+    weight, b, threshold = (t.double() for t in make_params(shape, 16 if op == "conv2d_1ch" else 3, True, seed=2))
+    x = {"linear": torch.randn(4, 5), "conv2d": torch.randn(2, 3, 7, 7), "conv2d_1ch": torch.randn(3, 1, 9, 9)}[op]
     tensors = {"x": x.double(), "weight": weight, "bias": b if bias else None, "threshold": threshold}
     results = {}
     for backend in ("cpp", "reference"):
