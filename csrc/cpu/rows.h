@@ -147,6 +147,15 @@ inline int64_t grain(int64_t item_size) {
   return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(item_size, 1));
 }
 
+// Grain of the gradient epilogue (GradRows below): ~64K elements per thread. It runs right after the
+// multithreaded GEMM that made G, whose threads are still awake, so a parallel region costs little
+// there, and G lies half in each core's cache. Measured (64x784 -> 300, 235K weights, 2 threads): the
+// epilogue went from ~150 to ~60 us of a ~450 us GEMM.
+inline int64_t epilogue_grain(int64_t fan_in) {
+  constexpr int64_t kEpilogueWork = int64_t(1) << 16;
+  return std::max<int64_t>(1, kEpilogueWork / std::max<int64_t>(fan_in, 1));
+}
+
 // ---------------------------------------------------------------------------------- gathers
 
 // dst[o, j, :] = src[o, idx[j], :] for o < outer, j < n; src: [outer, rows, inner], dst: [outer, n,
@@ -370,7 +379,7 @@ struct GradRows {
 
   // Positions [p0, p1) with G in `compact` ([p1 - p0, fan_in]).
   void finish_compact(int64_t p0, int64_t p1, const T* compact) const {
-    at::parallel_for(p0, p1, grain(fan_in), [&](int64_t b, int64_t e) {
+    at::parallel_for(p0, p1, epilogue_grain(fan_in), [&](int64_t b, int64_t e) {
       for (int64_t p = b; p < e; ++p) finish(p, compact + (p - p0) * fan_in);
     });
   }
@@ -387,7 +396,7 @@ struct GradRows {
       // in parallel. None (lo == hi): graded[j] == base + j below hi, every G there is in place.
       const int64_t lo = std::lower_bound(graded, graded + hi, base + hi) - graded;
       const int64_t from = lo < hi ? lo : 0;
-      at::parallel_for(from, hi, grain(fan_in), [&](int64_t b, int64_t e) {
+      at::parallel_for(from, hi, epilogue_grain(fan_in), [&](int64_t b, int64_t e) {
         for (int64_t j = b; j < e; ++j) finish(p0 + j, dweight + (base + j) * fan_in);
       });
       hi = from;
