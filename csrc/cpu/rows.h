@@ -48,6 +48,45 @@ inline bool gate_open(T score, SpaflSte ste) {
 // (the accumulation dtype of both).
 at::Tensor row_scores(const at::Tensor& weight, const at::Tensor& threshold);
 
+// ---------------------------------------------------------------------------------- parallel
+
+// Grain of at::parallel_for for items of `item_size` elements each: a thread gets at least ~1M
+// elements (a few hundred microseconds of memory traffic), so small layers and small steps run
+// inline instead of paying for a parallel region, which costs far more than its fork when a core is
+// shared and the other thread is descheduled.
+inline int64_t grain(int64_t item_size) {
+  constexpr int64_t kParallelWork = int64_t(1) << 20;
+  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(item_size, 1));
+}
+
+// Grain for passes that run right after a multithreaded op, whose threads are still awake, so that a
+// parallel region costs little: ~64K elements per thread. Used by the gradient epilogue (GradRows,
+// after the GEMM that made G, which then lies half in each core's cache; 64x784 -> 300, 2 threads: the
+// epilogue went from ~150 to ~60 us of a ~450 us GEMM) and by RowSets::drop_silent (after the
+// backward of the op behind the layer).
+inline int64_t warm_grain(int64_t item_size) {
+  constexpr int64_t kWarmWork = int64_t(1) << 16;
+  return std::max<int64_t>(1, kWarmWork / std::max<int64_t>(item_size, 1));
+}
+
+// Whether v[0:n) is all zeros (-0.0 is zero, NaN is not): blocks of 64 checked without a branch, so
+// the compiler vectorises them, stopping after the first block holding a non-zero.
+template <typename T>
+bool all_zero(const T* v, int64_t n) {
+  constexpr int64_t kBlock = 64;
+  int64_t j = 0;
+  for (; j + kBlock <= n; j += kBlock) {
+    int nonzero = 0;
+#pragma omp simd reduction(| : nonzero)
+    for (int64_t k = 0; k < kBlock; ++k) nonzero |= !(v[j + k] == T(0));
+    if (nonzero) return false;
+  }
+  for (; j < n; ++j) {
+    if (!(v[j] == T(0))) return false;
+  }
+  return true;
+}
+
 // Index sets over the N rows, from the scores (ascending indices).
 struct RowSets {
   int64_t n = 0;
@@ -82,20 +121,19 @@ struct RowSets {
   // ReLU's gradient at 0 is 0. A NaN gradient is not zero: such a row stays graded. g: [outer, n, inner].
   template <typename T>
   void drop_silent(const T* g, int64_t outer, int64_t inner) {
+    std::vector<uint8_t> keep(graded.size());
+    at::parallel_for(0, static_cast<int64_t>(graded.size()), warm_grain(outer * inner), [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        const int64_t i = graded[p];
+        bool silent = !mask[i];
+        for (int64_t o = 0; silent && o < outer; ++o) silent = all_zero(g + (o * n + i) * inner, inner);
+        keep[p] = !silent;
+      }
+    });
     std::vector<int64_t> kept;
     kept.reserve(graded.size());
-    for (const int64_t i : graded) {
-      bool silent = !mask[i];
-      for (int64_t b = 0; silent && b < outer; ++b) {
-        const T* p = g + (b * n + i) * inner;
-        for (int64_t j = 0; j < inner; ++j) {
-          if (p[j] != T(0)) {
-            silent = false;
-            break;
-          }
-        }
-      }
-      if (!silent) kept.push_back(i);
+    for (size_t p = 0; p < graded.size(); ++p) {
+      if (keep[p]) kept.push_back(graded[p]);
     }
     graded.swap(kept);
   }
@@ -135,26 +173,6 @@ at::Tensor fresh_pages(at::IntArrayRef sizes, const at::TensorOptions& options, 
 // reads the tensor next (autograd accumulating dW, the optimizer, the next layer) takes no page
 // fault per 4 KiB of pruned rows. No-op for small tensors and elsewhere.
 void map_unwritten(const at::Tensor& fresh);
-
-// ---------------------------------------------------------------------------------- parallel
-
-// Grain of at::parallel_for for items of `item_size` elements each: a thread gets at least ~1M
-// elements (a few hundred microseconds of memory traffic), so small layers and small steps run
-// inline instead of paying for a parallel region, which costs far more than its fork when a core is
-// shared and the other thread is descheduled.
-inline int64_t grain(int64_t item_size) {
-  constexpr int64_t kParallelWork = int64_t(1) << 20;
-  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(item_size, 1));
-}
-
-// Grain of the gradient epilogue (GradRows below): ~64K elements per thread. It runs right after the
-// multithreaded GEMM that made G, whose threads are still awake, so a parallel region costs little
-// there, and G lies half in each core's cache. Measured (64x784 -> 300, 235K weights, 2 threads): the
-// epilogue went from ~150 to ~60 us of a ~450 us GEMM.
-inline int64_t epilogue_grain(int64_t fan_in) {
-  constexpr int64_t kEpilogueWork = int64_t(1) << 16;
-  return std::max<int64_t>(1, kEpilogueWork / std::max<int64_t>(fan_in, 1));
-}
 
 // ---------------------------------------------------------------------------------- gathers
 
@@ -271,15 +289,7 @@ LiveInputs live_inputs(const at::Tensor& x, int64_t outer, int64_t planes, int64
   // every element of the dead planes.
   at::parallel_for(0, inner == 1 ? 0 : planes, grain(outer * inner), [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
-      for (int64_t o = 0; o < outer && !is_live[p]; ++o) {
-        const T* v = src + (o * planes + p) * inner;
-        for (int64_t k = 0; k < inner; ++k) {
-          if (!(v[k] == T(0))) {
-            is_live[p] = 1;
-            break;
-          }
-        }
-      }
+      for (int64_t o = 0; o < outer && !is_live[p]; ++o) is_live[p] = !all_zero(src + (o * planes + p) * inner, inner);
     }
   });
   for (int64_t p = 0; p < planes; ++p) {
@@ -379,7 +389,7 @@ struct GradRows {
 
   // Positions [p0, p1) with G in `compact` ([p1 - p0, fan_in]).
   void finish_compact(int64_t p0, int64_t p1, const T* compact) const {
-    at::parallel_for(p0, p1, epilogue_grain(fan_in), [&](int64_t b, int64_t e) {
+    at::parallel_for(p0, p1, warm_grain(fan_in), [&](int64_t b, int64_t e) {
       for (int64_t p = b; p < e; ++p) finish(p, compact + (p - p0) * fan_in);
     });
   }
@@ -396,7 +406,7 @@ struct GradRows {
       // in parallel. None (lo == hi): graded[j] == base + j below hi, every G there is in place.
       const int64_t lo = std::lower_bound(graded, graded + hi, base + hi) - graded;
       const int64_t from = lo < hi ? lo : 0;
-      at::parallel_for(from, hi, epilogue_grain(fan_in), [&](int64_t b, int64_t e) {
+      at::parallel_for(from, hi, warm_grain(fan_in), [&](int64_t b, int64_t e) {
         for (int64_t j = b; j < e; ++j) finish(p0 + j, dweight + (base + j) * fan_in);
       });
       hi = from;
