@@ -5,6 +5,8 @@ gradients exactly as in masked dense."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from oracle import KERNEL_BACKENDS, make_params, require_backend
@@ -138,27 +140,32 @@ def test_zero_gradient_columns_behind_relu_match_reference(backend, op, ste):
         torch.testing.assert_close(a, b, msg=key)
 
 
-@pytest.mark.parametrize("position", [0, 100, 399])
+@pytest.mark.parametrize("op, position", [("linear", 0), ("linear", 17), ("linear", 39),
+                                           ("conv2d", 0), ("conv2d", 100), ("conv2d", 399)])
 @pytest.mark.parametrize("ste", sk.STES)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_one_nonzero_in_a_large_plane_is_found(backend, ste, position):
-    """Zero planes are found in blocks (a vectorised scan): planes of 20x20 = 400 elements, six whole
-    blocks of 64 and a tail. A pruned row's gradient plane and a dead input channel that each hold a
-    single non-zero (in a block or in the tail, in the last sample only) must count as non-zero, a
-    plane of -0.0 as zero; outputs and gradients stay the reference's."""
-    require_backend(backend, "conv2d")
-    x, weight, bias, threshold = _dead_input_layer("conv2d", 4, seed=14, batch=3, plane=(20, 20))
-    x[2, 5].view(-1)[position] = 1.5  # dead channel 5 comes alive in one element
+def test_one_nonzero_is_found(backend, ste, op, position):
+    """Zero columns and planes are found by scans that stop early: Linear's stream 40 batch rows and may
+    stop after every 16th, Conv2d's read planes of 20x20 = 400 pixels in blocks of 64 (six and a tail).
+    A pruned row's gradient and a dead input column (channel) that each hold a single non-zero (first,
+    in a later block or row, last; in the last sample only for Conv2d) must count as non-zero, and a
+    gradient of -0.0 as zero: outputs and gradients stay the reference's."""
+    require_backend(backend, op)
+    batch, plane = (40, ()) if op == "linear" else (3, (20, 20))
+    x, weight, bias, threshold = _dead_input_layer(op, 4, seed=14, batch=batch, plane=(20, 20))
+    at = (position, 5) if op == "linear" else (2, 5, position // 20, position % 20)
+    x[at] = 1.5  # dead input 5 comes alive in one element
     active = weight.reshape(9, -1).abs().mean(1) > threshold
     pruned = [i for i in range(9) if not active[i]]
-    grad_y = torch.randn(3, 9, 20, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    grad_y = torch.randn(batch, 9, *plane, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     grad_y[:, pruned] = 0.0
-    grad_y[2, pruned[0]].view(-1)[position] = -2.0  # one pruned row gets one non-zero
+    grad_y[(at[0], pruned[0], *at[2:])] = -2.0  # one pruned row gets one non-zero
     grad_y[:, pruned[1]] = -0.0
+    fn = sk.sparse_linear if op == "linear" else functools.partial(sk.sparse_conv2d, padding=1)
     results = []
     for name in ("reference", backend):
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias, threshold)]
-        y = sk.sparse_conv2d(*leaves, padding=1, ste=ste, backend=name)
+        y = fn(*leaves, ste=ste, backend=name)
         y.backward(grad_y)
         results.append([y.detach(), *(t.grad for t in leaves)])
     for key, a, b in zip(("y", "dx", "dweight", "dbias", "dthreshold"), *results):
@@ -167,12 +174,16 @@ def test_one_nonzero_in_a_large_plane_is_found(backend, ste, position):
         assert results[0][4][pruned[0]] != 0
 
 
-def _dead_input_layer(op: str, n_active: int, seed: int, batch: int = 2, plane: tuple[int, int] = (6, 6)):
+def _dead_input_layer(op: str, n_active: int, seed: int, batch: int | None = None, plane: tuple[int, int] = (6, 6)):
     """x (float64) whose input columns (Linear) or channels (Conv2d) 1, 2, 5, 6, 9 and 10 of 12 are zero
     over the whole batch, as behind a pruned row and ReLU, and a layer (weight, bias, threshold) of 9
-    rows of which ``n_active`` are active; Conv2d: ``batch`` samples of ``plane`` (H, W) pixels."""
+    rows of which ``n_active`` are active. ``batch``: rows of x (default 6 for Linear, 2 for Conv2d);
+    Conv2d's x has ``plane`` (H, W) pixels per channel."""
     gen = torch.Generator().manual_seed(seed)
-    shape, row = ((6, 12), (12,)) if op == "linear" else ((batch, 12, *plane), (12, 3, 3))
+    if op == "linear":
+        shape, row = (batch or 6, 12), (12,)
+    else:
+        shape, row = (batch or 2, 12, *plane), (12, 3, 3)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
     x[:, [1, 2, 5, 6, 9, 10]] = 0.0
     weight, bias, threshold = make_params((9, *row), n_active, True, seed)

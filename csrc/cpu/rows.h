@@ -122,14 +122,28 @@ struct RowSets {
   template <typename T>
   void drop_silent(const T* g, int64_t outer, int64_t inner) {
     std::vector<uint8_t> keep(graded.size());
-    at::parallel_for(0, static_cast<int64_t>(graded.size()), warm_grain(outer * inner), [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) {
-        const int64_t i = graded[p];
-        bool silent = !mask[i];
-        for (int64_t o = 0; silent && o < outer; ++o) silent = all_zero(g + (o * n + i) * inner, inner);
-        keep[p] = !silent;
+    if (inner == 1) {
+      // Columns of a matrix: stream its rows (a column-wise scan strides through memory), and stop
+      // once every graded row is known to be kept (checked every 16 rows).
+      std::vector<uint8_t> kept_row(mask);  // active rows are kept whatever their gradient
+      uint8_t* k = kept_row.data();
+      for (int64_t o = 0; o < outer; ++o) {
+        const T* row = g + o * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) k[i] |= static_cast<uint8_t>(!(row[i] == T(0)));
+        if (o % 16 == 15 && std::all_of(graded.begin(), graded.end(), [k](int64_t i) { return k[i] != 0; })) break;
       }
-    });
+      for (size_t p = 0; p < graded.size(); ++p) keep[p] = kept_row[graded[p]];
+    } else {
+      at::parallel_for(0, static_cast<int64_t>(graded.size()), warm_grain(outer * inner), [&](int64_t b, int64_t e) {
+        for (int64_t p = b; p < e; ++p) {
+          const int64_t i = graded[p];
+          bool silent = !mask[i];
+          for (int64_t o = 0; silent && o < outer; ++o) silent = all_zero(g + (o * n + i) * inner, inner);
+          keep[p] = !silent;
+        }
+      });
+    }
     std::vector<int64_t> kept;
     kept.reserve(graded.size());
     for (size_t p = 0; p < graded.size(); ++p) {
