@@ -8,7 +8,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -88,34 +91,71 @@ Tensor take_planes(const Tensor& t, const std::vector<int64_t>& idx, int64_t beg
   return out;
 }
 
-// Whether the weight gradient of a convolution of x [B, 1, H, W] (one input channel, groups == 1) with
-// w [n, 1, kh, kw] goes through im2col and a batched GEMM instead of oneDNN, whose weight gradient over a
-// single input channel is slow: LeNet-5's conv1 (k5 on 28x28, batch 32-64), AMD EPYC, 1-2 threads:
-// 3.2 vs 1.7 ms (1 thread, batch 32) and 5.8 vs 3.2 ms (2 threads, batch 64) at 20 filters, 2.2 vs 1.4
-// ms at 10, but 1.2 vs 1.5 ms at 2, hence n >= 8. The column matrix [B, kh*kw, H'W'] (cols) is kh*kw/n
-// times the size of dL/dy (g); it may not outgrow twice g, or 8 MiB. The rule was measured on one CPU:
-// SPAFL_CPU_CONV_DW=onednn (read on every call, so that a benchmark can interleave both) turns it off.
-bool single_channel_dw(const Tensor& g, const Tensor& x, const Tensor& w, int64_t groups) {
+// The weight gradient of a convolution of x [B, 1, H, W] (one input channel, groups == 1) with
+// w [n, 1, kh, kw] by oneDNN (as PyTorch) or by im2col and a batched GEMM: dW[n, tap] = sum over images b
+// and positions l of dL/dy[b, n, l] * cols[b, tap, l]. Which is faster depends on the CPU: LeNet-5's
+// conv1 (k5 on 28x28, 20 filters, batch 64, 2 threads) took 5.8 (oneDNN) vs 3.2 ms on one development VM
+// and 0.68 vs 2.0 ms on another, an AVX-512 one. So each shape is timed both ways on its first call and
+// the faster kept, unless SPAFL_CPU_CONV_DW=onednn or =im2col (read on every call, so that a benchmark
+// can interleave them) pins one. The column matrix [B, kh*kw, H'W'] is kh*kw/n times the size of dL/dy
+// (g); im2col is a candidate only while it stays within twice g, or 8 MiB.
+enum class DwAlgo { kOneDnn, kIm2col };
+
+Tensor dw_by(DwAlgo algo, const Tensor& g, const Tensor& x, const Tensor& w, const Geometry& geo) {
+  if (algo == DwAlgo::kOneDnn) {
+    return std::get<1>(at::convolution_backward(g, x, w, std::nullopt, geo.stride, geo.padding, geo.dilation, false,
+                                                {0, 0}, 1, {false, true, false}));
+  }
+  const Tensor cols = at::im2col(x, {w.size(2), w.size(3)}, geo.dilation, geo.padding, geo.stride);
+  return at::bmm(g.reshape({g.size(0), g.size(1), -1}), cols.transpose(1, 2)).sum(0).view(w.sizes());
+}
+
+// The faster algorithm for this shape (and thread count), timed on first sight; both give dW.
+Tensor single_channel_dw(const Tensor& g, const Tensor& x, const Tensor& w, const Geometry& geo) {
+  const char* pin = std::getenv("SPAFL_CPU_CONV_DW");
+  if (pin != nullptr && std::string(pin) == "onednn") return dw_by(DwAlgo::kOneDnn, g, x, w, geo);
+  if (pin != nullptr && std::string(pin) == "im2col") return dw_by(DwAlgo::kIm2col, g, x, w, geo);
+  static std::mutex mutex;
+  static std::map<std::vector<int64_t>, DwAlgo> chosen;
+  std::vector<int64_t> key{x.size(0), x.size(2), x.size(3), static_cast<int64_t>(w.scalar_type()),
+                           at::get_num_threads()};
+  key.insert(key.end(), w.sizes().begin(), w.sizes().end());
+  for (int d = 0; d < 2; ++d) key.insert(key.end(), {geo.stride[d], geo.padding[d], geo.dilation[d]});
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto found = chosen.find(key);
+    if (found != chosen.end()) return dw_by(found->second, g, x, w, geo);
+  }
+  // First sight: each algorithm once to warm up, then once timed; the last result is the gradient.
+  Tensor dw;
+  double seconds[2];
+  for (const DwAlgo algo : {DwAlgo::kOneDnn, DwAlgo::kIm2col}) {
+    dw_by(algo, g, x, w, geo);
+    const auto start = std::chrono::steady_clock::now();
+    dw = dw_by(algo, g, x, w, geo);
+    seconds[static_cast<int>(algo)] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+  const std::lock_guard<std::mutex> lock(mutex);
+  chosen.emplace(key, seconds[1] < seconds[0] ? DwAlgo::kIm2col : DwAlgo::kOneDnn);
+  return dw;
+}
+
+bool single_channel_candidate(const Tensor& g, const Tensor& x, const Tensor& w, int64_t groups) {
+  if (groups != 1 || x.size(1) != 1) return false;
   const int64_t n = w.size(0), taps = w.size(2) * w.size(3);
-  if (groups != 1 || x.size(1) != 1 || n < 8) return false;
-  const char* choice = std::getenv("SPAFL_CPU_CONV_DW");
-  if (choice != nullptr && std::string(choice) == "onednn") return false;
-  const int64_t g_bytes = g.numel() * g.element_size(), cols_bytes = g_bytes / n * taps;
+  const int64_t g_bytes = g.numel() * g.element_size(), cols_bytes = g_bytes / std::max<int64_t>(n, 1) * taps;
   return cols_bytes <= std::max<int64_t>(2 * g_bytes, int64_t(8) << 20);
 }
 
 std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& g, const Tensor& x, const Tensor& w, const Geometry& geo,
                                                  int64_t groups, bool want_dx, bool want_dw) {
-  if (want_dw && single_channel_dw(g, x, w, groups)) {
+  if (want_dw && single_channel_candidate(g, x, w, groups)) {
     Tensor dx;
     if (want_dx) {
       dx = std::get<0>(at::convolution_backward(g, x, w, std::nullopt, geo.stride, geo.padding, geo.dilation, false,
                                                 {0, 0}, 1, {true, false, false}));
     }
-    // dW[n, tap] = sum over images b and positions l of dL/dy[b, n, l] * cols[b, tap, l].
-    const Tensor cols = at::im2col(x, {w.size(2), w.size(3)}, geo.dilation, geo.padding, geo.stride);
-    const Tensor dw = at::bmm(g.reshape({g.size(0), g.size(1), -1}), cols.transpose(1, 2)).sum(0).view(w.sizes());
-    return {dx, dw, Tensor()};
+    return {dx, single_channel_dw(g, x, w, geo), Tensor()};
   }
   return at::convolution_backward(g, x, w, std::nullopt, geo.stride, geo.padding, geo.dilation, false, {0, 0}, groups,
                                   {want_dx, want_dw, false});
