@@ -97,7 +97,8 @@ _GEOMETRIES = [
     ((2, 6, 8, 8), (9, 2, 3, 3), {"padding": "same", "groups": 3}),
     ((2, 4, 7, 7), (4, 1, 3, 3), {"padding": 1, "groups": 4}),  # depthwise
     ((2, 3, 10, 10), (8, 3, 2, 2), {"padding": "same"}),  # even kernel: asymmetric 'same' padding
-    # One input channel and >= 8 filters: dW by im2col + batched GEMM (conv2d.cpp single_channel_dw).
+    # One input channel: dW by oneDNN or im2col + batched GEMM, whichever is timed faster per shape
+    # (conv2d.cpp single_channel_dw; test_single_channel_weight_gradient_settings pins each).
     ((3, 1, 12, 11), (20, 1, 5, 5), {}),  # LeNet-5's conv1
     ((2, 1, 11, 13), (24, 1, 3, 3), {"stride": (2, 1), "padding": (1, 2), "dilation": (1, 2)}),
     ((2, 2, 9, 9), (32, 1, 3, 3), {"padding": 1, "groups": 2}),  # one channel per group
@@ -204,7 +205,7 @@ def test_autograd_node_gradients_asked_for(op, bias, subset):
     """Only the tensors that require grad get one, and each equals the reference's; ``none``: y has no
     grad_fn. Checks the node's edge bookkeeping against the oracle for every subset."""
     require_backend("cpp", "conv2d" if op.startswith("conv2d") else op)
-    # conv2d_1ch: one input channel, 20 filters (LeNet-5's conv1), whose dW takes im2col + GEMM.
+    # conv2d_1ch: one input channel, 20 filters (LeNet-5's conv1): the timed one-channel dW path.
     shape = {"linear": (7, 5), "conv2d": (6, 3, 3, 3), "conv2d_1ch": (20, 1, 5, 5)}[op]
     weight, b, threshold = (t.double() for t in make_params(shape, 16 if op == "conv2d_1ch" else 3, True, seed=2))
     x = {"linear": torch.randn(4, 5), "conv2d": torch.randn(2, 3, 7, 7), "conv2d_1ch": torch.randn(3, 1, 9, 9)}[op]
