@@ -87,6 +87,20 @@ bool all_zero(const T* v, int64_t n) {
   return true;
 }
 
+// flags[c] |= (src[o, c] != 0) over the rows o of a matrix src [rows, width], for its columns [c0, c1),
+// streaming row by row (a column-wise scan strides through memory). Every 16 rows it stops once `done()`
+// says nothing is left to find (a dense matrix: about 16 rows read, not all). -0.0 is zero, NaN is not.
+template <typename T, typename Done>
+void flag_nonzero_columns(const T* src, int64_t rows, int64_t width, int64_t c0, int64_t c1, uint8_t* flags,
+                          Done done) {
+  for (int64_t o = 0; o < rows; ++o) {
+    const T* row = src + o * width;
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) flags[c] |= static_cast<uint8_t>(!(row[c] == T(0)));
+    if (o % 16 == 15 && done()) break;
+  }
+}
+
 // Index sets over the N rows, from the scores (ascending indices).
 struct RowSets {
   int64_t n = 0;
@@ -123,16 +137,12 @@ struct RowSets {
   void drop_silent(const T* g, int64_t outer, int64_t inner) {
     std::vector<uint8_t> keep(graded.size());
     if (inner == 1) {
-      // Columns of a matrix: stream its rows (a column-wise scan strides through memory), and stop
-      // once every graded row is known to be kept (checked every 16 rows).
+      // Columns of a matrix g [outer, n]: stop once every graded row is known to be kept.
       std::vector<uint8_t> kept_row(mask);  // active rows are kept whatever their gradient
       uint8_t* k = kept_row.data();
-      for (int64_t o = 0; o < outer; ++o) {
-        const T* row = g + o * n;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) k[i] |= static_cast<uint8_t>(!(row[i] == T(0)));
-        if (o % 16 == 15 && std::all_of(graded.begin(), graded.end(), [k](int64_t i) { return k[i] != 0; })) break;
-      }
+      flag_nonzero_columns(g, outer, n, 0, n, k, [&] {
+        return std::all_of(graded.begin(), graded.end(), [k](int64_t i) { return k[i] != 0; });
+      });
       for (size_t p = 0; p < graded.size(); ++p) keep[p] = kept_row[graded[p]];
     } else {
       at::parallel_for(0, static_cast<int64_t>(graded.size()), warm_grain(outer * inner), [&](int64_t b, int64_t e) {
@@ -287,16 +297,11 @@ LiveInputs live_inputs(const at::Tensor& x, int64_t outer, int64_t planes, int64
   }
   const T* src = x.const_data_ptr<T>();
   std::vector<uint8_t> is_live(planes, 0);
-  if (inner == 1) {  // columns of a matrix: stream its rows (a column-wise scan strides through memory)
+  if (inner == 1) {  // columns of a matrix: stop once every column is live
     at::parallel_for(0, planes, grain(outer), [&](int64_t b, int64_t e) {
       uint8_t* live = is_live.data();
-      for (int64_t o = 0; o < outer; ++o) {
-        const T* row = src + o * planes;
-#pragma omp simd
-        for (int64_t p = b; p < e; ++p) live[p] |= static_cast<uint8_t>(!(row[p] == T(0)));
-        // Every 16 rows: stop once every column is live (a dense input: about 16 rows read, not all).
-        if (o % 16 == 15 && std::all_of(live + b, live + e, [](uint8_t v) { return v != 0; })) break;
-      }
+      flag_nonzero_columns(src, outer, planes, b, e, live,
+                           [&] { return std::all_of(live + b, live + e, [](uint8_t v) { return v != 0; }); });
     });
   }
   // A live plane is usually found at its first element: the pass reads about `planes` elements plus
