@@ -7,6 +7,10 @@ under autograd.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -67,15 +71,8 @@ def sparse_linear(
     x: ``[*, K]``; weight: ``[N, K]``; bias: ``[N]`` or None; threshold: ``[N]``. Returns ``[*, N]``;
     pruned outputs are exactly 0. ``ste`` picks the straight-through gate (``semantics.STES``).
     """
-    check_ste(ste)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"sparse_linear: weight must be 2-D [out_features, in_features], got {_shape(weight)}")
-    _check_params("sparse_linear", x, weight, bias, threshold)
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"sparse_linear: x must have shape (*, {weight.shape[1]}) (in_features last), got {tuple(x.shape)}"
-        )
-    name = resolve_backend(backend, "linear", weight.device.type, weight.dtype, 1)
+    name = _checked(lambda: _check_linear(x, weight, bias, threshold, ste, backend),
+                    "linear", ste, backend, (x, weight, bias, threshold))
     _check_threshold_finite("sparse_linear", threshold, name)
     if name == "reference":
         return get_backend(name).sparse_linear(x, weight, bias, threshold, ste)
@@ -86,13 +83,63 @@ def sparse_linear(
     return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _check_linear(x, weight, bias, threshold, ste: str, backend: str) -> str:
+    """Raises for an invalid ``sparse_linear`` call; returns the backend that serves it."""
+    check_ste(ste)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"sparse_linear: weight must be 2-D [out_features, in_features], got {_shape(weight)}")
+    _check_params("sparse_linear", x, weight, bias, threshold)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"sparse_linear: x must have shape (*, {weight.shape[1]}) (in_features last), got {tuple(x.shape)}"
+        )
+    return resolve_backend(backend, "linear", weight.device.type, weight.dtype, 1)
+
+
+# Call keys already checked -> what the checks returned. The checks cost ~10 us of Python per call, as
+# much as a small dense layer's forward (issue 11), and a model repeats the same few calls every step.
+_CHECKED: dict[tuple, Any] = {}
+_CHECKED_MAX = 4096  # entries; emptied when full (a new batch shape is a new key)
+
+
+def _call_key(op: str, ste, backend, tensors: tuple, *constants) -> tuple | None:
+    """Everything the checks of a call read: its op, ``ste``, ``backend``, ``SPAFL_BACKEND``, each tensor
+    argument's type, dtype, device and shape, and the ``repr`` of each constant (so ``1``, ``1.0`` and
+    ``True`` differ). None when an argument is no tensor (the checks then run, and raise)."""
+    try:
+        metas = tuple(None if t is None else (type(t), t.dtype, t.device, t.shape) for t in tensors)
+    except AttributeError:
+        return None
+    return (op, ste, backend, os.environ.get("SPAFL_BACKEND"), metas, *map(repr, constants))
+
+
+def _checked(check: Callable[[], Any], op: str, ste, backend, tensors: tuple, *constants) -> Any:
+    """``check()``'s result, run once per call key (``_call_key`` of the other arguments) and remembered;
+    ``check()`` raises for invalid input, and nothing is remembered then. Under ``torch.compile`` it
+    always runs (once, at trace time)."""
+    if torch.compiler.is_compiling():
+        return check()
+    key = _call_key(op, ste, backend, tensors, *constants)
+    try:
+        return _CHECKED[key] if key is not None else check()
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable ste or backend: the checks say what is wrong
+        return check()
+    result = check()
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED[key] = result
+    return result
+
+
 def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _pair(value, name: str, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each at least ``minimum``, as a 2-tuple."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
     if len(pair) != 2 or not all(isinstance(v, int) and v >= minimum for v in pair):
         raise ValueError(f"sparse_conv2d: {name} must be an int or a pair of ints >= {minimum}, got {value!r}")
     return pair  # type: ignore[return-value]
@@ -137,6 +184,26 @@ def sparse_conv2d(
     Returns ``[B, N, H', W']``. ``stride``/``dilation``: int or pair; ``padding``: int, pair, ``"same"``
     or ``"valid"``, as in ``F.conv2d``.
     """
+    name, geometry, extra = _checked(
+        lambda: _check_conv2d(x, weight, bias, threshold, stride, padding, dilation, groups, ste, backend),
+        "conv2d", ste, backend, (x, weight, bias, threshold), stride, padding, dilation, groups,
+    )
+    if extra != (0, 0):
+        x = F.pad(x, (0, extra[1], 0, extra[0]))
+    _check_threshold_finite("sparse_conv2d", threshold, name)
+    if name == "reference":
+        stride, padding, dilation, groups = Conv2dGeometry.of(geometry)
+        return get_backend(name).sparse_conv2d(
+            x, weight, bias, threshold, stride, padding, dilation, groups, ste
+        )
+    return ops.sparse_op("conv2d", x, weight, bias, threshold, list(geometry), STE_CODES[ste], name)
+
+
+def _check_conv2d(
+    x, weight, bias, threshold, stride, padding, dilation, groups, ste: str, backend: str
+) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """Raises for an invalid ``sparse_conv2d`` call; returns the backend that serves it, the flat
+    geometry (``Conv2dGeometry.flat``) and the extra bottom/right padding of an odd ``"same"``."""
     check_ste(ste)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"sparse_conv2d: weight must be 4-D [out, in/groups, kh, kw], got {_shape(weight)}")
@@ -155,19 +222,12 @@ def sparse_conv2d(
     dilation = _pair(dilation, "dilation", 1)
     kernel = tuple(weight.shape[2:])
     padding, extra = conv2d_padding(padding, kernel, stride, dilation)
-    if extra != (0, 0):
-        x = F.pad(x, (0, extra[1], 0, extra[0]))
     for dim, name in ((0, "height"), (1, "width")):
-        if x.shape[2 + dim] + 2 * padding[dim] < dilation[dim] * (kernel[dim] - 1) + 1:
+        size = x.shape[2 + dim] + extra[dim]
+        if size + 2 * padding[dim] < dilation[dim] * (kernel[dim] - 1) + 1:
             raise ValueError(
-                f"sparse_conv2d: padded input {name} ({x.shape[2 + dim]} + 2*{padding[dim]}) is smaller "
+                f"sparse_conv2d: padded input {name} ({size} + 2*{padding[dim]}) is smaller "
                 f"than the dilated kernel ({dilation[dim] * (kernel[dim] - 1) + 1})"
             )
     name = resolve_backend(backend, "conv2d", weight.device.type, weight.dtype, groups)
-    _check_threshold_finite("sparse_conv2d", threshold, name)
-    if name == "reference":
-        return get_backend(name).sparse_conv2d(
-            x, weight, bias, threshold, stride, padding, dilation, groups, ste
-        )
-    geometry = Conv2dGeometry(stride, padding, dilation, groups).flat()
-    return ops.sparse_op("conv2d", x, weight, bias, threshold, geometry, STE_CODES[ste], name)
+    return name, tuple(Conv2dGeometry(stride, padding, dilation, groups).flat()), extra

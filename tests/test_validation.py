@@ -80,3 +80,36 @@ def test_unknown_ste_and_backend():
         sk.SparseLinear(3, 4, ste="nope")
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         sk.SparseConv2d(3, 4, 3, backend="nope")
+
+
+def test_a_call_unlike_every_checked_one_is_checked_again(monkeypatch):
+    """Valid calls are remembered (functional._CHECKED) by all that the checks read, so that a model's
+    repeated calls skip them: a call that differs from a remembered one in any checked thing (a constant's
+    type, a dtype, a shape, SPAFL_BACKEND, an unhashable argument) is checked again, and raises."""
+    monkeypatch.delenv("SPAFL_BACKEND", raising=False)
+    conv = conv_args()
+    sk.sparse_conv2d(conv["x"], conv["weight"], None, conv["threshold"], stride=1, groups=2)
+    with pytest.raises(ValueError, match="stride must be"):
+        sk.sparse_conv2d(conv["x"], conv["weight"], None, conv["threshold"], stride=1.0, groups=2)
+    with pytest.raises(ValueError, match="groups must be a positive int"):
+        sk.sparse_conv2d(conv["x"], conv["weight"], None, conv["threshold"], stride=1, groups=2.0)
+    with pytest.raises(ValueError, match="padded input height"):
+        sk.sparse_conv2d(conv["x"][:, :, :2], conv["weight"], None, conv["threshold"], stride=1, groups=2)
+    args = linear_args()
+    sk.sparse_linear(*args.values())
+    with pytest.raises(TypeError, match="bias has dtype torch.float64"):
+        sk.sparse_linear(args["x"], args["weight"], args["bias"].double(), args["threshold"])
+    with pytest.raises(ValueError, match="ste must be one of"):
+        sk.sparse_linear(*args.values(), ste=["identity"])
+    monkeypatch.setenv("SPAFL_BACKEND", "fast")
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        sk.sparse_linear(*args.values())
+
+
+def test_remembered_calls_are_bounded(monkeypatch):
+    monkeypatch.setattr(sk.functional, "_CHECKED_MAX", 3)
+    monkeypatch.setattr(sk.functional, "_CHECKED", {})
+    args = linear_args()
+    for batch in range(1, 8):  # a new batch size is a new call
+        sk.sparse_linear(args["x"][:batch], args["weight"], args["bias"], args["threshold"])
+        assert 1 <= len(sk.functional._CHECKED) <= 3
