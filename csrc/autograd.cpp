@@ -13,6 +13,9 @@
 // refuse a second derivative with a clear error instead of reading 0 (NoDoubleBackward).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -82,39 +85,47 @@ struct NoDoubleBackward : torch::autograd::Function<NoDoubleBackward> {
   }
 };
 
-// One sparse layer call. Saves x, weight, bias and score (nothing of y: in-place ops on y stay legal).
-struct SparseLayer : torch::autograd::Function<SparseLayer> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                        const Tensor& threshold, c10::IntArrayRef geometry, int64_t ste) {
-    auto [y, score] = native_fwd(x, weight, bias, threshold, geometry);
-    ctx->save_for_backward({x, weight, bias.value_or(Tensor()), score});
-    ctx->saved_data["geometry"] = geometry.vec();
-    ctx->saved_data["ste"] = ste;
-    return y;
+// The backward of one sparse layer call: a plain autograd Node (as ATen's generated backward nodes
+// are), not a torch::autograd::Function, whose generic bookkeeping (input infos, saved-data map, output
+// wrapping) cost ~12 us more per layer call (4x8 -> 6 Linear, forward + backward: 86.5 -> 72.7 us;
+// dense 51.5 us; LeNet-300-100's training step 1.02-1.04x faster). Saves x, weight, bias and score
+// (nothing of y: in-place ops on y stay legal); SavedVariable raises if any of them is modified in
+// place before backward. Edges: x, weight, bias (invalid without one), threshold.
+struct SparseLayerBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable x_, weight_, bias_, score_;
+  std::vector<int64_t> geometry_;  // empty for a Linear
+  int64_t ste_ = 0;
+  bool has_bias_ = false;
+
+  std::string name() const override { return "spafl::SparseLayerBackward"; }
+
+  void release_variables() override {
+    x_.reset_data();
+    weight_.reset_data();
+    bias_.reset_data();
+    score_.reset_data();
   }
 
-  // Returns one gradient per forward argument: x, weight, bias, threshold, geometry, ste.
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &score = saved[3];
-    const std::vector<int64_t> geometry = ctx->saved_data["geometry"].toIntVector();
-    // Input edges exist for the tensor arguments only, and for bias only when there is one.
-    const bool has_bias = bias.defined();
-    const bool need_dx = ctx->needs_input_grad(0), need_dweight = ctx->needs_input_grad(1);
-    const bool need_dbias = has_bias && ctx->needs_input_grad(2);
-    const bool need_dthreshold = ctx->needs_input_grad(has_bias ? 3 : 2);
-    const Tensor grad_y = grad_outputs[0].contiguous();
+  variable_list apply(variable_list&& grad_outputs) override {
+    const bool need_dx = task_should_compute_output(0), need_dweight = task_should_compute_output(1);
+    const bool need_dbias = has_bias_ && task_should_compute_output(2), need_dthreshold = task_should_compute_output(3);
+    variable_list input_grads(4);
+    if (!need_dx && !need_dweight && !need_dbias && !need_dthreshold) return input_grads;
+    const Tensor x = x_.unpack(), weight = weight_.unpack(), score = score_.unpack();
+    const Tensor bias = has_bias_ ? bias_.unpack() : Tensor();
+    // An undefined incoming gradient (a hook returned None) reads as zeros, as in a custom Function.
+    const Tensor grad_y = grad_outputs[0].defined() ? grad_outputs[0].contiguous() : input_metadata(0).zeros_like();
     Grads grads;
     {
       // The kernels are not differentiable: under create_graph=True they run without autograd, and
       // NoDoubleBackward ties their results to what they depend on.
       at::AutoGradMode no_grad(false);
-      grads = native_bwd(grad_y, x, weight, has_bias ? std::optional<Tensor>(bias) : std::nullopt, score, geometry,
-                         ctx->saved_data["ste"].toInt(), need_dx, need_dweight || need_dbias || need_dthreshold);
+      grads = native_bwd(grad_y, x, weight, has_bias_ ? std::optional<Tensor>(bias) : std::nullopt, score, geometry_,
+                         ste_, need_dx, need_dweight || need_dbias || need_dthreshold);
     }
     auto [dx, dweight, dbias, dthreshold] = grads;
-    variable_list input_grads = {need_dx ? dx : Tensor(), need_dweight ? dweight : Tensor(),
-                                 need_dbias ? dbias : Tensor(), need_dthreshold ? dthreshold : Tensor()};
+    input_grads = {need_dx ? dx : Tensor(), need_dweight ? dweight : Tensor(), need_dbias ? dbias : Tensor(),
+                   need_dthreshold ? dthreshold : Tensor()};
     if (at::GradMode::is_enabled()) {  // create_graph=True
       std::vector<size_t> asked;
       variable_list to_pass;
@@ -125,23 +136,47 @@ struct SparseLayer : torch::autograd::Function<SparseLayer> {
         }
       }
       variable_list deps = {grad_y, x, weight, score};
-      if (has_bias) deps.push_back(bias);
+      if (has_bias_) deps.push_back(bias);
       const variable_list passed = NoDoubleBackward::apply(at::TensorList(to_pass), at::TensorList(deps), x.is_cuda());
       for (size_t j = 0; j < asked.size(); ++j) input_grads[asked[j]] = passed[j];
     }
-    input_grads.resize(6);  // geometry and ste: no gradient
     return input_grads;
   }
 };
 
+// One sparse layer call: the forward op below autograd, then (when a gradient can flow) its backward node.
+Tensor sparse_layer(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& threshold,
+                    c10::IntArrayRef geometry, int64_t ste) {
+  YScore out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = native_fwd(x, weight, bias, threshold, geometry);
+  }
+  const auto& [y, score] = out;
+  const Tensor b = bias.value_or(Tensor());
+  if (torch::autograd::compute_requires_grad(x, weight, b, threshold)) {
+    auto node = c10::make_intrusive<SparseLayerBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight, b, threshold));
+    node->x_ = torch::autograd::SavedVariable(x, /*is_output=*/false);
+    node->weight_ = torch::autograd::SavedVariable(weight, false);
+    node->bias_ = torch::autograd::SavedVariable(b, false);
+    node->score_ = torch::autograd::SavedVariable(score, false);
+    node->geometry_ = geometry.vec();
+    node->ste_ = ste;
+    node->has_bias_ = b.defined();
+    torch::autograd::set_history(y, node);
+  }
+  return y;
+}
+
 Tensor native_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& threshold,
                      int64_t ste) {
-  return SparseLayer::apply(x, weight, bias, threshold, c10::IntArrayRef(), ste);
+  return sparse_layer(x, weight, bias, threshold, c10::IntArrayRef(), ste);
 }
 
 Tensor native_conv2d(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& threshold,
                      c10::IntArrayRef geometry, int64_t ste) {
-  return SparseLayer::apply(x, weight, bias, threshold, geometry, ste);
+  return sparse_layer(x, weight, bias, threshold, geometry, ste);
 }
 
 }  // namespace

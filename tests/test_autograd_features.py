@@ -76,22 +76,26 @@ def test_forward_mode_and_vmap_raise(backend):
         )
 
 
+def _six_row_layer(op: str, seed: int):
+    """``(sparse_linear or sparse_conv2d, x, weight, bias)``: a small layer with 6 rows."""
+    gen = torch.Generator().manual_seed(seed)
+    if op == "linear":
+        x, weight = torch.randn(4, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    else:
+        x, weight = torch.randn(2, 2, 5, 5, generator=gen), torch.randn(6, 2, 3, 3, generator=gen)
+    fn = sk.sparse_linear if op == "linear" else sk.sparse_conv2d
+    return fn, x, weight, torch.randn(6, generator=gen)
+
+
 @pytest.mark.parametrize("ste", sk.STES)
 @pytest.mark.parametrize("op", ["linear", "conv2d"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_nan_row_matches_reference(backend, op, ste):
     """A weight row holding a NaN: NaN outputs exactly where masked dense has them."""
     require_backend(backend, op)
-    gen = torch.Generator().manual_seed(1)
-    if op == "linear":
-        x, weight = torch.randn(4, 5, generator=gen), torch.randn(6, 5, generator=gen)
-        weight[2, 3] = float("nan")
-    else:
-        x, weight = torch.randn(2, 2, 5, 5, generator=gen), torch.randn(6, 2, 3, 3, generator=gen)
-        weight[2, 1, 0, 2] = float("nan")
-    bias = torch.randn(6, generator=gen)
+    fn, x, weight, bias = _six_row_layer(op, seed=1)
+    weight[2].view(-1)[3] = float("nan")
     threshold = torch.tensor([0.0, 9.0, 0.0, 9.0, 0.0, 0.0])  # rows 1 and 3 pruned
-    fn = sk.sparse_linear if op == "linear" else sk.sparse_conv2d
     results = []
     for name in ("reference", backend):
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias, threshold)]
@@ -246,3 +250,48 @@ def test_nan_gradient_on_zero_input_column_stays_nan(backend, op):
     (ref_dw, *_), (dw, *_) = results
     assert ref_dw[3].isnan().all()
     torch.testing.assert_close(dw, ref_dw, equal_nan=True)
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+@pytest.mark.parametrize("backend", sk.BACKEND_NAMES)
+def test_graph_mechanics_match_plain_autograd(backend, op):
+    """What PyTorch users rely on beyond .backward(), on every backend (the native backends build their
+    own autograd node, csrc/autograd.cpp): a saved input modified in place raises at backward; a second
+    backward raises unless the graph was retained, and then accumulates; torch.autograd.grad of a subset
+    of the inputs gives the reference's gradients for that subset."""
+    require_backend(backend, op)
+    fn, x, weight, bias = _six_row_layer(op, seed=3)
+    threshold = torch.tensor([0.0, 9.0, 0.0, 0.0, 9.0, 0.0])  # rows 1 and 4 pruned
+
+    def leaves():
+        return [t.clone().requires_grad_() for t in (x, weight, bias, threshold)]
+
+    # A saved input modified in place.
+    xs, w, b, t = leaves()
+    x_in = xs * 1  # a non-leaf, so that it can be modified in place
+    y = fn(x_in, w, b, t, backend=backend)
+    x_in.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+    # Backward twice.
+    y = fn(*leaves(), backend=backend)
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+    params = leaves()
+    y = fn(*params, backend=backend)
+    y.sum().backward(retain_graph=True)
+    once = [p.grad.clone() for p in params]
+    y.sum().backward()
+    for p, g in zip(params, once):
+        torch.testing.assert_close(p.grad, 2 * g)
+
+    # Gradients of a subset of the inputs only.
+    ref = leaves()
+    ref_grads = torch.autograd.grad(fn(*ref, backend="reference").square().sum(), ref)
+    for subset in ([0], [3], [1, 2]):
+        params = leaves()
+        grads = torch.autograd.grad(fn(*params, backend=backend).square().sum(), [params[i] for i in subset])
+        for i, g in zip(subset, grads):
+            torch.testing.assert_close(g, ref_grads[i], msg=f"input {i}")
