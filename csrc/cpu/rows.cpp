@@ -27,12 +27,18 @@ namespace {
 template <typename T>
 constexpr int kLanes = 256 / sizeof(T);  // four 512-bit registers' worth
 
-// Sums the lane array pairwise: vector adds, where a running scalar sum would wait on each add.
-template <typename T>
+// Sums the lane array pairwise: vector adds, where a running scalar sum would wait on each add. Each
+// halving has a compile-time width, so it is straight-line code: with a runtime width the compiler
+// emitted a loop that took two thirds of abs_sum's time on 256-element rows (scores of a 256x256
+// weight, timed in the op: 7.0-9.0 -> 5.2-5.4 us).
+template <typename T, int Width = kLanes<T>>
 inline T reduce_lanes(T* acc) {
-  for (int width = kLanes<T> / 2; width > 0; width /= 2)
-    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
-  return acc[0];
+  if constexpr (Width == 1) {
+    return acc[0];
+  } else {
+    for (int l = 0; l < Width / 2; ++l) acc[l] += acc[l + Width / 2];
+    return reduce_lanes<T, Width / 2>(acc);
+  }
 }
 
 template <typename T>
