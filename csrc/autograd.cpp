@@ -87,7 +87,7 @@ struct NoDoubleBackward : torch::autograd::Function<NoDoubleBackward> {
 
 // The backward of one sparse layer call: a plain autograd Node (as ATen's generated backward nodes
 // are), not a torch::autograd::Function, whose generic bookkeeping (input infos, saved-data map, output
-// wrapping) cost ~12 us more per layer call (4x8 -> 6 Linear, forward + backward: 86.5 -> 72.7 us;
+// wrapping) cost ~14 us more per layer call (4x8 -> 6 Linear, forward + backward: 86.5 -> 72.7 us;
 // dense 51.5 us; LeNet-300-100's training step 1.02-1.04x faster). Saves x, weight, bias and score
 // (nothing of y: in-place ops on y stay legal); SavedVariable raises if any of them is modified in
 // place before backward. Edges: x, weight, bias (invalid without one), threshold.

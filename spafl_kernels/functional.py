@@ -1,8 +1,8 @@
 """Functional API: ``sparse_linear`` and ``sparse_conv2d``.
 
-Both validate every input before any work, resolve ``backend`` (``"auto"``, ``SPAFL_BACKEND``) and call
-the ``torch.ops.spafl`` ops (``ops.sparse_op``), or, for ``backend="reference"``, the masked-dense oracle
-under autograd.
+Both validate every input before any work (once per call signature: ``_checked``), resolve ``backend``
+(``"auto"``, ``SPAFL_BACKEND``) and call the ``torch.ops.spafl`` ops (``ops.sparse_op``), or, for
+``backend="reference"``, the masked-dense oracle under autograd.
 """
 
 from __future__ import annotations
@@ -120,8 +120,10 @@ def _checked(check: Callable[[], Any], op: str, ste, backend, tensors: tuple, *c
     if torch.compiler.is_compiling():
         return check()
     key = _call_key(op, ste, backend, tensors, *constants)
+    if key is None:
+        return check()
     try:
-        return _CHECKED[key] if key is not None else check()
+        return _CHECKED[key]
     except KeyError:
         pass
     except TypeError:  # an unhashable ste or backend: the checks say what is wrong
