@@ -49,11 +49,19 @@ def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argpar
     add = p.add_argument
     add("--algorithm", choices=ALGORITHMS, default=_DEFAULTS.algorithm,
         help="spafl (thresholds on the wire) or fedavg (dense model, full state on the wire)")
-    add("--dataset", choices=DATASETS, default=_DEFAULTS.dataset,
-        help="bundled data (mnist5k, digits, synthetic) or files read from --data-dir (fmnist, cifar10)")
+    add("--dataset", default=_DEFAULTS.dataset, metavar="NAME|MODULE:CALLABLE",
+        help=f"one of {', '.join(DATASETS)}: bundled data (mnist5k, digits, synthetic) or files read from "
+        "--data-dir (fmnist, cifar10); or your own: MODULE:CALLABLE with CALLABLE() -> (x_train, y_train, "
+        "x_test, y_test), float tensors [N, *input_shape] and int64 labels (MODULE importable from the current "
+        "directory or the environment)")
     add("--data-dir", default=_DEFAULTS.data_dir,
         help="folder with the fmnist IDX or CIFAR-10 binary files (read for those datasets only)")
-    add("--model", choices=MODELS, default=_DEFAULTS.model, help="architecture")
+    add("--model", default=_DEFAULTS.model, metavar="NAME|MODULE:CALLABLE",
+        help=f"one of {', '.join(MODELS)} (the paper's models), or your own: MODULE:CALLABLE with "
+        "CALLABLE(num_classes, input_shape) -> torch.nn.Module, a plain model that SpaFL sparsifies")
+    add("--skip", default=_DEFAULTS.skip, metavar="NAMES",
+        help="layers of a MODULE:CALLABLE model that stay dense (comma-separated qualified names, e.g. head,fc2); "
+        "layers sparsify cannot convert stay dense anyway, with a warning")
     add("--clients", type=int, default=_DEFAULTS.clients, help="number of clients")
     add("--sample", type=int, default=None,
         help=f"clients sampled per round (default: {_DEFAULTS.sample}, or --clients when that is fewer)")
@@ -118,7 +126,7 @@ def _values(args: argparse.Namespace) -> dict:
         alpha=args.alpha, test_fraction=args.test_fraction, ste=args.ste, backend=args.backend,
         min_density=args.min_density, seed=args.seed, device=args.device, threads=args.threads,
         measure_baseline=not args.no_baseline, global_update=args.global_update, input_scale=args.input_scale,
-        preset=args.preset,
+        preset=args.preset, skip=args.skip,
     )
 
 

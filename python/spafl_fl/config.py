@@ -12,6 +12,7 @@ from spafl_kernels import STES
 from .client import LocalTraining
 from .data import DATASETS
 from .models import MODELS
+from .userspec import is_spec
 
 ALGORITHMS = ("spafl", "fedavg", "local")
 """``spafl``: thresholds on the wire, personal weights; ``fedavg``: the dense model averaged (McMahan et
@@ -80,6 +81,10 @@ class RunConfig:
     global_update: str = "lazy"  # one of GLOBAL_UPDATES
     input_scale: float = 1.0  # inputs are multiplied by it (255: the raw pixels the authors' code trains on)
     preset: str | None = None  # the PRESETS entry the values came from (a record; flags given override it)
+    skip: str = ""  # comma-separated layers of a MODULE:CALLABLE model that stay dense
+
+    def skip_names(self) -> list[str]:
+        return [name.strip() for name in self.skip.split(",") if name.strip()]
 
     def __post_init__(self) -> None:
         problems = config_problems(self.to_dict())
@@ -149,8 +154,12 @@ def config_problems(values: dict, flags: bool = False) -> list[str]:
 
     problems: list[str] = []
     need("algorithm", lambda v: v in ALGORITHMS, f"one of {', '.join(ALGORITHMS)}")
-    need("dataset", lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}")
-    need("model", lambda v: v in MODELS, f"one of {', '.join(MODELS)}")
+    need("dataset", lambda v: v in DATASETS or is_spec(v), f"one of {', '.join(DATASETS)} or MODULE:CALLABLE")
+    need("model", lambda v: v in MODELS or is_spec(v), f"one of {', '.join(MODELS)} or MODULE:CALLABLE")
+    need("skip", lambda v: isinstance(v, str), "comma-separated layer names")
+    if isinstance(values["skip"], str) and values["skip"].strip() and not is_spec(values["model"]):
+        problems.append(f"{name('skip')} names layers of a {name('model')} MODULE:CALLABLE; "
+                        f"{values['model']!r} keeps the paper's dense layers")
     need("ste", lambda v: v in STES, f"one of {', '.join(STES)}")
     need("clients", lambda v: _number(v, True) and v >= 1, "an integer >= 1")
     need("sample", lambda v: _number(v, True) and v >= 1, "an integer >= 1")

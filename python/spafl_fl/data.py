@@ -22,13 +22,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .userspec import is_spec, load_user_dataset
+
 DATASETS = ("mnist5k", "digits", "synthetic", "fmnist", "cifar10")
 
 
 @dataclass
 class Dataset:
-    """Images ``x [n, C, H, W]`` float32 in [0, 1], labels ``y [n]`` int64; ``x_test``/``y_test`` hold
-    the official test set where the dataset has one (else None: clients split their own share)."""
+    """Images ``x [n, C, H, W]`` float32 in [0, 1] (a user's dataset: any ``[n, *input_shape]`` floats), labels
+    ``y [n]`` int64; ``x_test``/``y_test`` hold the official test set where the dataset has one (else None:
+    clients split their own share)."""
 
     name: str
     x: torch.Tensor
@@ -213,7 +216,11 @@ def load_cifar10(data_dir: str | None) -> Dataset:
 
 
 def load_dataset(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
-    """One of ``DATASETS``; ``data_dir`` is read for ``fmnist`` and ``cifar10`` only."""
+    """One of ``DATASETS``, or a user's ``MODULE:CALLABLE`` (``userspec``); ``data_dir`` is read for
+    ``fmnist`` and ``cifar10`` only."""
+    if is_spec(name):
+        x, y, x_test, y_test, num_classes = load_user_dataset(name)
+        return Dataset(name, x, y, num_classes, x_test, y_test)
     if name == "mnist5k":
         return load_mnist5k()
     if name == "digits":

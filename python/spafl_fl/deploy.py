@@ -37,6 +37,7 @@ from collections.abc import Callable
 from .checkpoint import atomic_write_text
 from .config import RunConfig
 from .data import load_dataset
+from .userspec import importable_env
 
 CONNECTION = "local"
 STATUS = "status.json"  # written by the ServerApp (flower_app.server)
@@ -138,7 +139,7 @@ class LocalDeployment:
     # -- processes ---------------------------------------------------------------------------------
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = dict(os.environ)
+        env = importable_env()  # a --model/--dataset MODULE:CALLABLE from the current directory imports there too
         # Flower's processes start more of Flower's executables by name (flower-superexec, ...): put this
         # Python's bin/ first on PATH, so they are found when the environment is not activated (make test).
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])

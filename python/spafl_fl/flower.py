@@ -66,6 +66,7 @@ from .simulation import (  # noqa: E402
     round_record,
     summarize,
 )
+from .userspec import cwd_on_path  # noqa: E402
 
 log = logging.getLogger("spafl_fl")
 
@@ -442,6 +443,7 @@ def run_flower_simulation(config: RunConfig, out_dir: str | None = None, *, num_
     from flwr.simulation import run_simulation
 
     strategy = SpaFLStrategy(config, out_dir)
+    cwd_on_path()  # Flower hands this sys.path to its Ray workers: a MODULE:CALLABLE from here imports there
     init_args = {"num_cpus": num_cpus or os.cpu_count() or 1, "object_store_memory": object_store_mb * 2**20,
                  "include_dashboard": False, "configure_logging": False}
     backend_config = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}, "init_args": init_args}

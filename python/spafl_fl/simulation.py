@@ -93,7 +93,7 @@ def prepare_run(config: RunConfig, device: torch.device) -> RunSetup:
     if config.input_scale != 1.0:
         client_data = [scale_inputs(d, config.input_scale) for d in client_data]
     init = build_model(config.model, dataset.input_shape, dataset.num_classes, sparse=sparse,
-                       ste=config.ste, backend=config.backend, seed=config.seed).to(device)
+                       ste=config.ste, backend=config.backend, seed=config.seed, skip=config.skip_names()).to(device)
     plan = FlopPlan(init, client_data[0].x_train[:2].to(device))
     return RunSetup(backend, client_data, init, plan)
 
