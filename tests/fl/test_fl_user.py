@@ -116,33 +116,24 @@ def test_python_api_and_skip(user_dir):
     assert set(last_record(user_dir / "api")["density"]) == {"0", "5", "total"}
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("nomodule:data", "cannot import 'nomodule'"),
-    ("usermod:missing", "has no attribute 'missing'"),
-    ("usermod:NOT_CALLABLE", "not callable"),
-    ("usermod:wrong_count", "must return (x_train, y_train, x_test, y_test)"),
-    ("usermod:negative_labels", "holds the label -1"),
-    ("usermod:float_labels", "must be integer labels"),
+@pytest.mark.parametrize("flag, spec, message", [
+    ("--dataset", "nomodule:data", "cannot import 'nomodule'"),
+    ("--dataset", "usermod:missing", "has no attribute 'missing'"),
+    ("--dataset", "usermod:NOT_CALLABLE", "not callable"),
+    ("--dataset", "usermod:wrong_count", "must return (x_train, y_train, x_test, y_test)"),
+    ("--dataset", "usermod:negative_labels", "holds the label -1"),
+    ("--dataset", "usermod:float_labels", "must be integer labels"),
+    ("--model", "usermod:wrong_logits", "expected logits (2, 3)"),
+    ("--model", "usermod:not_a_model", "must return a torch.nn.Module"),
+    ("--model", "not a spec", "MODULE:CALLABLE"),
 ])
-def test_bad_dataset_specs_are_usage_errors(user_dir, capsys, spec, message):
+def test_bad_specs_are_usage_errors(user_dir, capsys, flag, spec, message):
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", *FLAGS, "--dataset", spec, "--out", str(user_dir / "bad")])
+        main(["run", *FLAGS, flag, spec, "--out", str(user_dir / "bad")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not os.path.exists(user_dir / "bad" / "metrics.jsonl")
-
-
-@pytest.mark.parametrize("spec, message", [
-    ("usermod:wrong_logits", "expected logits (2, 3)"),
-    ("usermod:not_a_model", "must return a torch.nn.Module"),
-    ("not a spec", "MODULE:CALLABLE"),
-])
-def test_bad_model_specs_are_usage_errors(user_dir, capsys, spec, message):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run", *FLAGS, "--model", spec, "--out", str(user_dir / "bad")])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
 
 
 def test_skip_is_refused_for_the_papers_models(user_dir, capsys):
