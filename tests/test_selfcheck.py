@@ -12,6 +12,7 @@ import pytest
 import torch
 from oracle import require_backend
 
+import spafl_kernels as sk
 from spafl_kernels import _ext, backends, selfcheck
 from spafl_kernels.backends import BackendNotSupportedError, get_backend, resolve_backend
 
@@ -156,3 +157,17 @@ def test_triton_with_a_wrong_kernel_is_skipped_in_the_interpreter(monkeypatch):
     with pytest.warns(selfcheck.SelfCheckWarning, match="'triton' failed its self-check"):
         chosen = resolve_backend("auto", "linear", "cpu", torch.float32, 1)
     assert chosen in ("cpp", "torch")
+
+
+def test_check_runs_when_the_first_call_is_compiled(monkeypatch):
+    """``resolve_backend`` runs at trace time under ``torch.compile``; the check must run eagerly there."""
+    monkeypatch.setattr(get_backend("torch"), "self_check_device_types", ("cpu",))
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("torch",))
+    torch._dynamo.reset()
+    layer = sk.SparseLinear(8, 6)
+    x = torch.randn(4, 8)
+    y = torch.compile(layer, fullgraph=True)(x)
+    torch.testing.assert_close(y, layer(x))
+    result = selfcheck.verdict("torch", "cpu", run=False)
+    assert result is not None and result.passed
+    torch._dynamo.reset()
