@@ -89,6 +89,9 @@ def main() -> None:
 
     info = run("-m", "spafl_kernels.info")
     check("extension spafl_kernels._C: built" in info, "info does not report _C built:\n" + info)
+    import torch
+
+    check(f"built against torch {torch.__version__}" in info, "info does not name the torch _C was built against")
     from spafl_kernels import _ext
 
     check(_ext.BUILT_WITH is not None and _ext.BUILT_WITH["package"] == version, f"build record {_ext.BUILT_WITH}")
@@ -108,8 +111,9 @@ def main() -> None:
           "the license metadata is not Apache-2.0")
 
     lines = compare_layers()
-    print("\n".join([f"spafl-kernels {version} from {os.path.dirname(spafl_kernels.__file__)}",
-                     info.splitlines()[1], *lines, "smoke_wheel: OK"]))
+    extension = [line.strip() for line in info.splitlines() if line.startswith(("extension", "  built against"))]
+    print("\n".join([f"spafl-kernels {version} from {os.path.dirname(spafl_kernels.__file__)}", *extension, *lines,
+                     "smoke_wheel: OK"]))
 
 
 if __name__ == "__main__":

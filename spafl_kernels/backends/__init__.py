@@ -27,7 +27,8 @@ new backend is a new folder, and a line in ``AUTO_ORDER`` if ``auto`` may choose
 AUTO_ORDER = ("triton", "cpp", "torch")
 """Preference of ``backend="auto"``: fastest first (each backend also names the devices it is chosen on).
 ``reference`` is never chosen. ``cuda`` joins only once its GPU tests (tests/test_cuda.py) have passed on
-a real GPU."""
+a real GPU. On a GPU, ``triton`` (and ``cuda``) is chosen only once it passed its self-check on that device
+(``spafl_kernels.selfcheck``)."""
 
 
 class BackendNotSupportedError(RuntimeError):
