@@ -103,3 +103,16 @@ def test_commands_print_the_version(main, prog, capsys):
 
 def test_typed_packages():
     assert (ROOT / "spafl_kernels/py.typed").is_file() and (ROOT / "python/spafl_fl/py.typed").is_file()
+
+
+@pytest.mark.parametrize("required, code, says", [("0", 0, "cuda-check: SKIPPED, nvcc not found"),
+                                                  ("1", 2, "SPAFL_REQUIRE_NVCC=1 requires it")])
+def test_cuda_check_without_nvcc_skips_unless_required(monkeypatch, capsys, required, code, says):
+    from cuda_tools import load_check
+
+    check = load_check()
+    monkeypatch.setattr(check, "find_nvcc", lambda: None)
+    monkeypatch.setenv("SPAFL_REQUIRE_NVCC", required)
+    assert check.main([]) == code
+    out = capsys.readouterr()
+    assert says in out.out + out.err
