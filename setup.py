@@ -124,8 +124,6 @@ if __name__ == "__main__":
             "Programming Language :: Python :: 3 :: Only",
             "Programming Language :: Python :: 3.10",
             "Programming Language :: Python :: 3.11",
-            "Programming Language :: Python :: 3.12",
-            "Programming Language :: Python :: 3.13",
             "Environment :: GPU :: NVIDIA CUDA",
             "Topic :: Scientific/Engineering :: Artificial Intelligence",
             "Typing :: Typed",
