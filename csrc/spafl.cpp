@@ -28,6 +28,23 @@ TORCH_LIBRARY_FRAGMENT(spafl, m) {
   m.def("native_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor threshold, int[7] geometry, int ste) -> Tensor y");
 }
 
-// Importing spafl_kernels._C runs the static registrations above; the module itself is empty.
+// What this binary was built against, as "SPAFL_BUILD_INFO=" + JSON: setup.py generates the header; the
+// marker lets spafl_kernels/_ext.py find the string in the file when the module cannot even be loaded.
+#if __has_include("spafl_build_info.h")
+#include "spafl_build_info.h"
+#else
+#include <torch/version.h>
+#define SPAFL_BUILD_INFO \
+  "SPAFL_BUILD_INFO={\"torch\": \"" TORCH_VERSION "\", \"cuda\": null, \"cuda_kernels\": null, \"package\": null}"
+#endif
+
+// Importing spafl_kernels._C runs the static registrations above; the module carries only BUILD_INFO.
 static PyModuleDef spafl_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&spafl_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&spafl_module);
+  if (module != nullptr && PyModule_AddStringConstant(module, "BUILD_INFO", SPAFL_BUILD_INFO) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -4,6 +4,7 @@ Three tiers: the functional ops (``sparse_linear``, ``sparse_conv2d``), the modu
 ``SparseConv2d``) and whole models (``sparsify`` and the threshold helpers).
 """
 
+from ._version import __version__
 from .backends import AUTO_ORDER, BACKEND_NAMES, BackendNotSupportedError
 from .functional import sparse_conv2d, sparse_linear
 from .model import (
@@ -19,9 +20,8 @@ from .model import (
 from .modules import SparseConv2d, SparseLinear
 from .semantics import STES
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "AUTO_ORDER",
     "BACKEND_NAMES",
     "STES",

@@ -11,10 +11,10 @@ density with the ideal line.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ._version import __version__
 from .backends import BACKEND_NAMES, get_backend
 from .backends.base import CallSpec
 from .bench_models import density_profile, model_table, model_targets, plot_models, run_models, write_model_markdown
 from .flops import layer_flops
 from .functional import sparse_conv2d, sparse_linear
 from .models import MODELS
+from .selfcheck import cpu_model
 from .semantics import STES, fan_in
 
 
@@ -164,7 +166,8 @@ def time_interleaved(
     steps: dict[str, Callable[[], None]], reps: int, warmup: int = 2, min_sample_s: float = 0.01,
     sync: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
-    """Median seconds per call of each step, timed round-robin so that drift hits all alike.
+    """Seconds per call of each step (``spread``: p20, p50, p80 over ``reps`` samples), timed round-robin so
+    that drift hits all alike.
 
     A sample runs a step enough times to last about ``min_sample_s`` (counted on the first step), so
     that microsecond layers are not lost in timer and scheduler noise.
@@ -186,7 +189,20 @@ def time_interleaved(
                 step()
             sync()
             samples[name].append((time.perf_counter() - start) / calls)
-    return {name: statistics.median(times) for name, times in samples.items()}
+    return {name: spread(times) for name, times in samples.items()}
+
+
+def spread(times: Sequence[float]) -> dict[str, float]:
+    """``{"p20", "p50", "p80"}`` of ``times`` (seconds): the median is the figure, the 20th and 80th
+    percentiles say how far to trust it."""
+    if len(times) < 2:
+        return dict.fromkeys(("p20", "p50", "p80"), float(times[0]))
+    p20, _, _, p80 = statistics.quantiles(times, n=5, method="inclusive")
+    return {"p20": p20, "p50": statistics.median(times), "p80": p80}
+
+
+def medians(timings: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {name: t["p50"] for name, t in timings.items()}
 
 
 def peak_rss_delta(layer: str, density: float, ste: str, candidate: str) -> int:
@@ -243,19 +259,22 @@ def run(
                 for density in densities:
                     case = make_case(layer, density, ste, device=device)
                     steps = {name: make_step(case, name, train) for name in ("dense", *candidates)}
-                    medians = time_interleaved(steps, reps, sync=sync)
+                    timings = time_interleaved(steps, reps, sync=sync)
+                    times = medians(timings)
                     del steps
                     ideal = case.ideal_train if train else case.ideal_forward
                     peaks = {}
                     if memory and train and device == "cpu" and LAYERS[layer].model == "large":
                         peaks = {name: peak_rss_delta(layer, density, ste, name) for name in ("dense", *candidates)}
                     for name in candidates:
-                        speedup = medians["dense"] / medians[name]
+                        speedup = times["dense"] / times[name]
                         row = {
                             "layer": layer, "model": LAYERS[layer].model, "op": LAYERS[layer].op, "mode": mode,
                             "ste": ste, "density": density, "active": case.active,
-                            "rows": LAYERS[layer].w_shape[0], "backend": name, "seconds": medians[name],
-                            "dense_seconds": medians["dense"], "speedup": speedup, "ideal": ideal,
+                            "rows": LAYERS[layer].w_shape[0], "backend": name, "seconds": times[name],
+                            "p20_seconds": timings[name]["p20"], "p80_seconds": timings[name]["p80"],
+                            "dense_seconds": times["dense"], "dense_p20_seconds": timings["dense"]["p20"],
+                            "dense_p80_seconds": timings["dense"]["p80"], "speedup": speedup, "ideal": ideal,
                             "fraction_of_ideal": speedup / ideal,
                         }
                         if peaks:
@@ -274,12 +293,21 @@ _COLUMNS = [
     ("active", 10, lambda r: f"{r['active']}/{r['rows']}"),
     ("backend", 8, lambda r: r["backend"]),
     ("median ms", 10, lambda r: f"{r['seconds'] * 1e3:.3f}"),
+    ("p20-p80 ms", 16, lambda r: spread_text(r, "")),
+    ("dense p20-p80", 16, lambda r: spread_text(r, "dense_")),
     ("vs dense", 9, lambda r: f"{r['speedup']:.2f}x"),
     ("ideal", 7, lambda r: f"{r['ideal']:.2f}x"),
     ("of ideal", 9, lambda r: f"{r['fraction_of_ideal']:.2f}"),
     ("peak MiB", 13, lambda r: f"{r['peak_bytes'] / 2**20:.0f} ({r['dense_peak_bytes'] / 2**20:.0f})"
      if "peak_bytes" in r else ""),
 ]
+
+
+def spread_text(row: dict, prefix: str) -> str:
+    """``"p20-p80"`` in ms of the candidate (``prefix=""``) or of dense (``"dense_"``); empty in older records."""
+    if f"{prefix}p20_seconds" not in row:
+        return ""
+    return f"{row[f'{prefix}p20_seconds'] * 1e3:.3f}-{row[f'{prefix}p80_seconds'] * 1e3:.3f}"
 
 
 def format_row(row: dict) -> str:
@@ -334,15 +362,44 @@ def target_lines(rows: list[dict], backend: str) -> list[str]:
     return lines
 
 
+def source_state(folder: str = os.path.dirname(os.path.abspath(__file__))) -> dict:
+    """``{"git_commit", "git_dirty"}`` of the checkout this package runs from (None for both when it is not a
+    git checkout, e.g. an installed wheel). Dirty: uncommitted changes to tracked files outside
+    benchmarks/results/ (where a run writes its own records)."""
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, check=False,
+                                  timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", os.path.basename(__file__)) is None:  # not this package's checkout
+        return {"git_commit": None, "git_dirty": None}
+    top = git("rev-parse", "--show-toplevel")
+    changes = git("-C", top or ".", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                  ":(exclude)benchmarks/results")
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": None if changes is None else bool(changes)}
+
+
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    """What a record needs to be trusted: versions, source state, time, threads, CPU and GPU model."""
+    cpu = cpu_model()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"package": __version__, **source_state(),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "cuda_version": torch.version.cuda, "threads": torch.get_num_threads(),
+            "cpu": cpu, "gpu": gpu, "cuda": gpu}
+
+
+def provenance(meta: dict) -> str:
+    """One line for a report: package, commit (and whether the tree was dirty), time, machine."""
+    commit = meta.get("git_commit")
+    source = ("no git checkout" if commit is None else
+              f"commit {commit[:12]}" + (" with uncommitted changes" if meta.get("git_dirty") else " (clean)"))
+    gpu = f", GPU {meta['gpu']}" if meta.get("gpu") else ""
+    return (f"spafl-kernels {meta.get('package', '?')}, {source}, measured {meta.get('timestamp', '?')}; "
+            f"torch {meta['torch']}, {meta['threads']} threads, CPU {meta['cpu']}{gpu}")
 
 
 def write_markdown(path: str, rows: list[dict], meta: dict, command: str) -> None:
@@ -350,8 +407,9 @@ def write_markdown(path: str, rows: list[dict], meta: dict, command: str) -> Non
     parts = [
         "# Sparse layers against dense", "",
         f"`{command}`", "",
-        f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}; medians of {meta['reps']} interleaved "
-        "repetitions. `vs dense` = t_dense / t; `of ideal` = (t_dense / t) / (dense FLOPs / skipping FLOPs); "
+        provenance(meta), "",
+        f"Medians of {meta['reps']} interleaved repetitions, with the 20th-80th percentiles (`p20-p80 ms`, dense's "
+        "beside). `vs dense` = t_dense / t; `of ideal` = (t_dense / t) / (dense FLOPs / skipping FLOPs); "
         "`peak MiB` = peak resident memory a forward+backward adds (dense's in parentheses).", "",
     ]
     for backend in backends:
@@ -467,6 +525,7 @@ def main(argv=None) -> None:
         description="Time sparse layers against dense (plain PyTorch op) and masked dense (the paper's "
         "code), interleaved, and print median time, speedup over dense and fraction of ideal.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--layers", "--layer", nargs="+", default=["all"],
                         help=f"layer names or groups {sorted(LAYER_GROUPS)} (default: all); "
                         f"layers: {', '.join(LAYERS)}")
@@ -542,7 +601,7 @@ def main(argv=None) -> None:
     if args.models:
         _main_models(args, candidates, meta, profiles, explicit_densities="--densities" in (argv or sys.argv))
         return
-    print(f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, {args.reps} reps, medians")
+    print(f"{provenance(meta)}; {args.reps} reps, medians")
     print(format_table([]))
     rows = run(layers, args.densities, candidates, args.stes, args.modes, args.reps, args.device, args.memory,
                progress=lambda line: print(line, flush=True))
@@ -567,8 +626,7 @@ def _write_outputs(args, rows: list[dict], meta: dict, markdown: Callable, draw:
 def _main_models(args, candidates: list[str], meta: dict, profiles: dict, explicit_densities: bool) -> None:
     """``spafl-bench --models``: whole training steps (``bench_models``)."""
     densities = args.densities if explicit_densities else list(MODEL_DENSITIES)
-    print(f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}, {args.reps} reps, medians; "
-          "one training step per model")
+    print(f"{provenance(meta)}; {args.reps} reps, medians; one training step per model")
     print(model_table([]))
     rows = run_models(args.models, densities, candidates, args.reps, args.device, profiles,
                       progress=lambda line: print(line, flush=True))

@@ -175,7 +175,7 @@ def run_models(
     """One row per (model, density, candidate): median step seconds, speed-up over dense, masked
     and static, executed FLOPs over dense FLOPs. ``profiles``: per-model layer densities measured in
     a run, timed as density ``"profile"`` besides the uniform ones."""
-    from .bench import time_interleaved
+    from .bench import medians, time_interleaved
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
@@ -190,19 +190,21 @@ def run_models(
             layers = dict(sparse_layers(sparse))
             active = {n: int(layer.mask().sum()) for n, layer in layers.items()}
             steps = {c: training_step(m, x, target) for c, m in by_candidate.items()}
-            medians = time_interleaved(steps, reps, sync=sync)
+            timings = time_interleaved(steps, reps, sync=sync)
+            times = medians(timings)
             weights = sum(layer.weight.numel() for layer in layers.values())
             kept = sum(active[n] * layer.fan_in for n, layer in layers.items())
-            for candidate, seconds in medians.items():
+            for candidate, seconds in times.items():
                 row = {
                     "model": name, "ste": SETUPS[name].ste, "batch": SETUPS[name].batch,
                     "density": label if label == "profile" else float(label),
                     "weight_density": kept / weights,
                     "row_density": sum(active[n] / layer.weight.shape[0] for n, layer in layers.items()) / len(layers),
-                    "candidate": candidate, "seconds": seconds,
-                    "vs_dense": medians["dense"] / seconds,
-                    "vs_masked": medians["masked"] / seconds if "masked" in medians else None,
-                    "of_static": medians["static"] / seconds,
+                    "candidate": candidate, "seconds": seconds, "p20_seconds": timings[candidate]["p20"],
+                    "p80_seconds": timings[candidate]["p80"],
+                    "vs_dense": times["dense"] / seconds,
+                    "vs_masked": times["masked"] / seconds if "masked" in times else None,
+                    "of_static": times["static"] / seconds,
                     "flops_vs_dense": 1.0 if candidate in ("dense", "masked")
                     else counter.total.train / max(counter.total.dense_train, 1),
                 }
@@ -216,6 +218,8 @@ _COLUMNS = [
     ("density", 8, lambda r: r["density"] if r["density"] == "profile" else f"{r['density']:.2f}"),
     ("candidate", 10, lambda r: r["candidate"]),
     ("step ms", 9, lambda r: f"{r['seconds'] * 1e3:.2f}"),
+    ("p20-p80 ms", 14, lambda r: f"{r['p20_seconds'] * 1e3:.2f}-{r['p80_seconds'] * 1e3:.2f}"
+     if "p20_seconds" in r else ""),
     ("vs dense", 9, lambda r: f"{r['vs_dense']:.2f}x"),
     ("vs masked", 10, lambda r: "n/a" if r["vs_masked"] is None else f"{r['vs_masked']:.2f}x"),
     ("FLOPs/dense", 12, lambda r: f"{r['flops_vs_dense']:.2f}"),
@@ -264,11 +268,14 @@ def model_targets(rows: list[dict]) -> list[str]:
 
 
 def write_model_markdown(path: str, rows: list[dict], meta: dict, command: str) -> None:
+    from .bench import provenance
+
     parts = [
         "# Whole training steps of the paper's models", "",
         f"`{command}`", "",
-        f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}; medians of {meta['reps']} interleaved "
-        "repetitions. One step = zero_grad + forward + cross entropy + backward + SGD-momentum step, every "
+        provenance(meta), "",
+        f"Medians of {meta['reps']} interleaved repetitions, with the 20th-80th percentiles (`p20-p80 ms`). "
+        "One step = zero_grad + forward + cross entropy + backward + SGD-momentum step, every "
         "sparse layer at the density given (random rows). `vs dense` = t_dense / t; `of static` = t_static / t "
         "(static: every sparse layer cut to its active rows); `FLOPs/dense`: matrix-product FLOPs the "
         "skipping kernels execute over dense's.", "",

@@ -9,7 +9,7 @@ import platform
 import torch
 
 from . import __version__
-from ._ext import EXTENSION_ERROR
+from ._ext import BUILT_WITH, EXTENSION_ERROR, describe_build, describe_running
 from .backends import AUTO_ORDER, BACKEND_NAMES, BackendNotSupportedError, get_backend, resolve_backend
 from .backends.base import CallSpec
 
@@ -26,6 +26,12 @@ def report() -> str:
     except ImportError:
         lines.append("triton: not installed")
     lines.append(f"extension spafl_kernels._C: {'built' if EXTENSION_ERROR is None else EXTENSION_ERROR}")
+    if BUILT_WITH is not None:
+        kernels = "with" if BUILT_WITH.get("cuda_kernels") else "without"
+        lines.append(f"  built against {describe_build(BUILT_WITH)}, {kernels} the CUDA kernels, "
+                     f"for spafl-kernels {BUILT_WITH.get('package')}; running {describe_running()}")
+    elif EXTENSION_ERROR is None:
+        lines.append(f"  built against {describe_build(None)}; running {describe_running()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lines.append(f"devices: {', '.join(devices)}; auto order: {', '.join(AUTO_ORDER)}; "
                  f"SPAFL_BACKEND={os.environ.get('SPAFL_BACKEND', '(unset)')}")

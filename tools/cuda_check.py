@@ -1,4 +1,4 @@
-"""Compile check of the CUDA sources (DESIGN §4), for machines with nvcc but maybe no GPU.
+"""Compile check of the CUDA sources (docs/DESIGN.md §4), for machines with nvcc but maybe no GPU.
 
 1. Every ``csrc/cuda/*.cu`` is compiled by nvcc for sm_80 and sm_90 with ``-Xptxas -v`` and the flags
    torch's ``CUDAExtension`` adds (``-D__CUDA_NO_HALF_CONVERSIONS__`` and friends); the check fails on a
@@ -12,7 +12,9 @@ A passing result is cached under ``build/cuda-check/`` keyed by the sources, the
 versions, so that ``make cuda-check`` followed by the test suite compiles once.
 
 usage: python tools/cuda_check.py [--json PATH] [--no-cache] [--no-bindings]
-exit status: 0 clean, 1 compile error or spills, 2 nvcc not found.
+Without nvcc the check is skipped with a message (exit 0), unless ``SPAFL_REQUIRE_NVCC=1`` (CI sets it).
+
+exit status: 0 clean or skipped, 1 compile error or spills, 2 nvcc not found and SPAFL_REQUIRE_NVCC=1.
 """
 
 from __future__ import annotations
@@ -226,8 +228,12 @@ def main(argv=None) -> int:
     bindings = not args.no_bindings
     nvcc = find_nvcc()
     if nvcc is None:
-        print("cuda-check: nvcc not found (set NVCC or CUDA_HOME, or put nvcc on PATH)", file=sys.stderr)
-        return 2
+        message = "nvcc not found (set NVCC or CUDA_HOME, or put nvcc on PATH)"
+        if os.environ.get("SPAFL_REQUIRE_NVCC") == "1":
+            print(f"cuda-check: {message}; SPAFL_REQUIRE_NVCC=1 requires it", file=sys.stderr)
+            return 2
+        print(f"cuda-check: SKIPPED, {message}; the CUDA sources were not compiled (CI requires nvcc)")
+        return 0
     cache = ROOT / "build" / "cuda-check" / f"{cache_key(nvcc, bindings)}.json"
     if not args.no_cache and cache.exists():
         result = json.loads(cache.read_text())

@@ -6,6 +6,8 @@ Reusable pieces: ``SpaFLClient``/``FedAvgClient`` (local training, updates, eval
 ``load_dataset``/``split_dirichlet``.
 """
 
+from spafl_kernels import _version
+
 from .client import (
     ClientUpdate,
     FedAvgClient,
@@ -22,7 +24,10 @@ from .models import MODELS, build_model
 from .server import Aggregate, Server, update_problems
 from .simulation import SUMMARY_KEYS, Simulation, summarize
 
+__version__ = _version.__version__
+
 __all__ = [
+    "__version__",
     "ALGORITHMS",
     "DATASETS",
     "MODELS",

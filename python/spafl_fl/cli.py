@@ -18,7 +18,7 @@ import os
 import shlex
 import sys
 
-from spafl_kernels import BACKEND_NAMES, STES
+from spafl_kernels import BACKEND_NAMES, STES, __version__
 
 from .checkpoint import POINTER, read_json_object
 from .config import ALGORITHMS, GLOBAL_UPDATES, PRESETS, RunConfig, config_problems
@@ -241,6 +241,7 @@ def _command(argv: list[str], drop: tuple[str, ...] = (), add: str | None = None
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="spafl-fl", description="SpaFL federated learning on sparse kernels")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {"run": _run_parser(sub), "flower": _run_parser(
         sub, "flower", "run SpaFL on Flower's simulation engine (Ray); writes the files of `run` "

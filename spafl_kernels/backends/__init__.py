@@ -1,8 +1,10 @@
-"""Backend registry and dispatch (DESIGN §3).
+"""Backend registry and dispatch (docs/DESIGN.md §3).
 
-``backend="auto"`` takes the first backend of ``AUTO_ORDER`` that supports the call on that device;
-the environment variable ``SPAFL_BACKEND`` overrides ``auto``. An explicit backend that cannot run the
-call raises ``BackendNotSupportedError`` listing its reasons.
+``backend="auto"`` takes the first backend of ``AUTO_ORDER`` that supports the call on that device and,
+on the devices a backend names in ``self_check_device_types`` (the GPU backends on CUDA), has passed its
+self-check there (``spafl_kernels.selfcheck``); the environment variable ``SPAFL_BACKEND`` overrides
+``auto``. An explicit backend that cannot run the call raises ``BackendNotSupportedError`` listing its
+reasons.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ new backend is a new folder, and a line in ``AUTO_ORDER`` if ``auto`` may choose
 AUTO_ORDER = ("triton", "cpp", "torch")
 """Preference of ``backend="auto"``: fastest first (each backend also names the devices it is chosen on).
 ``reference`` is never chosen. ``cuda`` joins only once its GPU tests (tests/test_cuda.py) have passed on
-a real GPU."""
+a real GPU. On a GPU, ``triton`` (and ``cuda``) is chosen only once it passed its self-check on that device
+(``spafl_kernels.selfcheck``)."""
 
 
 class BackendNotSupportedError(RuntimeError):
@@ -79,6 +82,10 @@ def resolve_backend(backend: str, op: str, device_type: str, dtype: torch.dtype,
         reasons = candidate.not_supported_reasons(spec)
         if device_type not in candidate.auto_device_types:
             reasons = reasons + [f"not chosen automatically on {device_type}"]
+        if not reasons and device_type in candidate.self_check_device_types:
+            from ..selfcheck import untrusted_reasons  # it runs the ops, which import this module
+
+            reasons = untrusted_reasons(name, device_type)
         if not reasons:
             return name
         skipped.append(f"{name}: " + "; ".join(reasons))

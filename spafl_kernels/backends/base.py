@@ -81,6 +81,9 @@ class Backend:
     """Device types it runs on; ``None``: every device PyTorch runs on."""
     auto_device_types: tuple[str, ...] = ()
     """Devices on which ``backend="auto"`` may choose this backend."""
+    self_check_device_types: tuple[str, ...] = ()
+    """Devices on which ``auto`` chooses it only once its self-check (``spafl_kernels.selfcheck``) passed there:
+    where CI cannot run it (the GPU backends on CUDA)."""
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     needs_extension: bool = False
     """Whether it runs the compiled extension ``spafl_kernels._C``."""

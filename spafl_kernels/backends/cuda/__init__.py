@@ -38,6 +38,7 @@ class CudaBackend(NativeKernels, Backend):
     description = "CUDA kernels (csrc/cuda): device-side row selection, gather-fused GEMM, no host sync"
     devices = ("cuda",)
     auto_device_types = ("cuda",)
+    self_check_device_types = ("cuda",)  # CI runs it in an interpreter or emulation only
     dtypes = FLOAT_DTYPES
     needs_extension = True
     supports_groups = False
