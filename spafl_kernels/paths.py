@@ -3,9 +3,10 @@
 Where a call can run two exact ways (the row-skipping kernels or masked dense, the dense product with pruned
 rows zeroed plus the STE formula; oneDNN or im2col for a one-channel convolution's weight gradient), the
 first call of each signature times both and keeps the faster (csrc/cpu/paths.h). A signature is the op and
-pass, dtype, thread count, shapes, bias, STE, the gradients asked for and the active (and graded) rows in
-sixteenths. Both paths match ``reference``, but not always to the bit, so a choice made by the clock could
-change a run's numbers from one run to the next. This module keeps them fixed:
+pass, dtype, thread count, shapes (the batch size bucketed: exact to 16, then powers of two), bias, STE, the
+gradients asked for and the active (and graded) rows in sixteenths. Both paths match ``reference``, but not
+always to the bit, so a choice made by the clock could change a run's numbers from one run to the next. This
+module keeps them fixed:
 
 - the table is saved per machine (``cache_file()``: keyed by CPU model, torch and package version; JSON,
   atomic writes, merged with what another process saved) and loaded when the ``cpp`` backend is imported,
@@ -38,15 +39,16 @@ KINDS = ("linear_fwd", "linear_bwd", "conv2d_fwd", "conv2d_bwd", "conv2d_dw")
 CHOICES = {kind: ("skip", "dense") for kind in KINDS[:4]} | {"conv2d_dw": ("onednn", "im2col")}
 """The two ways of each kind, by their code (0, 1)."""
 
-# Names of a key's integers after kind, dtype and thread count (csrc/cpu/linear.cpp, conv2d.cpp).
+# Names of a key's integers after kind, dtype and thread count (csrc/cpu/linear.cpp, conv2d.cpp); a batch
+# size is bucketed (batch_bucket).
 _GEOMETRY = ("stride_h", "stride_w", "pad_h", "pad_w", "dilation_h", "dilation_w", "groups")
 _FIELDS = {
-    "linear_fwd": ("M", "K", "N", "bias", "active"),
-    "linear_bwd": ("M", "K", "N", "bias", "ste", "need_dx", "need_params", "active", "graded"),
-    "conv2d_fwd": ("B", "C", "H", "W", "N", "Cg", "kh", "kw") + _GEOMETRY + ("bias", "active"),
-    "conv2d_bwd": ("B", "C", "H", "W", "N", "Cg", "kh", "kw") + _GEOMETRY
+    "linear_fwd": ("M_bucket", "K", "N", "bias", "active"),
+    "linear_bwd": ("M_bucket", "K", "N", "bias", "ste", "need_dx", "need_params", "active", "graded"),
+    "conv2d_fwd": ("B_bucket", "C", "H", "W", "N", "Cg", "kh", "kw") + _GEOMETRY + ("bias", "active"),
+    "conv2d_bwd": ("B_bucket", "C", "H", "W", "N", "Cg", "kh", "kw") + _GEOMETRY
     + ("bias", "ste", "need_dx", "need_params", "active", "graded"),
-    "conv2d_dw": ("B", "H", "W", "N", "Cg", "kh", "kw", "stride_h", "pad_h", "dilation_h", "stride_w", "pad_w",
+    "conv2d_dw": ("B_bucket", "H", "W", "N", "Cg", "kh", "kw", "stride_h", "pad_h", "dilation_h", "stride_w", "pad_w",
                   "dilation_w"),
 }
 _DTYPES = {6: "float32", 7: "float64"}  # c10::ScalarType codes
@@ -107,7 +109,7 @@ def clear_table() -> None:
 
 
 def describe(entry: dict) -> str:
-    """One line for a choice: ``linear_fwd float32 threads=2 M=64 K=400 N=120 bias=1 active=8/16 -> dense``."""
+    """One line for a choice: ``linear_fwd float32 threads=2 M_bucket=64 K=400 N=120 bias=1 active=8/16 -> dense``."""
     kind, key = entry["kind"], entry["key"]
     parts = [kind, _DTYPES.get(key[0], f"dtype{key[0]}"), f"threads={key[1]}"]
     for name, value in zip(_FIELDS[kind], key[2:]):
@@ -203,3 +205,37 @@ def load_cache_once() -> None:
     _LOADED = True
     load_cache()
     atexit.register(save_cache)
+
+
+def row_bucket(count: int, rows: int) -> int:
+    """Active rows as a signature bucket: 0 (none), 1-16 (sixteenths, rounded up), 17 (all); as paths.h."""
+    if count <= 0:
+        return 0
+    return 17 if count >= rows else 1 + (count * 16 - 1) // rows
+
+
+def batch_bucket(m: int) -> int:
+    """A batch size as a signature bucket: exact up to 16, else the next power of two; as paths.h."""
+    if m <= 16:
+        return m
+    bucket = 16
+    while bucket < m:
+        bucket *= 2
+    return bucket
+
+
+def used_paths(op: str, x_shape, w_shape, active: int) -> str:
+    """The recorded paths of a layer call (``op`` "linear" or "conv2d", ``active`` of ``w_shape[0]`` rows):
+    ``"fwd dense, bwd skip"``; a pass not recorded (not run, or pinned) reads ``-``."""
+    shape = [*x_shape, *w_shape] if op == "conv2d" else [x_shape[0], x_shape[1], w_shape[0]]
+    shape[0] = batch_bucket(shape[0])
+    bucket = row_bucket(active, w_shape[0])
+    found = {}
+    for entry in export_table():
+        kind = entry["kind"]
+        if kind not in (f"{op}_fwd", f"{op}_bwd"):
+            continue
+        fields = dict(zip(_FIELDS[kind], entry["key"][2:]))
+        if [fields[name] for name in _FIELDS[kind][:len(shape)]] == shape and fields["active"] == bucket:
+            found.setdefault(kind.split("_")[1], set()).add(entry["choice"])
+    return ", ".join(f"{p} {'/'.join(sorted(found[p])) if p in found else '-'}" for p in ("fwd", "bwd"))

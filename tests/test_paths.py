@@ -141,8 +141,9 @@ def test_first_sight_records_forward_and_backward(monkeypatch, forced, expected)
     assert sorted(e["kind"] for e in table) == ["linear_bwd", "linear_fwd"]
     assert {e["choice"] for e in table} == {expected}
     fwd = next(e for e in table if e["kind"] == "linear_fwd")
-    assert paths.describe(fwd) == f"linear_fwd float32 threads={torch.get_num_threads()} M=16 K=40 N=24 bias=1 " \
-                                  f"active=7/16 -> {expected}"
+    threads = torch.get_num_threads()
+    assert paths.describe(fwd) == f"linear_fwd float32 threads={threads} M_bucket=16 K=40 N=24 bias=1 active=7/16 " \
+                                  f"-> {expected}"
     monkeypatch.setenv("SPAFL_CPU_TIMED_CHOICE", "second" if forced == "first" else "first")
     again = _linear_step(*sample)
     assert paths.export_table() == table

@@ -116,7 +116,7 @@ Tensor single_channel_dw(const Tensor& g, const Tensor& x, const Tensor& w, cons
   if (pin != nullptr && std::string(pin) == "onednn") pinned = 0;
   if (pin != nullptr && std::string(pin) == "im2col") pinned = 1;
   ChoiceKey key = key_head(kConvDw, w);
-  key.insert(key.end(), {x.size(0), x.size(2), x.size(3)});
+  key.insert(key.end(), {batch_bucket(x.size(0)), x.size(2), x.size(3)});
   key.insert(key.end(), w.sizes().begin(), w.sizes().end());
   for (int d = 0; d < 2; ++d) key.insert(key.end(), {geo.stride[d], geo.padding[d], geo.dilation[d]});
   return choose(
@@ -254,7 +254,7 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x, const Tensor& weight, con
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_conv2d_fwd", [&] {
     const RowSets rows(score.const_data_ptr<scalar_t>(), N, SPAFL_STE_IDENTITY, /*with_gates=*/false);
     ChoiceKey key = key_head(kConvFwd, w);
-    key.insert(key.end(), x.sizes().begin(), x.sizes().end());
+    key.insert(key.end(), {batch_bucket(x.size(0)), x.size(1), x.size(2), x.size(3)});
     key.insert(key.end(), w.sizes().begin(), w.sizes().end());
     key.insert(key.end(), geometry.begin(), geometry.end());
     key.insert(key.end(), {bias.has_value(), row_bucket(rows.num_active(), N)});
@@ -401,22 +401,8 @@ Grads conv2d_bwd_dense(const Tensor& g, const Tensor& x, const Tensor& w, const 
   if (need_dx && A == 0) dx = at::zeros_like(x);
   if (!need_params) return Grads{dx, dweight, dbias, dthreshold};
   if (!want_dw) dweight = at::zeros(w.sizes(), w.options());
-  Tensor b;
-  if (bias) {
-    b = bias->contiguous();
-    dbias = at::empty({N}, w.options());
-    plane_sums(g.const_data_ptr<scalar_t>(), g.size(0), N, g.size(2) * g.size(3), dbias.mutable_data_ptr<scalar_t>());
-  }
-  dthreshold = at::zeros({N}, w.options());
-  const GradRows<scalar_t> grads{rows,
-                                 w.const_data_ptr<scalar_t>(),
-                                 b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                                 b.defined() ? dbias.const_data_ptr<scalar_t>() : nullptr,
-                                 fan_in,
-                                 dweight.mutable_data_ptr<scalar_t>(),
-                                 dthreshold.mutable_data_ptr<scalar_t>()};
-  grads.finish_all_in_place();
-  if (bias) rows.zero_pruned(dbias.mutable_data_ptr<scalar_t>());
+  finish_masked_dense(rows, w, bias, g.const_data_ptr<scalar_t>(), g.size(0), g.size(2) * g.size(3), dweight, dbias,
+                      dthreshold);
   return Grads{dx, dweight, dbias, dthreshold};
 }
 
@@ -440,7 +426,7 @@ Grads conv2d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& weight, co
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_conv2d_bwd", [&] {
     const RowSets rows(s.const_data_ptr<scalar_t>(), N, gate_kind, need_params);
     ChoiceKey key = key_head(kConvBwd, w);
-    key.insert(key.end(), x.sizes().begin(), x.sizes().end());
+    key.insert(key.end(), {batch_bucket(x.size(0)), x.size(1), x.size(2), x.size(3)});
     key.insert(key.end(), w.sizes().begin(), w.sizes().end());
     key.insert(key.end(), geometry.begin(), geometry.end());
     key.insert(key.end(), {bias.has_value(), ste, need_dx, need_params, row_bucket(rows.num_active(), N),

@@ -116,7 +116,7 @@ std::tuple<Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& weight, con
       return;
     }
     ChoiceKey key = key_head(kLinearFwd, w);
-    key.insert(key.end(), {M, K, N, bias.has_value(), row_bucket(A, N)});
+    key.insert(key.end(), {batch_bucket(M), K, N, bias.has_value(), row_bucket(A, N)});
     y = choose(
         key, pinned_path(), [&] { return linear_fwd_skip<scalar_t>(x, w, bias, score, rows); },
         [&] { return linear_fwd_dense<scalar_t>(x, w, bias, rows); });
@@ -270,24 +270,8 @@ Grads linear_bwd_dense(const Tensor& g, const Tensor& x, const Tensor& w, const 
     }
   }
   if (!need_params) return Grads{dx, dweight, dbias, dthreshold};
-  const scalar_t* gp = g.const_data_ptr<scalar_t>();
-  Tensor b;
-  if (bias) {
-    b = bias->contiguous();
-    dbias = at::empty({N}, w.options());
-    plane_sums(gp, M, N, 1, dbias.mutable_data_ptr<scalar_t>());
-  }
-  dthreshold = at::zeros({N}, w.options());
   dweight = at::mm(g.t(), x);  // [N, K], contiguous
-  const GradRows<scalar_t> grads{rows,
-                                 w.const_data_ptr<scalar_t>(),
-                                 b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                                 b.defined() ? dbias.const_data_ptr<scalar_t>() : nullptr,
-                                 K,
-                                 dweight.mutable_data_ptr<scalar_t>(),
-                                 dthreshold.mutable_data_ptr<scalar_t>()};
-  grads.finish_all_in_place();
-  if (bias) rows.zero_pruned(dbias.mutable_data_ptr<scalar_t>());
+  finish_masked_dense(rows, w, bias, g.const_data_ptr<scalar_t>(), M, 1, dweight, dbias, dthreshold);
   return Grads{dx, dweight, dbias, dthreshold};
 }
 
@@ -310,8 +294,8 @@ Grads linear_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& weight, co
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_linear_bwd", [&] {
     const RowSets rows(s.const_data_ptr<scalar_t>(), N, gate_kind, need_params);
     ChoiceKey key = key_head(kLinearBwd, w);
-    key.insert(key.end(), {M, K, N, bias.has_value(), ste, need_dx, need_params, row_bucket(rows.num_active(), N),
-                           row_bucket(rows.num_graded(), N)});
+    key.insert(key.end(), {batch_bucket(M), K, N, bias.has_value(), ste, need_dx, need_params,
+                           row_bucket(rows.num_active(), N), row_bucket(rows.num_graded(), N)});
     out = choose(
         key, pinned_path(), [&] { return linear_bwd_skip<scalar_t>(g, x, w, bias, s, rows, need_dx, need_params); },
         [&] { return linear_bwd_dense<scalar_t>(g, x, w, bias, rows, need_dx, need_params); });

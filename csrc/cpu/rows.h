@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "../spafl_ste.h"
@@ -501,5 +502,29 @@ struct GradRows {
     }
   }
 };
+
+// The masked-dense epilogue: `dweight` [N, fan_in] holds the dense G of every row; finishes it in place
+// (DESIGN §2) and makes dthreshold [N] and, with a bias, dbias [N] (from dL/dy g [outer, N, inner]).
+template <typename T>
+void finish_masked_dense(const RowSets& rows, const at::Tensor& w, const std::optional<at::Tensor>& bias, const T* g,
+                         int64_t outer, int64_t inner, at::Tensor& dweight, at::Tensor& dbias, at::Tensor& dthreshold) {
+  const int64_t n = rows.n, fan_in = w.numel() / std::max<int64_t>(n, 1);
+  at::Tensor b;
+  if (bias) {
+    b = bias->contiguous();
+    dbias = at::empty({n}, w.options());
+    plane_sums(g, outer, n, inner, dbias.mutable_data_ptr<T>());
+  }
+  dthreshold = at::zeros({n}, w.options());
+  const GradRows<T> grads{rows,
+                          w.const_data_ptr<T>(),
+                          b.defined() ? b.const_data_ptr<T>() : nullptr,
+                          b.defined() ? dbias.const_data_ptr<T>() : nullptr,
+                          fan_in,
+                          dweight.mutable_data_ptr<T>(),
+                          dthreshold.mutable_data_ptr<T>()};
+  grads.finish_all_in_place();
+  if (bias) rows.zero_pruned(dbias.mutable_data_ptr<T>());
+}
 
 }  // namespace spafl::cpu
