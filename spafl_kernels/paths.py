@@ -183,6 +183,7 @@ def save_cache() -> str | None:
     new = [e for e in export_table() if (e["kind"], tuple(e["key"])) not in known]
     if not new:
         return None
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".paths-", suffix=".tmp")
@@ -190,6 +191,8 @@ def save_cache() -> str | None:
             json.dump({"machine": machine(), "choices": saved + new}, f, indent=0)
         os.replace(tmp, path)
     except OSError:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
         return None
     return path
 

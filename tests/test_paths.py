@@ -234,3 +234,15 @@ def test_cache_saves_merges_and_replays(monkeypatch, tmp_path):
     assert paths.load_cache() == 0 and paths.export_table() == []
     monkeypatch.setenv("SPAFL_PATH_CACHE", "off")
     assert paths.cache_file() is None and paths.save_cache() is None
+
+
+def test_an_unwritable_cache_is_skipped(monkeypatch, tmp_path):
+    """Saving at exit must never fail a run: a cache path that cannot be written is left alone."""
+    require_backend("cpp", "linear")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SPAFL_PATH_CACHE", str(blocker / "paths.json"))
+    monkeypatch.setenv("SPAFL_CPU_TIMED_CHOICE", "first")
+    _linear_step(*_linear_sample())
+    assert paths.save_cache() is None
+    assert blocker.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
