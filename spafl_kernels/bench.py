@@ -32,6 +32,7 @@ from .bench_models import density_profile, model_table, model_targets, plot_mode
 from .flops import layer_flops
 from .functional import sparse_conv2d, sparse_linear
 from .models import MODELS
+from .paths import used_paths
 from .selfcheck import cpu_model
 from .semantics import STES, fan_in
 
@@ -277,6 +278,9 @@ def run(
                             "dense_p80_seconds": timings["dense"]["p80"], "speedup": speedup, "ideal": ideal,
                             "fraction_of_ideal": speedup / ideal,
                         }
+                        if name == "cpp":  # which exact path its calls took (spafl_kernels.paths)
+                            layer_def = LAYERS[layer]
+                            row["path"] = used_paths(layer_def.op, layer_def.x_shape, layer_def.w_shape, case.active)
                         if peaks:
                             row["peak_bytes"], row["dense_peak_bytes"] = peaks[name], peaks["dense"]
                         rows.append(row)
@@ -298,6 +302,7 @@ _COLUMNS = [
     ("vs dense", 9, lambda r: f"{r['speedup']:.2f}x"),
     ("ideal", 7, lambda r: f"{r['ideal']:.2f}x"),
     ("of ideal", 9, lambda r: f"{r['fraction_of_ideal']:.2f}"),
+    ("cpp path", 22, lambda r: r.get("path", "")),
     ("peak MiB", 13, lambda r: f"{r['peak_bytes'] / 2**20:.0f} ({r['dense_peak_bytes'] / 2**20:.0f})"
      if "peak_bytes" in r else ""),
 ]

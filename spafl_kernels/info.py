@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-from . import __version__
+from . import __version__, paths
 from ._ext import BUILT_WITH, EXTENSION_ERROR, describe_build, describe_running
 from .backends import AUTO_ORDER, BACKEND_NAMES, BackendNotSupportedError, get_backend, resolve_backend
 from .backends.base import CallSpec
@@ -52,6 +52,10 @@ def report() -> str:
             for name in BACKEND_NAMES:
                 reasons = get_backend(name).not_supported_reasons(spec)
                 lines.append(f"    {name:<10} {'ok' if not reasons else 'no: ' + '; '.join(reasons)}")
+    lines.append("")
+    lines.append(f"cpp path choices (SPAFL_CPU_PATH={os.environ.get('SPAFL_CPU_PATH', 'auto')}; "
+                 f"cache {paths.cache_file() or 'off'}):")
+    lines.extend(f"  {paths.describe(entry)}" for entry in paths.export_table())
     return "\n".join(lines)
 
 

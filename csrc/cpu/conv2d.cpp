@@ -8,16 +8,14 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <chrono>
 #include <cstdlib>
-#include <map>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "../spafl_conv.h"
+#include "paths.h"
 #include "rows.h"
 
 namespace spafl::cpu {
@@ -110,34 +108,20 @@ Tensor dw_by(DwAlgo algo, const Tensor& g, const Tensor& x, const Tensor& w, con
   return at::bmm(g.reshape({g.size(0), g.size(1), -1}), cols.transpose(1, 2)).sum(0).view(w.sizes());
 }
 
-// The faster algorithm for this shape (and thread count), timed on first sight; both give dW.
+// The faster algorithm for this shape (and thread count), timed on first sight (the choice table,
+// paths.h: recorded, so that a run replays it); both give dW.
 Tensor single_channel_dw(const Tensor& g, const Tensor& x, const Tensor& w, const Geometry& geo) {
   const char* pin = std::getenv("SPAFL_CPU_CONV_DW");
-  if (pin != nullptr && std::string(pin) == "onednn") return dw_by(DwAlgo::kOneDnn, g, x, w, geo);
-  if (pin != nullptr && std::string(pin) == "im2col") return dw_by(DwAlgo::kIm2col, g, x, w, geo);
-  static std::mutex mutex;
-  static std::map<std::vector<int64_t>, DwAlgo> chosen;
-  std::vector<int64_t> key{x.size(0), x.size(2), x.size(3), static_cast<int64_t>(w.scalar_type()),
-                           at::get_num_threads()};
+  int64_t pinned = -1;
+  if (pin != nullptr && std::string(pin) == "onednn") pinned = 0;
+  if (pin != nullptr && std::string(pin) == "im2col") pinned = 1;
+  ChoiceKey key = key_head(kConvDw, w);
+  key.insert(key.end(), {batch_bucket(x.size(0)), x.size(2), x.size(3)});
   key.insert(key.end(), w.sizes().begin(), w.sizes().end());
   for (int d = 0; d < 2; ++d) key.insert(key.end(), {geo.stride[d], geo.padding[d], geo.dilation[d]});
-  {
-    const std::lock_guard<std::mutex> lock(mutex);
-    const auto found = chosen.find(key);
-    if (found != chosen.end()) return dw_by(found->second, g, x, w, geo);
-  }
-  // First sight: each algorithm once to warm up, then once timed; the last result is the gradient.
-  Tensor dw;
-  double seconds[2];
-  for (const DwAlgo algo : {DwAlgo::kOneDnn, DwAlgo::kIm2col}) {
-    dw_by(algo, g, x, w, geo);
-    const auto start = std::chrono::steady_clock::now();
-    dw = dw_by(algo, g, x, w, geo);
-    seconds[static_cast<int>(algo)] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  }
-  const std::lock_guard<std::mutex> lock(mutex);
-  chosen.emplace(key, seconds[1] < seconds[0] ? DwAlgo::kIm2col : DwAlgo::kOneDnn);
-  return dw;
+  return choose(
+      key, pinned, [&] { return dw_by(DwAlgo::kOneDnn, g, x, w, geo); },
+      [&] { return dw_by(DwAlgo::kIm2col, g, x, w, geo); });
 }
 
 bool single_channel_candidate(const Tensor& g, const Tensor& x, const Tensor& w, int64_t groups) {
@@ -190,12 +174,78 @@ std::pair<Tensor, Tensor> planes_backward(const Tensor& g, const Tensor& xg, con
   return {dx, dw};
 }
 
+// The row-skipping forward: the convolution of the active filters (on x's live channels), scattered
+// into a zeroed y.
+template <typename scalar_t>
+Tensor conv2d_fwd_skip(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, const Tensor& score,
+                       const RowSets& rows, const Geometry& geo) {
+  const int64_t N = w.size(0), groups = geo.groups;
+  Tensor y;
+  const int64_t A = rows.num_active(), C = x.size(1), taps = w.size(2) * w.size(3);
+  const LiveInputs in = groups == 1 && A ? live_inputs<scalar_t>(x, x.size(0), C, x.size(2) * x.size(3),
+                                                                 score.const_data_ptr<scalar_t>(), rows.active)
+                                         : LiveInputs{};
+  if (A == N && !in.skip) {  // density 1: exactly the dense op
+    y = at::convolution(x, w, bias, geo.stride, geo.padding, geo.dilation, false, {0, 0}, groups);
+    return y;
+  }
+  std::vector<int64_t> out_sizes{x.size(0), N, 0, 0};
+  for (int d = 0; d < 2; ++d) {
+    out_sizes[2 + d] = geo.out_size(d, x.size(2 + d), w.size(2 + d));
+  }
+  // Reused heap memory, zero-filled: the layer after (ReLU, pooling, batch norm) reads every plane, and
+  // faulting in fresh pages for them cost more than the fill (measured on LeNet-5's conv1 + ReLU +
+  // max-pool, batch 64: 6.9 vs 4.3 ms at density 0.5, 8.3 vs 5.5 ms at 0.95, equal at 0.1).
+  y = at::zeros(out_sizes, x.options());
+  const Tensor b = bias ? bias->contiguous() : Tensor();
+  const int64_t plane = out_sizes[2] * out_sizes[3];
+  const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+  if (in.skip) {
+    // groups == 1: one convolution of x's live channels with those channels of the active filters.
+    const int64_t L = static_cast<int64_t>(in.live.size());
+    Tensor z;
+    if (L == 0) {
+      z = at::zeros({out_sizes[0], A, out_sizes[2], out_sizes[3]}, x.options());
+    } else {
+      const Tensor xs = gather_live<scalar_t>(x, in);
+      Tensor filters = at::empty({A, L, w.size(2), w.size(3)}, w.options());
+      gather_rows_cols(w.const_data_ptr<scalar_t>(), C, taps, rows.active.data(), A, in.live.data(), L,
+                       filters.mutable_data_ptr<scalar_t>());
+      z = at::convolution(xs, filters, std::nullopt, geo.stride, geo.padding, geo.dilation, false, {0, 0}, 1)
+              .contiguous();
+    }
+    scatter_planes(z.const_data_ptr<scalar_t>(), out_sizes[0], A, plane, rows.active.data(), N, bp,
+                   y.mutable_data_ptr<scalar_t>());
+  }
+  for (const GroupPart& part : in.skip ? std::vector<GroupPart>{} : group_parts(rows.active, N / groups)) {
+    const Tensor z =
+        at::convolution(group_input(x, geo, part), take_rows<scalar_t>(w, rows.active, part.begin, part.end),
+                        std::nullopt, geo.stride, geo.padding, geo.dilation, false, {0, 0}, 1)
+            .contiguous();
+    scatter_planes(z.const_data_ptr<scalar_t>(), out_sizes[0], part.end - part.begin, plane,
+                   rows.active.data() + part.begin, N, bp, y.mutable_data_ptr<scalar_t>());
+  }
+  return y;
+}
+
+// The masked-dense forward: the dense convolution, then the pruned filters' planes zeroed.
+template <typename scalar_t>
+Tensor conv2d_fwd_dense(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, const RowSets& rows,
+                        const Geometry& geo) {
+  Tensor y = at::convolution(x, w, bias, geo.stride, geo.padding, geo.dilation, false, {0, 0}, geo.groups);
+  if (rows.num_active() < rows.n) {
+    y = y.contiguous();
+    zero_pruned_planes(y.mutable_data_ptr<scalar_t>(), y.size(0), rows, y.size(2) * y.size(3));
+  }
+  return y;
+}
+
 // x [B, C, H, W], weight [N, C/groups, kh, kw], bias [N]?, threshold [N] -> (y [B, N, H', W'], score [N]).
+// Skipping or masked dense, whichever the choice table (paths.h) says for the call's signature.
 std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                       const Tensor& threshold, IntArrayRef geometry) {
   const char* op = "spafl::native_conv2d_fwd";
   const Geometry geo = conv_geometry(geometry, op);
-  const int64_t groups = geo.groups;
   check_inputs(op, x, weight, bias, geo);
   const Tensor w = weight.contiguous();
   const int64_t N = w.size(0);
@@ -203,182 +253,190 @@ std::tuple<Tensor, Tensor> conv2d_fwd(const Tensor& x, const Tensor& weight, con
   Tensor y;
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_conv2d_fwd", [&] {
     const RowSets rows(score.const_data_ptr<scalar_t>(), N, SPAFL_STE_IDENTITY, /*with_gates=*/false);
-    const int64_t A = rows.num_active(), C = x.size(1), taps = w.size(2) * w.size(3);
-    const LiveInputs in = groups == 1 && A ? live_inputs<scalar_t>(x, x.size(0), C, x.size(2) * x.size(3),
-                                                                   score.const_data_ptr<scalar_t>(), rows.active)
-                                           : LiveInputs{};
-    if (A == N && !in.skip) {  // density 1: exactly the dense op
-      y = at::convolution(x, w, bias, geo.stride, geo.padding, geo.dilation, false, {0, 0}, groups);
-      return;
-    }
-    std::vector<int64_t> out_sizes{x.size(0), N, 0, 0};
-    for (int d = 0; d < 2; ++d) {
-      out_sizes[2 + d] = geo.out_size(d, x.size(2 + d), w.size(2 + d));
-    }
-    // Reused heap memory, zero-filled: the layer after (ReLU, pooling, batch norm) reads every plane, and
-    // faulting in fresh pages for them cost more than the fill (measured on LeNet-5's conv1 + ReLU +
-    // max-pool, batch 64: 6.9 vs 4.3 ms at density 0.5, 8.3 vs 5.5 ms at 0.95, equal at 0.1).
-    y = at::zeros(out_sizes, x.options());
-    const Tensor b = bias ? bias->contiguous() : Tensor();
-    const int64_t plane = out_sizes[2] * out_sizes[3];
-    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-    if (in.skip) {
-      // groups == 1: one convolution of x's live channels with those channels of the active filters.
-      const int64_t L = static_cast<int64_t>(in.live.size());
-      Tensor z;
-      if (L == 0) {
-        z = at::zeros({out_sizes[0], A, out_sizes[2], out_sizes[3]}, x.options());
-      } else {
-        const Tensor xs = gather_live<scalar_t>(x, in);
-        Tensor filters = at::empty({A, L, w.size(2), w.size(3)}, w.options());
-        gather_rows_cols(w.const_data_ptr<scalar_t>(), C, taps, rows.active.data(), A, in.live.data(), L,
-                         filters.mutable_data_ptr<scalar_t>());
-        z = at::convolution(xs, filters, std::nullopt, geo.stride, geo.padding, geo.dilation, false, {0, 0}, 1)
-                .contiguous();
-      }
-      scatter_planes(z.const_data_ptr<scalar_t>(), out_sizes[0], A, plane, rows.active.data(), N, bp,
-                     y.mutable_data_ptr<scalar_t>());
-    }
-    for (const GroupPart& part : in.skip ? std::vector<GroupPart>{} : group_parts(rows.active, N / groups)) {
-      const Tensor z =
-          at::convolution(group_input(x, geo, part), take_rows<scalar_t>(w, rows.active, part.begin, part.end),
-                          std::nullopt, geo.stride, geo.padding, geo.dilation, false, {0, 0}, 1)
-              .contiguous();
-      scatter_planes(z.const_data_ptr<scalar_t>(), out_sizes[0], part.end - part.begin, plane,
-                     rows.active.data() + part.begin, N, bp, y.mutable_data_ptr<scalar_t>());
-    }
+    ChoiceKey key = key_head(kConvFwd, w);
+    key.insert(key.end(), {batch_bucket(x.size(0)), x.size(1), x.size(2), x.size(3)});
+    key.insert(key.end(), w.sizes().begin(), w.sizes().end());
+    key.insert(key.end(), geometry.begin(), geometry.end());
+    key.insert(key.end(), {bias.has_value(), row_bucket(rows.num_active(), N)});
+    y = choose(
+        key, pinned_path(), [&] { return conv2d_fwd_skip<scalar_t>(x, w, bias, score, rows, geo); },
+        [&] { return conv2d_fwd_dense<scalar_t>(x, w, bias, rows, geo); });
   });
   return {y, score};
 }
 
-// Gradients of conv2d_fwd, as for the Linear op; grad_y: [B, N, H', W'].
-std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
-                                                      const std::optional<Tensor>& bias, const Tensor& score,
-                                                      IntArrayRef geometry, int64_t ste, bool need_dx,
-                                                      bool need_params) {
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+// The row-skipping backward: convolutions over the active (dx) and graded (dW) filters only. g, w, s
+// contiguous.
+template <typename scalar_t>
+Grads conv2d_bwd_skip(const Tensor& g, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
+                      const Tensor& s, RowSets rows, const Geometry& geo, bool need_dx, bool need_params) {
+  const int64_t N = w.size(0), fan_in = w.numel() / std::max<int64_t>(N, 1), groups = geo.groups;
+  // Distinct empty tensors where a gradient is not asked for: op outputs must not alias each other.
+  Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()), dbias = at::empty({0}, x.options()),
+         dthreshold = at::empty({0}, x.options());
+  if (need_params) rows.drop_silent(g.const_data_ptr<scalar_t>(), g.size(0), g.size(2) * g.size(3));
+  const int64_t A = rows.num_active(), R = rows.num_graded(), per = N / groups, C = x.size(1);
+  // Input channels that are zero over the batch add nothing to G: dW's product then reads x's live
+  // channels only, unless dL/dy holds a NaN or infinity (times a zero input: NaN in G, as in dense). Found
+  // again, not saved by the forward: the op saves nothing but its inputs and the score.
+  LiveInputs in;
+  if (need_params && groups == 1 && R > 0) {
+    in = live_inputs<scalar_t>(x, x.size(0), C, x.size(2) * x.size(3), s.const_data_ptr<scalar_t>(), rows.active);
+    if (in.skip && !all_finite(g.const_data_ptr<scalar_t>(), g.numel())) in = LiveInputs{};
+  }
+  // dbias holds gsum (dL/dy summed over batch and space) until the rows are finished, then is
+  // masked: dL/db_i = m_i * gsum_i.
+  Tensor b;
+  if (need_params) {
+    if (bias) {
+      b = bias->contiguous();
+      dbias = at::empty({N}, w.options());
+      plane_sums(g.const_data_ptr<scalar_t>(), g.size(0), N, g.size(2) * g.size(3), dbias.mutable_data_ptr<scalar_t>());
+    }
+    dthreshold = at::empty({N}, w.options());
+    std::fill_n(dthreshold.mutable_data_ptr<scalar_t>(), N, scalar_t(0));
+  }
+  // dW rows and dtau of graded positions [p0, p1), from their compact dense gradient, or in place.
+  auto finish = [&](int64_t p0, int64_t p1, const Tensor& compact) {
+    const GradRows<scalar_t> grads{rows,
+                                   w.const_data_ptr<scalar_t>(),
+                                   b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                                   b.defined() ? dbias.const_data_ptr<scalar_t>() : nullptr,
+                                   fan_in,
+                                   dweight.mutable_data_ptr<scalar_t>(),
+                                   dthreshold.mutable_data_ptr<scalar_t>()};
+    if (compact.defined()) {
+      grads.finish_compact(p0, p1, compact.const_data_ptr<scalar_t>());
+    } else {
+      grads.finish_block(p0, p1);
+    }
+  };
+  const bool all_graded = need_params && R == N && !in.skip;
+  bool dweight_done = false;
+  if (need_dx && A == N) {  // density 1: the dense backward (dW too when every row is graded)
+    Tensor dweight_full;
+    std::tie(dx, dweight_full, std::ignore) = conv_backward(g, x, w, geo, groups, true, all_graded);
+    if (all_graded) {
+      dweight = dweight_full.contiguous();
+      finish(0, N, Tensor());
+      dweight_done = true;
+    }
+  } else if (need_dx && A == 0) {
+    dx = at::zeros_like(x);
+  } else if (need_dx) {
+    // When no pruned row has an open gate, graded == active and dW's rows come with dx.
+    const bool joint = need_params && rows.graded == rows.active && !in.skip;
+    if (groups > 1) dx = at::zeros_like(x);
+    for (const GroupPart& part : group_parts(rows.active, per)) {
+      const Tensor xg = group_input(x, geo, part);
+      auto [dx_part, dweight_part] =
+          planes_backward<scalar_t>(g, xg, w, rows.active, part.begin, part.end, geo, true, joint);
+      if (groups == 1) {
+        dx = dx_part;
+      } else {
+        dx.narrow(1, xg.size(1) * part.group, xg.size(1)).copy_(dx_part);
+      }
+      if (joint) {
+        // Allocated after the convolution: not alive beside oneDNN's buffers at its peak.
+        if (!dweight.numel()) dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);
+        finish(part.begin, part.end, dweight_part.contiguous());
+      }
+    }
+    dweight_done = joint;
+  }
+  if (need_params && !dweight_done && in.skip) {
+    // groups == 1. The weight gradient of the graded rows on the live channels, [R, L, kh, kw], spread
+    // into [R, C, kh, kw] with zeros on the dead channels. The filters passed give the shape only: a
+    // backward for dW alone reads x and dL/dy, not the weight.
+    const int64_t L = static_cast<int64_t>(in.live.size()), taps = w.size(2) * w.size(3);
+    Tensor compact = at::empty({R, C, w.size(2), w.size(3)}, w.options());
+    Tensor live_dw;  // [R, L, kh, kw]
+    if (L > 0) {
+      const Tensor xs = gather_live<scalar_t>(x, in);
+      const Tensor shape_only = at::zeros({N, L, w.size(2), w.size(3)}, w.options());
+      live_dw = (R == N ? std::get<1>(conv_backward(g, xs, shape_only, geo, 1, false, true))
+                        : planes_backward<scalar_t>(g, xs, shape_only, rows.graded, 0, R, geo, false, true).second)
+                    .contiguous();
+    }
+    scatter_cols(L > 0 ? live_dw.const_data_ptr<scalar_t>() : nullptr, R, L, taps, in.live.data(), C,
+                 compact.mutable_data_ptr<scalar_t>());
+    dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);
+    finish(0, R, compact);
+  } else if (need_params && !dweight_done && R == N) {
+    dweight = std::get<1>(conv_backward(g, x, w, geo, groups, false, true)).contiguous();
+    finish(0, N, Tensor());
+  } else if (need_params && !dweight_done) {
+    for (const GroupPart& part : group_parts(rows.graded, per)) {
+      const Tensor dweight_part = planes_backward<scalar_t>(g, group_input(x, geo, part), w, rows.graded, part.begin,
+                                                            part.end, geo, false, true)
+                                      .second;
+      if (!dweight.numel()) dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);
+      finish(part.begin, part.end, dweight_part.contiguous());
+    }
+    if (!dweight.numel()) dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);  // no graded row
+  }
+  if (b.defined()) rows.zero_pruned(dbias.mutable_data_ptr<scalar_t>());
+  return Grads{dx, dweight, dbias, dthreshold};
+}
+
+// The masked-dense backward: one dense convolution backward with the pruned filters zeroed (dx of the
+// masked weight; G of every filter, which does not read the weight), then the epilogue over every row in
+// place. g, w contiguous.
+template <typename scalar_t>
+Grads conv2d_bwd_dense(const Tensor& g, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
+                       const RowSets& rows, const Geometry& geo, bool need_dx, bool need_params) {
+  const int64_t N = w.size(0), fan_in = w.numel() / std::max<int64_t>(N, 1), A = rows.num_active();
+  Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()), dbias = at::empty({0}, x.options()),
+         dthreshold = at::empty({0}, x.options());
+  const bool want_dx = need_dx && A > 0, want_dw = need_params && rows.num_graded() > 0;
+  if (want_dx || want_dw) {
+    const Tensor wm = want_dx && A < N ? masked_copy<scalar_t>(w, 1, rows, fan_in) : w;
+    Tensor dx_full, dw_full;
+    std::tie(dx_full, dw_full, std::ignore) = conv_backward(g, x, wm, geo, geo.groups, want_dx, want_dw);
+    if (want_dx) dx = dx_full;
+    if (want_dw) dweight = dw_full.contiguous();
+  }
+  if (need_dx && A == 0) dx = at::zeros_like(x);
+  if (!need_params) return Grads{dx, dweight, dbias, dthreshold};
+  if (!want_dw) dweight = at::zeros(w.sizes(), w.options());
+  finish_masked_dense(rows, w, bias, g.const_data_ptr<scalar_t>(), g.size(0), g.size(2) * g.size(3), dweight, dbias,
+                      dthreshold);
+  return Grads{dx, dweight, dbias, dthreshold};
+}
+
+// Gradients of conv2d_fwd, as for the Linear op; grad_y: [B, N, H', W']. Skipping or masked dense,
+// whichever the choice table says for the call's signature.
+Grads conv2d_bwd(const Tensor& grad_y, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                 const Tensor& score, IntArrayRef geometry, int64_t ste, bool need_dx, bool need_params) {
   const char* op = "spafl::native_conv2d_bwd";
   const Geometry geo = conv_geometry(geometry, op);
-  const int64_t groups = geo.groups;
   check_inputs(op, x, weight, bias, geo);
   const SpaflSte gate_kind = ste_from_code(ste);
   const Tensor w = weight.contiguous();
   const Tensor g = grad_y.contiguous();
   const Tensor s = score.contiguous();
-  const int64_t N = w.size(0), fan_in = w.numel() / std::max<int64_t>(N, 1);
+  const int64_t N = w.size(0);
   TORCH_CHECK(g.dim() == 4 && g.size(0) == x.size(0) && g.size(1) == N, op, ": grad_y must be [B, ", N,
               ", H', W'], got ", g.sizes());
   TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.scalar_type() == w.scalar_type(), op,
               ": score must be [N] in the weight's dtype");
-  // Distinct empty tensors where a gradient is not asked for: op outputs must not alias each other.
-  Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options()), dbias = at::empty({0}, x.options()),
-         dthreshold = at::empty({0}, x.options());
+  Grads out;
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "spafl_cpp_conv2d_bwd", [&] {
-    RowSets rows(s.const_data_ptr<scalar_t>(), N, gate_kind, need_params);
-    if (need_params) rows.drop_silent(g.const_data_ptr<scalar_t>(), g.size(0), g.size(2) * g.size(3));
-    const int64_t A = rows.num_active(), R = rows.num_graded(), per = N / groups, C = x.size(1);
-    // Input channels that are zero over the batch add nothing to G: dW's product then reads x's live
-    // channels only, unless dL/dy holds a NaN or infinity (times a zero input: NaN in G, as in dense). Found
-    // again, not saved by the forward: the op saves nothing but its inputs and the score.
-    LiveInputs in;
-    if (need_params && groups == 1 && R > 0) {
-      in = live_inputs<scalar_t>(x, x.size(0), C, x.size(2) * x.size(3), s.const_data_ptr<scalar_t>(), rows.active);
-      if (in.skip && !all_finite(g.const_data_ptr<scalar_t>(), g.numel())) in = LiveInputs{};
-    }
-    // dbias holds gsum (dL/dy summed over batch and space) until the rows are finished, then is
-    // masked: dL/db_i = m_i * gsum_i.
-    Tensor b;
-    if (need_params) {
-      if (bias) {
-        b = bias->contiguous();
-        dbias = at::empty({N}, w.options());
-        plane_sums(g.const_data_ptr<scalar_t>(), g.size(0), N, g.size(2) * g.size(3),
-                   dbias.mutable_data_ptr<scalar_t>());
-      }
-      dthreshold = at::empty({N}, w.options());
-      std::fill_n(dthreshold.mutable_data_ptr<scalar_t>(), N, scalar_t(0));
-    }
-    // dW rows and dtau of graded positions [p0, p1), from their compact dense gradient, or in place.
-    auto finish = [&](int64_t p0, int64_t p1, const Tensor& compact) {
-      const GradRows<scalar_t> grads{rows,
-                                     w.const_data_ptr<scalar_t>(),
-                                     b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                                     b.defined() ? dbias.const_data_ptr<scalar_t>() : nullptr,
-                                     fan_in,
-                                     dweight.mutable_data_ptr<scalar_t>(),
-                                     dthreshold.mutable_data_ptr<scalar_t>()};
-      if (compact.defined()) {
-        grads.finish_compact(p0, p1, compact.const_data_ptr<scalar_t>());
-      } else {
-        grads.finish_block(p0, p1);
-      }
-    };
-    const bool all_graded = need_params && R == N && !in.skip;
-    bool dweight_done = false;
-    if (need_dx && A == N) {  // density 1: the dense backward (dW too when every row is graded)
-      Tensor dweight_full;
-      std::tie(dx, dweight_full, std::ignore) = conv_backward(g, x, w, geo, groups, true, all_graded);
-      if (all_graded) {
-        dweight = dweight_full.contiguous();
-        finish(0, N, Tensor());
-        dweight_done = true;
-      }
-    } else if (need_dx && A == 0) {
-      dx = at::zeros_like(x);
-    } else if (need_dx) {
-      // When no pruned row has an open gate, graded == active and dW's rows come with dx.
-      const bool joint = need_params && rows.graded == rows.active && !in.skip;
-      if (groups > 1) dx = at::zeros_like(x);
-      for (const GroupPart& part : group_parts(rows.active, per)) {
-        const Tensor xg = group_input(x, geo, part);
-        auto [dx_part, dweight_part] =
-            planes_backward<scalar_t>(g, xg, w, rows.active, part.begin, part.end, geo, true, joint);
-        if (groups == 1) {
-          dx = dx_part;
-        } else {
-          dx.narrow(1, xg.size(1) * part.group, xg.size(1)).copy_(dx_part);
-        }
-        if (joint) {
-          // Allocated after the convolution: not alive beside oneDNN's buffers at its peak.
-          if (!dweight.numel()) dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);
-          finish(part.begin, part.end, dweight_part.contiguous());
-        }
-      }
-      dweight_done = joint;
-    }
-    if (need_params && !dweight_done && in.skip) {
-      // groups == 1. The weight gradient of the graded rows on the live channels, [R, L, kh, kw], spread
-      // into [R, C, kh, kw] with zeros on the dead channels. The filters passed give the shape only: a
-      // backward for dW alone reads x and dL/dy, not the weight.
-      const int64_t L = static_cast<int64_t>(in.live.size()), taps = w.size(2) * w.size(3);
-      Tensor compact = at::empty({R, C, w.size(2), w.size(3)}, w.options());
-      Tensor live_dw;  // [R, L, kh, kw]
-      if (L > 0) {
-        const Tensor xs = gather_live<scalar_t>(x, in);
-        const Tensor shape_only = at::zeros({N, L, w.size(2), w.size(3)}, w.options());
-        live_dw = (R == N ? std::get<1>(conv_backward(g, xs, shape_only, geo, 1, false, true))
-                          : planes_backward<scalar_t>(g, xs, shape_only, rows.graded, 0, R, geo, false, true).second)
-                      .contiguous();
-      }
-      scatter_cols(L > 0 ? live_dw.const_data_ptr<scalar_t>() : nullptr, R, L, taps, in.live.data(), C,
-                   compact.mutable_data_ptr<scalar_t>());
-      dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);
-      finish(0, R, compact);
-    } else if (need_params && !dweight_done && R == N) {
-      dweight = std::get<1>(conv_backward(g, x, w, geo, groups, false, true)).contiguous();
-      finish(0, N, Tensor());
-    } else if (need_params && !dweight_done) {
-      for (const GroupPart& part : group_parts(rows.graded, per)) {
-        const Tensor dweight_part = planes_backward<scalar_t>(g, group_input(x, geo, part), w, rows.graded, part.begin,
-                                                              part.end, geo, false, true)
-                                        .second;
-        if (!dweight.numel()) dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);
-        finish(part.begin, part.end, dweight_part.contiguous());
-      }
-      if (!dweight.numel()) dweight = fresh_pages(w.sizes(), w.options(), /*zero=*/true);  // no graded row
-    }
-    if (b.defined()) rows.zero_pruned(dbias.mutable_data_ptr<scalar_t>());
+    const RowSets rows(s.const_data_ptr<scalar_t>(), N, gate_kind, need_params);
+    ChoiceKey key = key_head(kConvBwd, w);
+    key.insert(key.end(), {batch_bucket(x.size(0)), x.size(1), x.size(2), x.size(3)});
+    key.insert(key.end(), w.sizes().begin(), w.sizes().end());
+    key.insert(key.end(), geometry.begin(), geometry.end());
+    key.insert(key.end(), {bias.has_value(), ste, need_dx, need_params, row_bucket(rows.num_active(), N),
+                           row_bucket(rows.num_graded(), N)});
+    out = choose(
+        key, pinned_path(),
+        [&] { return conv2d_bwd_skip<scalar_t>(g, x, w, bias, s, rows, geo, need_dx, need_params); },
+        [&] { return conv2d_bwd_dense<scalar_t>(g, x, w, bias, rows, geo, need_dx, need_params); });
   });
-  return {dx, dweight, dbias, dthreshold};
+  return out;
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "../spafl_ste.h"
@@ -162,6 +163,53 @@ struct RowSets {
     graded.swap(kept);
   }
 };
+
+// ------------------------------------------------------------------------------ masked dense
+
+// v[o, i, :] = 0 for o < outer and every pruned row i: the pruned columns (inner == 1) or planes of an
+// output [outer, n, inner] that a dense op computed for every row.
+template <typename T>
+void zero_pruned_planes(T* v, int64_t outer, const RowSets& rows, int64_t inner) {
+  const int64_t n = rows.n;
+  const uint8_t* mask = rows.mask.data();
+  at::parallel_for(0, outer, grain(n * inner), [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) {
+      T* r = v + o * n * inner;
+      if (inner == 1) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) r[i] = mask[i] ? r[i] : T(0);
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          if (!mask[i]) std::memset(r + i * inner, 0, inner * sizeof(T));
+        }
+      }
+    }
+  });
+}
+
+// A copy of src [outer, n, inner] (contiguous) with its pruned rows' planes zeroed: the masked weight
+// (outer 1) or the masked dL/dy (inner 1) of a masked-dense backward.
+template <typename T>
+at::Tensor masked_copy(const at::Tensor& src, int64_t outer, const RowSets& rows, int64_t inner) {
+  at::Tensor out = at::empty(src.sizes(), src.options());
+  const T* s = src.const_data_ptr<T>();
+  T* d = out.mutable_data_ptr<T>();
+  const int64_t n = rows.n;
+  const uint8_t* mask = rows.mask.data();
+  at::parallel_for(0, outer, grain(n * inner), [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t at = (o * n + i) * inner;
+        if (mask[i]) {
+          std::memcpy(d + at, s + at, inner * sizeof(T));
+        } else {
+          std::memset(d + at, 0, inner * sizeof(T));
+        }
+      }
+    }
+  });
+  return out;
+}
 
 // A stretch [begin, end) of positions in an ascending index list. `run`: the indices there are
 // consecutive, so the rows they name already form a panel in place (no gather). Otherwise the rows
@@ -392,8 +440,10 @@ struct GradRows {
   T* dweight;     // [N, fan_in]
   T* dthreshold;  // [N], zero where the gate is closed
 
-  void finish(int64_t p, const T* g) const {
-    const int64_t i = rows.graded[p];
+  void finish(int64_t p, const T* g) const { finish_row(rows.graded[p], g); }
+
+  // Row i (graded) with G_i at `g`.
+  void finish_row(int64_t i, const T* g) const {
     T* dst = dweight + i * fan_in;
     if (!rows.gate[i]) {  // graded with a closed gate: active, dW_i = G_i
       if (dst != g) std::memcpy(dst, g, fan_in * sizeof(T));
@@ -404,6 +454,21 @@ struct GradRows {
     if (bias) dm += bias[i] * gsum[i];
     dthreshold[i] = -dm;
     grad_row(dst, g, w, rows.mask[i] != 0, dm / static_cast<T>(std::max<int64_t>(fan_in, 1)), fan_in);
+  }
+
+  // Every row of a dweight holding the dense G of all N rows (masked dense): graded rows finished in
+  // place, the others (pruned with a closed gate) zeroed.
+  void finish_all_in_place() const {
+    at::parallel_for(0, rows.n, warm_grain(fan_in), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        T* row = dweight + i * fan_in;
+        if (rows.mask[i] || rows.gate[i]) {
+          finish_row(i, row);
+        } else {
+          std::memset(row, 0, fan_in * sizeof(T));
+        }
+      }
+    });
   }
 
   // Positions [p0, p1) with G in `compact` ([p1 - p0, fan_in]).
@@ -437,5 +502,29 @@ struct GradRows {
     }
   }
 };
+
+// The masked-dense epilogue: `dweight` [N, fan_in] holds the dense G of every row; finishes it in place
+// (DESIGN §2) and makes dthreshold [N] and, with a bias, dbias [N] (from dL/dy g [outer, N, inner]).
+template <typename T>
+void finish_masked_dense(const RowSets& rows, const at::Tensor& w, const std::optional<at::Tensor>& bias, const T* g,
+                         int64_t outer, int64_t inner, at::Tensor& dweight, at::Tensor& dbias, at::Tensor& dthreshold) {
+  const int64_t n = rows.n, fan_in = w.numel() / std::max<int64_t>(n, 1);
+  at::Tensor b;
+  if (bias) {
+    b = bias->contiguous();
+    dbias = at::empty({n}, w.options());
+    plane_sums(g, outer, n, inner, dbias.mutable_data_ptr<T>());
+  }
+  dthreshold = at::zeros({n}, w.options());
+  const GradRows<T> grads{rows,
+                          w.const_data_ptr<T>(),
+                          b.defined() ? b.const_data_ptr<T>() : nullptr,
+                          b.defined() ? dbias.const_data_ptr<T>() : nullptr,
+                          fan_in,
+                          dweight.mutable_data_ptr<T>(),
+                          dthreshold.mutable_data_ptr<T>()};
+  grads.finish_all_in_place();
+  if (bias) rows.zero_pruned(dbias.mutable_data_ptr<T>());
+}
 
 }  // namespace spafl::cpu

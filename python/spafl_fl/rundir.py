@@ -17,7 +17,7 @@ log = logging.getLogger("spafl_fl")
 
 METRICS = "metrics.jsonl"
 PLOTS = ("accuracy.png", "density.png", "bits.png", "time.png")
-OUTPUT_NAMES = ("config.json", METRICS, "summary.json", POINTER, "run.log", *PLOTS)
+OUTPUT_NAMES = ("config.json", METRICS, "summary.json", POINTER, "run.log", "kernel-paths.json", *PLOTS)
 RECORD_KEYS = ("round", "accuracy", "density", "uplink_bits", "downlink_bits", "dense_uplink_bits", "train_flops",
                "dense_train_flops", "paper_train_flops", "train_seconds", "baseline_train_seconds")
 """Keys every metrics record has (what summaries, plots and ``compare`` read)."""

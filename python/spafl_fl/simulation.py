@@ -47,6 +47,7 @@ from spafl_kernels import density, thresholds
 from spafl_kernels.backends import resolve_backend
 from spafl_kernels.flops import LayerFlops
 from spafl_kernels.model import mapping_problems
+from spafl_kernels.paths import export_table, import_table
 
 from .accounting import FlopPlan, dense_state, tensor_bits, threshold_count
 from .checkpoint import POINTER, CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
@@ -347,7 +348,11 @@ class Simulation:
         return tensors
 
     def save(self) -> None:
-        save_checkpoint(self.out_dir, self.rounds_done, self.state_tensors(), {"config": self.config.to_dict()})
+        # The cpp backend's timed path choices go with the run, so that --resume replays them (same numbers).
+        kernel_paths = export_table()
+        atomic_write_text(os.path.join(self.out_dir, "kernel-paths.json"), json.dumps(kernel_paths, indent=0))
+        save_checkpoint(self.out_dir, self.rounds_done, self.state_tensors(),
+                        {"config": self.config.to_dict(), "kernel_paths": kernel_paths})
         self.checkpointed = self.rounds_done
 
     def _read_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], list[dict]]:
@@ -369,6 +374,7 @@ class Simulation:
         if self.config.rounds < rounds_done:
             raise ValueError(f"--resume: --rounds {self.config.rounds} is fewer than the {rounds_done} rounds "
                              f"already done in {self.out_dir}; pass --rounds {rounds_done} or more")
+        import_table(meta.get("kernel_paths", []), replace=True)
         metrics = os.path.join(self.out_dir, METRICS)
         if not os.path.isfile(metrics):
             raise CheckpointError(f"{metrics} is missing (the checkpoint holds {rounds_done} rounds)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..._ext import NativeKernels
+from ...paths import load_cache_once
 from ..base import Backend
 
 
@@ -26,3 +27,4 @@ class CppBackend(NativeKernels, Backend):
 
 
 BACKEND = CppBackend()
+load_cache_once()  # replay this machine's timed path choices (spafl_kernels.paths)
