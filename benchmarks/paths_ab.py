@@ -43,7 +43,7 @@ def measure(layer: str, density: float, train: bool, reps: int, blocks: int) -> 
     cpp = bench.make_step(case, "cpp", train)
     steps = {"dense": bench.make_step(case, "dense", train), "masked": bench.make_step(case, "masked", train),
              "skip": _pinned(cpp, "skip"), "dense-path": _pinned(cpp, "dense"), "auto": _pinned(cpp, "auto")}
-    runs = [bench.time_interleaved(steps, reps) for _ in range(blocks)]
+    runs = [bench.medians(bench.time_interleaved(steps, reps)) for _ in range(blocks)]
     os.environ.pop("SPAFL_CPU_PATH", None)
     spec = bench.LAYERS[layer]
     row = {"layer": layer, "mode": "fwd+bwd" if train else "fwd", "density": density, "active": case.active,
