@@ -57,6 +57,7 @@ from .accounting import dense_state, tensor_bits, threshold_count  # noqa: E402
 from .checkpoint import append_line, atomic_write_text  # noqa: E402
 from .client import ClientUpdate, LocalClient, LocalTraining, SpaFLClient, has_batchnorm, make_batches  # noqa: E402
 from .config import RunConfig  # noqa: E402
+from .rundir import claim_out_dir, ours  # noqa: E402
 from .server import Server  # noqa: E402
 from .simulation import (  # noqa: E402
     RunSetup,
@@ -345,9 +346,10 @@ class SpaFLStrategy(Strategy):
         self._round: _Round | None = None
         self.finish_summary: dict | None = None  # summary.json, once finish() ran
         if out_dir is not None:
+            # New or empty (run.log aside: the caller may log there); it does not resume.
+            claim_out_dir(out_dir, resumable=False, ignore=("run.log",), outputs=lambda name: ours(name)
+                          and name != "run.log")
             os.makedirs(out_dir, exist_ok=True)
-            if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-                raise FileExistsError(f"{out_dir} already holds a run; choose another --out")
             atomic_write_text(os.path.join(out_dir, "config.json"),
                               json.dumps({**self.description, "engine": "flower"}, indent=1))
 

@@ -203,6 +203,19 @@ def test_deploy_local_and_the_server_app_keep_a_users_files(tmp_path, capsys, el
     assert _untouched(elsewhere) and os.listdir(out) == ["config.json"]
 
 
+def test_the_simulation_strategy_keeps_a_users_files(tmp_path):
+    """SpaFLStrategy(config, out_dir) replaced a user's config.json unless a metrics.jsonl was there."""
+    pytest.importorskip("flwr")
+    from spafl_fl.flower import SpaFLStrategy
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": 1}')
+    with pytest.raises(FileExistsError, match="not empty"):
+        SpaFLStrategy(tiny_config(rounds=1), str(out))
+    assert os.listdir(out) == ["config.json"] and (out / "config.json").read_text() == '{"mine": 1}'
+
+
 def test_flower_refuses_a_link_before_starting_ray(tmp_path, capsys, elsewhere):
     pytest.importorskip("flwr")
     out = tmp_path / "out"
