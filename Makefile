@@ -90,7 +90,7 @@ demo: install
 REPRO_OUT ?= out/reproduce
 reproduce: install
 	$(BIN)/spafl-fl reproduce --out $(REPRO_OUT) --datasets mnist5k digits --clients 20 --sample 5 --rounds 30 \
-		--threads 1
+		--threads 1 --resume
 
 bench: install
 	$(BIN)/python -m spafl_kernels.bench --layer linear-large --densities 1 0.5 0.25 0.1

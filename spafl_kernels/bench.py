@@ -11,6 +11,7 @@ density with the ideal line.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -81,6 +82,8 @@ DENSITIES = (1.0, 0.75, 0.5, 0.25, 0.1, 0.05)
 MODES = ("fwd", "fwd+bwd")
 BASELINES = ("dense", "masked")  # plain PyTorch op; the paper's masked dense (= reference backend)
 MODEL_DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
+FULL = {"layers": ["all"], "densities": list(DENSITIES), "modes": list(MODES), "stes": ["outer", "identity"], "reps": 7}
+"""What a run times unless told otherwise (``--quick``: ``QUICK``)."""
 QUICK = {
     "layers": ["linear-large", "conv4-conv2", "lenet5-fc1", "vit-mlp1"],
     "densities": [1.0, 0.5, 0.1],
@@ -531,20 +534,20 @@ def main(argv=None) -> None:
         "code), interleaved, and print median time, speedup over dense and fraction of ideal.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--layers", "--layer", nargs="+", default=["all"],
+    parser.add_argument("--layers", "--layer", nargs="+", default=None,
                         help=f"layer names or groups {sorted(LAYER_GROUPS)} (default: all); "
                         f"layers: {', '.join(LAYERS)}")
-    parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES),
+    parser.add_argument("--densities", type=float, nargs="+", default=None,
                         help="fractions of active rows (default: 1 0.75 0.5 0.25 0.1 0.05)")
     parser.add_argument("--backends", nargs="+", default=None,
                         help="candidates besides dense: 'masked' and backend names (default: masked and every "
                         "backend that runs on the device)")
-    parser.add_argument("--ste", "--stes", dest="stes", nargs="+", default=["outer", "identity"],
+    parser.add_argument("--ste", "--stes", dest="stes", nargs="+", default=None,
                         help="straight-through estimators (default: outer identity)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
                         help="forward only, and/or forward+backward (default: fwd fwd+bwd)")
     parser.add_argument("--forward-only", action="store_true", help="same as --modes fwd")
-    parser.add_argument("--reps", type=int, default=7, help="timed repetitions per candidate (default: 7)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per candidate (default: 7)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: all)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
     parser.add_argument("--memory", action="store_true",
@@ -552,7 +555,8 @@ def main(argv=None) -> None:
                         "candidate; CPU, Linux)")
     parser.add_argument("--quick", action="store_true",
                         help=f"CI smoke run (under 2 minutes): layers {QUICK['layers']}, densities "
-                        f"{QUICK['densities']}, forward+backward, outer STE, {QUICK['reps']} reps")
+                        f"{QUICK['densities']}, forward+backward, outer STE, {QUICK['reps']} reps; flags given "
+                        "explicitly win")
     parser.add_argument("--json", help="write the rows and run metadata to this JSON file")
     parser.add_argument("--markdown", help="write a Markdown report (targets + table) to this file")
     parser.add_argument("--plot", help="draw speedup against density (PNG) to this file (needs matplotlib)")
@@ -572,9 +576,10 @@ def main(argv=None) -> None:
         layer, density, ste, candidate = args.memory_probe
         _memory_probe(layer, float(density), ste, candidate)
         return
-    if args.quick:
-        args.layers, args.densities, args.modes, args.stes, args.reps = (
-            QUICK["layers"], QUICK["densities"], QUICK["modes"], QUICK["stes"], QUICK["reps"])
+    explicit_densities = args.densities is not None
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:  # a flag given explicitly wins over --quick
+            setattr(args, key, copy.copy(value))
     if args.forward_only:
         args.modes = ["fwd"]
     layers = list(dict.fromkeys(name for item in args.layers for name in LAYER_GROUPS.get(item, [item])))
@@ -604,7 +609,7 @@ def main(argv=None) -> None:
     meta = {**machine(), "reps": args.reps, "device": args.device,
             "command": "spafl-bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.models:
-        _main_models(args, candidates, meta, profiles, explicit_densities="--densities" in (argv or sys.argv))
+        _main_models(args, candidates, meta, profiles, explicit_densities=explicit_densities)
         return
     print(f"{provenance(meta)}; {args.reps} reps, medians")
     print(format_table([]))

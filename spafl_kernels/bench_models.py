@@ -131,11 +131,24 @@ def density_profile(run_dir: str) -> tuple[str, dict[str, float]]:
     try:
         with open(config_path) as f:
             model = json.load(f)["model"]
-        with open(metrics_path) as f:
-            lines = [line for line in f if line.strip()]
-        densities = json.loads(lines[-1])["density"]
-    except (ValueError, KeyError, IndexError, TypeError) as error:
-        raise ValueError(f"--density-from {run_dir}: cannot read its last round ({error})") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--density-from: {config_path} is damaged ({error})") from None
+    if model not in MODELS:
+        raise ValueError(f"--density-from: {config_path} names model {model!r}; expected one of {list(MODELS)}")
+    try:
+        with open(metrics_path, encoding="utf-8") as f:
+            lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+        number, line = lines[-1]
+        record = json.loads(line)
+    except IndexError:
+        raise ValueError(f"--density-from: {metrics_path} holds no round") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--density-from: {metrics_path} is damaged ({error})") from None
+    densities = record.get("density") if isinstance(record, dict) else None
+    if not isinstance(densities, dict) or not densities or not all(
+            isinstance(d, (int, float)) and not isinstance(d, bool) and 0.0 <= d <= 1.0 for d in densities.values()):
+        raise ValueError(f"--density-from: {metrics_path} line {number} is damaged: 'density' must map layer names "
+                         f"to numbers in [0, 1] (got {densities!r})")
     return model, {name: float(d) for name, d in densities.items() if name != "total"}
 
 

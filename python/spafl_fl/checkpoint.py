@@ -11,6 +11,7 @@ the usual umask 022), as a plain ``open()`` gives, so a user's umask decides who
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -68,13 +69,44 @@ def _atomic_replace(path: str, write: Callable[[str], None]) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
+    """Write ``text`` to ``path`` atomically; a symbolic link at ``path`` is replaced, never followed."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``, which
+    replaces a symbolic link at ``path`` itself: an output never goes through a link)."""
 
     def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
 
     _atomic_replace(path, write)
+
+
+def open_append(path: str, encoding: str | None = "utf-8", binary: bool = False):
+    """``path`` opened for appending text (bytes with ``binary``), created with the mode ``open()`` gives;
+    refuses (``OSError`` naming the file) when ``path`` is a symbolic link instead of writing where it points."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    if os.path.islink(path):  # also where the platform has no O_NOFOLLOW
+        raise OSError(errno.ELOOP, f"{path} is a symbolic link; an output is never written through a link")
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{path} is a symbolic link; an output is never written through a link") \
+                from None
+        raise
+    return os.fdopen(fd, "ab") if binary else os.fdopen(fd, "a", encoding=encoding)
+
+
+def append_line(path: str, line: str, durable: bool = True) -> None:
+    """Append ``line`` and a newline to ``path`` (``open_append``), flushed to disk when ``durable``."""
+    with open_append(path) as f:
+        f.write(line + "\n")
+        f.flush()
+        if durable:
+            os.fsync(f.fileno())
 
 
 def read_json_object(path: str, keys: tuple[str, ...] = ()) -> dict:

@@ -24,7 +24,7 @@ from .checkpoint import POINTER, read_json_object
 from .config import ALGORITHMS, GLOBAL_UPDATES, PRESETS, RunConfig, config_problems
 from .data import DATASETS
 from .models import MODELS
-from .rundir import METRICS, PLOTS, claim_out_dir, clear_outputs, read_metrics
+from .rundir import METRICS, PLOTS, claim_out_dir, clear_outputs, close_log, log_handler, read_metrics
 from .simulation import SUMMARY_KEYS
 
 _DEFAULTS = RunConfig()  # every run flag's default
@@ -131,12 +131,28 @@ def _values(args: argparse.Namespace) -> dict:
 
 
 def flag_problems(args: argparse.Namespace) -> list[str]:
-    """Why the flags of ``run``/``flower`` do not make a run, each naming its flag; empty when they do."""
+    """Why the flags of ``run``/``flower``/``deploy-local``/``flower-app`` do not make a run, each naming
+    its flag; empty when they do."""
     values = _values(args)
     problems = config_problems(values, flags=True)
     if args.data_dir is not None and args.dataset not in ("fmnist", "cifar10"):
         problems.append(f"--data-dir is read for --dataset fmnist and cifar10 only (got --dataset {args.dataset})")
+    if not args.out:
+        problems.append("--out is empty; name a folder")
+    if args.command != "flower-app":  # the app runs on other machines: their CPU count decides there
+        problems += threads_problems(args.threads)
+    if args.command in ("deploy-local", "flower-app") and args.algorithm == "local":
+        problems.append(f"--algorithm local does not run on Flower's deployment engine ({args.command} runs spafl "
+                        "and fedavg); run it with spafl-fl run or spafl-fl flower")
     return problems
+
+
+def threads_problems(threads) -> list[str]:
+    """``--threads`` above this machine's CPU count (torch crashes creating very many threads)."""
+    cpus = os.cpu_count() or 1
+    if isinstance(threads, int) and threads > cpus:
+        return [f"--threads must be at most this machine's {cpus} CPUs (got {threads})"]
+    return []
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -294,9 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spafl-fl: interrupted before the first round; run it again: {_command(argv)}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    handler = logging.FileHandler(os.path.join(args.out, "run.log"))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("spafl_fl").addHandler(handler)
+    try:
+        handler = log_handler(os.path.join(args.out, "run.log"))
+    except OSError as error:
+        usage.error(str(error))
     try:
         summary = simulation.run(progress=not args.no_progress)
     except (KeyboardInterrupt, OSError) as error:
@@ -311,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spafl-fl: {what}; {how}", file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else 1
     finally:
-        logging.getLogger("spafl_fl").removeHandler(handler)
-        handler.close()
+        close_log(handler)
     print(savings_report(summary, simulation.describe()))
     print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, accuracy/density/bits/time .png")
     return 0
@@ -324,7 +340,7 @@ def _compare(usage: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         loaded = [(d, *_load_run(d)) for d in args.dirs]
         if args.plots:
             claim_out_dir(args.plots, overwrite=args.overwrite, resumable=False,
-                          what="the plots a previous compare wrote")
+                          what="the plots a previous compare wrote", outputs=lambda name: name in PLOTS)
     except (ValueError, OSError) as error:
         usage.error(str(error))
     print(compare_table([(d, s, c) for d, s, c, _ in loaded]))
@@ -332,7 +348,7 @@ def _compare(usage: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from .plots import plot_runs
 
         if args.overwrite:
-            clear_outputs(args.plots, PLOTS)
+            clear_outputs(args.plots, lambda name: name in PLOTS)
         os.makedirs(args.plots, exist_ok=True)
         for path in plot_runs([(d, records) for d, _, _, records in loaded], args.plots):
             print(f"wrote {path}")
@@ -353,19 +369,19 @@ def _flower(usage: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         if args.overwrite:
             clear_outputs(args.out)
         os.makedirs(args.out, exist_ok=True)
+        handler = log_handler(os.path.join(args.out, "run.log"))
     except ImportError as error:
         usage.error(f"{error}: install the Flower extra, pip install --no-build-isolation '.[flower]'")
     except (ValueError, OSError, RuntimeError) as error:
         usage.error(str(error))
-    handler = logging.FileHandler(os.path.join(args.out, "run.log"))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("spafl_fl").addHandler(handler)
     try:
         strategy: SpaFLStrategy = run_flower_simulation(config, args.out)
     except KeyboardInterrupt:
         print(f"spafl-fl: interrupted; flower runs do not resume; start again with: "
               f"{_command(argv, ('--overwrite',), '--overwrite')}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        close_log(handler)
     print(savings_report(strategy.finish_summary, strategy.description))
     print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, accuracy/density/bits/time .png")
     return 0
@@ -409,9 +425,9 @@ def _deploy_local(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so the deployment's processes are stopped.
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
-        record = deploy_local(config, args.out, args.clients, resume=args.resume, round_timeout=args.round_timeout,
-                     connect_timeout=args.connect_timeout, timeout=args.timeout,
-                     say=lambda line: print(line, file=sys.stderr))
+        record = deploy_local(config, args.out, args.clients, resume=args.resume, overwrite=args.overwrite,
+                              round_timeout=args.round_timeout, connect_timeout=args.connect_timeout,
+                              timeout=args.timeout, say=lambda line: print(line, file=sys.stderr))
     except DeploymentError as error:
         print(f"spafl-fl deploy-local: {error}", file=sys.stderr)
         return 1
@@ -441,7 +457,8 @@ def _flower_app(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         from .flower_app import app_config, write_app
 
         write_app(args.out, app_config(config, out_dir=args.out_dir, resume=args.resume,
-                                       round_timeout=args.round_timeout, connect_timeout=args.connect_timeout))
+                                       round_timeout=args.round_timeout, connect_timeout=args.connect_timeout),
+                  overwrite=args.overwrite)
     except (ValueError, OSError) as error:
         parser.error(str(error))
     print(f"wrote {os.path.join(args.out, 'pyproject.toml')}; submit with: flwr run {args.out} <superlink connection>")

@@ -131,6 +131,16 @@ class RunConfig:
         )
 
 
+MAX_COUNT = 2**31 - 1
+"""Largest clients, sample, rounds, local epochs, batch size or warm-up rounds (larger ones overflow torch's
+int32 indexing or run for ever)."""
+MAX_THREADS = 1024
+"""Largest ``threads`` anywhere (torch crashes creating ~100,000); a command running here also caps it at
+this machine's CPU count."""
+MAX_LR = 1e6
+"""Largest learning rate of any round (``lr * lr_decay**r``): beyond it SGD's step overflows float32."""
+
+
 def _number(value, integer: bool = False) -> bool:
     kinds = (int,) if integer else (int, float)
     return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
@@ -161,19 +171,27 @@ def config_problems(values: dict, flags: bool = False) -> list[str]:
         problems.append(f"{name('skip')} names layers of a {name('model')} MODULE:CALLABLE; "
                         f"{values['model']!r} keeps the paper's dense layers")
     need("ste", lambda v: v in STES, f"one of {', '.join(STES)}")
-    need("clients", lambda v: _number(v, True) and v >= 1, "an integer >= 1")
-    need("sample", lambda v: _number(v, True) and v >= 1, "an integer >= 1")
+    for key in ("clients", "sample", "local_epochs", "batch_size"):
+        need(key, lambda v: _number(v, True) and 1 <= v <= MAX_COUNT, f"an integer in [1, {MAX_COUNT}]")
     if not problems and values["sample"] > values["clients"]:
         problems.append(f"{name('sample')} ({values['sample']}) must be at most {name('clients')} "
                         f"({values['clients']})")
-    need("rounds", lambda v: _number(v, True) and v >= 0, "an integer >= 0")
-    for key in ("local_epochs", "batch_size"):
-        need(key, lambda v: _number(v, True) and v >= 1, "an integer >= 1")
-    for key in ("th_warmup", "threads"):
-        need(key, lambda v: _number(v, True) and v >= 0, "an integer >= 0")
+    # A command line asks for a run: at least one round (a Simulation object may be built with none).
+    least = 1 if flags else 0
+    need("rounds", lambda v: _number(v, True) and least <= v <= MAX_COUNT, f"an integer in [{least}, {MAX_COUNT}]")
+    need("th_warmup", lambda v: _number(v, True) and 0 <= v <= MAX_COUNT, f"an integer in [0, {MAX_COUNT}]")
+    need("threads", lambda v: _number(v, True) and 0 <= v <= MAX_THREADS, f"an integer in [0, {MAX_THREADS}]")
     need("seed", lambda v: _number(v, True) and 0 <= v < 2**63, "an integer in [0, 2**63)")
     for key in ("lr", "lr_decay", "alpha"):
         need(key, lambda v: _number(v) and v > 0, "a finite number > 0")
+    if not any(p.startswith((name("lr") + " ", name("lr_decay") + " ", name("rounds") + " ")) for p in problems):
+        last = max(values["rounds"] - 1, 0)
+        # In logs: lr * lr_decay**r overflows a float long before it is compared.
+        peak = math.log(values["lr"]) + max(math.log(values["lr_decay"]), 0.0) * last
+        if peak > math.log(MAX_LR):
+            problems.append(f"{name('lr')} and {name('lr_decay')} must keep every round's learning rate "
+                            f"(lr * lr_decay**round) at most {MAX_LR:g} (got lr {values['lr']!r}, lr_decay "
+                            f"{values['lr_decay']!r} over {values['rounds']} rounds)")
     for key in ("momentum", "weight_decay", "clip", "th_coeff"):
         need(key, lambda v: _number(v) and v >= 0, "a finite number >= 0")
     need("min_density", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
@@ -194,7 +212,7 @@ def device_problem(device) -> str | None:
     except (RuntimeError, TypeError):
         return f"must be cpu or cuda[:N] (got {device!r})"
     if dev.type == "cpu":
-        return None
+        return None if dev.index in (None, 0) else f"must be cpu or cuda[:N] (got {device!r}: there is one cpu device)"
     if dev.type != "cuda":
         return f"must be cpu or cuda[:N] (got {device!r})"
     if not torch.cuda.is_available():

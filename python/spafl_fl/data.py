@@ -269,6 +269,13 @@ def split_dirichlet(
     rng = np.random.default_rng(seed)
     labels = data.y.numpy()
     test_labels = None if data.y_test is None else data.y_test.numpy()
+    # No draw can give every client enough samples: say so now rather than after max_attempts draws.
+    per_client = min_train + (1 if test_labels is None else 0)
+    if num_clients * per_client > len(labels) or (test_labels is not None and num_clients > len(test_labels)):
+        raise ValueError(f"--clients {num_clients} is too many for {len(labels)} samples: each client needs "
+                         f"{min_train} training and 1 test sample; use at most "
+                         f"{min(len(labels) // per_client, len(labels) if test_labels is None else len(test_labels))}"
+                         " clients")
     for _ in range(max_attempts):
         proportions = rng.dirichlet(np.full(num_clients, alpha), size=data.num_classes)
         train_idx = _deal(labels, proportions, rng)

@@ -34,9 +34,10 @@ import time
 import urllib.request
 from collections.abc import Callable
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, open_append
 from .config import RunConfig
 from .data import load_dataset
+from .rundir import DEPLOYMENT_FOLDER, claim_out_dir, clear_outputs, deployment_output, read_metrics, read_resume
 from .userspec import importable_env
 
 CONNECTION = "local"
@@ -149,7 +150,7 @@ class LocalDeployment:
         return env
 
     def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(os.path.join(self.logs, f"{name}.log"), "ab")
+        log = open_append(os.path.join(self.logs, f"{name}.log"), binary=True)
         self._log_files.append(log)
         # A session of its own: Ctrl-C in the terminal reaches this process only, which then stops
         # the deployment in order; and the group can be signalled as one.
@@ -166,9 +167,9 @@ class LocalDeployment:
             os.makedirs(path, exist_ok=True)
         ports = free_ports(1 + self.supernodes)
         self.port = ports[0]
-        with open(os.path.join(self.home, "config.toml"), "w") as f:
-            f.write(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                    f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        atomic_write_text(os.path.join(self.home, "config.toml"),
+                          f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                          f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
         # Runtime dependency installation would `uv sync` the app's dependencies: a second torch.
         self._spawn("superlink", [_tool("flower-superlink"), "--insecure", "--host", "127.0.0.1",
                                   "--port", str(self.port), "--disable-runtime-dependency-installation"])
@@ -312,36 +313,47 @@ def wire_totals(out_dir: str) -> dict:
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    try:
+        records = read_metrics(path)
+    except ValueError:  # a damaged log is reported by whatever reads the run; here it has no totals
+        return {}
     return {key: sum(rec.get(key, 0) for rec in records) for key in WIRE_KEYS}
 
 
-def deploy_local(config: RunConfig, out_dir: str, supernodes: int, *, resume: bool = False,
+def deploy_local(config: RunConfig, out_dir: str, supernodes: int, *, resume: bool = False, overwrite: bool = False,
                  round_timeout: float = 600.0, connect_timeout: float = 300.0, timeout: float = 3600.0,
                  node_env: dict[int, dict[str, str]] | None = None,
                  say: Callable[[str], None] = print) -> dict:
     """Run ``config`` on a local deployment of ``supernodes`` SuperNodes (one per client); the run's
-    files go to ``out_dir``. Returns ``deployment.json``'s content: the ServerApp's status and what
-    Flower counted. Raises ``DeploymentError`` when the run fails (its message says why)."""
+    files go to ``out_dir``, which must be new or empty unless ``resume`` (continue the run there) or
+    ``overwrite`` (replace what a previous run wrote; other files are kept). Returns
+    ``deployment.json``'s content: the ServerApp's status and what Flower counted. Raises
+    ``DeploymentError`` when the run fails (its message says why), ``ValueError``/``OSError`` before
+    any process starts when the settings, the folder or its checkpoint cannot make the run."""
     from .flower_app import app_config, write_app
+    from .flower_app.strategy import DEPLOYED_ALGORITHMS
 
+    if config.algorithm not in DEPLOYED_ALGORITHMS:
+        raise ValueError(f"the deployment runs {' and '.join(DEPLOYED_ALGORITHMS)}, not --algorithm "
+                         f"{config.algorithm}; run it with spafl-fl run or spafl-fl flower")
     if supernodes != config.clients:
         raise ValueError(f"one SuperNode per client: {supernodes} SuperNodes for {config.clients} clients")
     out_dir = os.path.abspath(out_dir)
-    if not resume and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it, or another --out")
-    if resume and not os.path.exists(os.path.join(out_dir, "checkpoint.json")):
-        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir}")
+    claim_out_dir(out_dir, resume=resume, overwrite=overwrite, outputs=deployment_output,
+                  ignore=(DEPLOYMENT_FOLDER,), what="what a previous run wrote")
+    if resume:  # the run's files, checked as the ServerApp will, before any process starts
+        read_resume(out_dir, config.to_dict())
     # The data files, before any process starts (a missing --data-dir is a usage error, not a failed run).
     load_dataset(config.dataset, config.data_dir, seed=config.seed)
-    folder = os.path.join(out_dir, "deployment")
+    if overwrite:
+        clear_outputs(out_dir, deployment_output)
+    folder = os.path.join(out_dir, DEPLOYMENT_FOLDER)
     app_dir = os.path.join(folder, "spafl-app")
     os.makedirs(folder, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, STATUS)):
+    if os.path.isfile(os.path.join(out_dir, STATUS)) and not os.path.islink(os.path.join(out_dir, STATUS)):
         os.remove(os.path.join(out_dir, STATUS))  # the last attempt's, written by our ServerApp
-    write_app(app_dir, app_config(config, out_dir=out_dir, resume=resume, round_timeout=round_timeout,
-                                  connect_timeout=connect_timeout), overwrite=True)
+    write_app(app_dir, app_config(config, out_dir=out_dir, resume=resume, overwrite=overwrite,
+                                  round_timeout=round_timeout, connect_timeout=connect_timeout), overwrite=True)
     started = time.perf_counter()
     record: dict = {"supernodes": supernodes}
     deployment = LocalDeployment(folder, supernodes, node_env=node_env, say=say)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -53,9 +54,10 @@ from spafl_kernels import density, thresholds  # noqa: E402
 from spafl_kernels.flops import FLOP_FIELDS, LayerFlops  # noqa: E402
 
 from .accounting import dense_state, tensor_bits, threshold_count  # noqa: E402
-from .checkpoint import atomic_write_text  # noqa: E402
+from .checkpoint import append_line, atomic_write_text  # noqa: E402
 from .client import ClientUpdate, LocalClient, LocalTraining, SpaFLClient, has_batchnorm, make_batches  # noqa: E402
 from .config import RunConfig  # noqa: E402
+from .rundir import claim_out_dir, ours  # noqa: E402
 from .server import Server  # noqa: E402
 from .simulation import (  # noqa: E402
     RunSetup,
@@ -93,16 +95,97 @@ def to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return record
 
 
+class ReplyError(ValueError):
+    """A message whose content cannot be used (a malformed array or metric); the text says which and why."""
+
+
+ARRAY_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+"""The element types an ``Array`` may declare (what models and their buffers hold)."""
+
+
+def _decode_array(name: str, array) -> torch.Tensor:
+    if not isinstance(array, Array):
+        raise ReplyError(f"array {name!r} is a {type(array).__name__}, not an Array")
+    if array.stype != RAW:
+        raise ReplyError(f"array {name!r} is encoded as {array.stype!r}; only {RAW!r} buffers are read")
+    if not isinstance(array.dtype, str) or array.dtype not in ARRAY_DTYPES:
+        raise ReplyError(f"array {name!r} has dtype {array.dtype!r}; expected one of {', '.join(ARRAY_DTYPES)}")
+    shape = array.shape
+    if not isinstance(shape, (tuple, list)) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**40 for n in shape):
+        raise ReplyError(f"array {name!r} has shape {shape!r}; expected non-negative integers")
+    dtype = np.dtype(array.dtype).newbyteorder("<")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if not isinstance(array.data, bytes) or len(array.data) != expected:
+        got = len(array.data) if isinstance(array.data, bytes) else type(array.data).__name__
+        raise ReplyError(f"array {name!r} holds {got} bytes; shape {tuple(shape)} of {array.dtype} needs {expected}")
+    values = np.frombuffer(array.data, dtype=dtype).reshape(tuple(shape))
+    return torch.from_numpy(values.astype(values.dtype.newbyteorder("="), copy=True))
+
+
 def from_array_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """The tensors of ``to_array_record``; an array of another ``stype`` goes through Flower's numpy path."""
-    tensors = {}
-    for name, array in record.items():
-        if array.stype == RAW:
-            values = np.frombuffer(array.data, dtype=np.dtype(array.dtype).newbyteorder("<")).reshape(array.shape)
-        else:
-            values = array.numpy()
-        tensors[name] = torch.from_numpy(values.astype(values.dtype.newbyteorder("="), copy=True))
-    return tensors
+    """The tensors of ``to_array_record``; ``ReplyError`` (naming the array) for anything else: another
+    encoding, an unknown dtype, a shape that disagrees with the data."""
+    if not isinstance(record, ArrayRecord):
+        raise ReplyError(f"expected an ArrayRecord, got a {type(record).__name__}")
+    return {name: _decode_array(name, array) for name, array in record.items()}
+
+
+def _metric(metrics: MetricRecord, key: str, *, low: float | None = 0.0, high: float | None = None,
+            default=None, finite: bool = True, integer: bool = False):
+    """``metrics[key]`` checked: a number (an int with ``integer``), finite unless ``finite`` is False, in
+    ``[low, high]``; ``default`` when absent (``ReplyError`` when absent and ``default`` is None)."""
+    if key not in metrics:
+        if default is None:
+            raise ReplyError(f"metric {key!r} is missing")
+        return default
+    value = metrics[key]
+    kinds = (int,) if integer else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise ReplyError(f"metric {key!r} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if (finite and not math.isfinite(value)) or (low is not None and not value >= low) or (
+            high is not None and not value <= high):
+        bounds = f" in [{low}, {high if high is not None else 'inf'})" if low is not None else ""
+        raise ReplyError(f"metric {key!r} must be a{' finite' if finite else ''} number{bounds}, got {value!r}")
+    return value
+
+
+def decode_train_reply(reply: Message, client: int, update_record: str) -> ClientUpdate:
+    """The ``ClientUpdate`` a train reply carries, every field a client controls checked; ``ReplyError``
+    saying why when it is malformed. A reply with a failure record is a failed update whatever its reason."""
+    content = reply.content
+    metrics = content.metric_records.get(METRICS)
+    if metrics is None:
+        raise ReplyError(f"no MetricRecord {METRICS!r}")
+    failure = None
+    if FAILURE in content:
+        reason = content.config_records.get(FAILURE, ConfigRecord()).get("reason")
+        failure = reason.strip() if isinstance(reason, str) and reason.strip() else (
+            f"the client reported a failure without a readable reason ({reason!r})")
+    tensors = from_array_record(content.array_records.get(update_record, ArrayRecord()))
+    flops = LayerFlops(**{name: _metric(metrics, f"flops.{name}", default=0) for name in FLOP_FIELDS})
+    baseline = _metric(metrics, "baseline-seconds") if "baseline-seconds" in metrics else None
+    return ClientUpdate(
+        client, tensors, _metric(metrics, "num-examples", low=1, integer=True),
+        float(_metric(metrics, "train-loss", low=None, finite=False)), float(_metric(metrics, "train-seconds")),
+        None if baseline is None else float(baseline), flops, failure=failure,
+        authors_flops=float(_metric(metrics, "authors-flops", default=0.0)))
+
+
+def decode_evaluate_reply(reply: Message, density_keys: tuple[str, ...]) -> tuple[float, float, dict[str, float]]:
+    """``(accuracy %, loss, density per layer)`` of an evaluate reply, checked: accuracy in [0, 100], a
+    finite loss >= 0, and ``density.<name>`` in [0, 1] for exactly the names ``density_keys`` (none for
+    a dense model); ``ReplyError`` saying why otherwise."""
+    metrics = reply.content.metric_records.get(METRICS)
+    if metrics is None:
+        raise ReplyError(f"no MetricRecord {METRICS!r}")
+    accuracy = float(_metric(metrics, "accuracy", high=100.0))
+    loss = float(_metric(metrics, "loss"))
+    sent = {key[len("density."):] for key in metrics if key.startswith("density.")}
+    if sent != set(density_keys):
+        raise ReplyError(f"density keys {sorted(sent)}, expected {sorted(density_keys)}")
+    dens = {name: float(_metric(metrics, f"density.{name}", high=1.0)) for name in density_keys}
+    return accuracy, loss, dens
 
 
 def payload_bytes(record: ArrayRecord) -> int:
@@ -226,6 +309,7 @@ class _Round:
     sampled: list[int]
     updates: list[ClientUpdate] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    rejected_evaluations: list[tuple[int, str]] = field(default_factory=list)
     uplink_bits: int = 0
     downlink_bits: int = 0
     uplink_bytes_per_client: dict[int, int] = field(default_factory=dict)
@@ -254,6 +338,7 @@ class SpaFLStrategy(Strategy):
         setup = prepare_run(config, torch.device(config.device))
         self.backend = setup.backend
         self.server = Server(thresholds(setup.init), config.clients, config.sample, config.seed, "uniform")
+        self.density_keys = tuple(density(setup.init))  # what every evaluate reply reports
         self.dense_state_bits = tensor_bits(dense_state(setup.init))
         self.description = describe_run(config, setup.backend, setup.client_data, threshold_count(setup.init),
                                         self.dense_state_bits)
@@ -262,9 +347,10 @@ class SpaFLStrategy(Strategy):
         self._round: _Round | None = None
         self.finish_summary: dict | None = None  # summary.json, once finish() ran
         if out_dir is not None:
+            # New or empty (run.log aside: the caller may log there); it does not resume.
+            claim_out_dir(out_dir, resumable=False, ignore=("run.log",), outputs=lambda name: ours(name)
+                          and name != "run.log")
             os.makedirs(out_dir, exist_ok=True)
-            if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-                raise FileExistsError(f"{out_dir} already holds a run; choose another --out")
             atomic_write_text(os.path.join(out_dir, "config.json"),
                               json.dumps({**self.description, "engine": "flower"}, indent=1))
 
@@ -290,7 +376,12 @@ class SpaFLStrategy(Strategy):
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} did not say which client it is: "
                                    f"{reply.error.reason}")
-            self.nodes[int(reply.content[METRICS]["partition-id"])] = reply.metadata.src_node_id
+            try:
+                pid = _metric(reply.content.metric_records[METRICS], "partition-id", integer=True)
+            except (KeyError, ReplyError) as error:
+                raise RuntimeError(f"node {reply.metadata.src_node_id} did not say which client it is: "
+                                   f"{error}") from None
+            self.nodes[pid] = reply.metadata.src_node_id
         if sorted(self.nodes) != list(range(self.config.clients)):
             raise RuntimeError(f"nodes answered partition ids {sorted(self.nodes)}, "
                                f"expected 0..{self.config.clients - 1}")
@@ -338,14 +429,11 @@ class SpaFLStrategy(Strategy):
             sent = payload_bytes(record)
             state.uplink_bits += 8 * sent
             state.uplink_bytes_per_client[k] = sent
-            metrics = reply.content.metric_records.get(METRICS, MetricRecord())
-            flops = LayerFlops(**{name: metrics.get(f"flops.{name}", 0) for name in FLOP_FIELDS})
-            state.updates.append(ClientUpdate(
-                k, from_array_record(record), int(metrics.get("num-examples", 0)),
-                float(metrics.get("train-loss", float("nan"))), float(metrics.get("train-seconds", 0.0)),
-                metrics.get("baseline-seconds"), flops,
-                failure=reply.content.config_records.get(FAILURE, ConfigRecord()).get("reason"),
-                authors_flops=float(metrics.get("authors-flops", 0.0))))
+            try:
+                state.updates.append(decode_train_reply(reply, k, self.update_record))
+            except ReplyError as error:
+                state.rejected.append((k, f"malformed reply: {error}"))
+                log.warning("round %d: rejected the reply of client %d: %s", server_round - 1, k, error)
         for k in sorted(set(state.sampled) - answered):
             state.rejected.append((k, "no reply"))
         # Server.aggregate sums in list order: sort as the in-process loop does.
@@ -372,8 +460,32 @@ class SpaFLStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Average the clients' accuracy, loss and density; write the round's record."""
         state = self._round
+        evaluations = self.evaluations(server_round, replies)
+        if len(evaluations) + len(state.rejected_evaluations) != self.config.clients:
+            # Eager: a client that missed the broadcast no longer holds the global thresholds. Either way
+            # the round's accuracy would average over fewer clients: the run cannot go on as configured.
+            missing = sorted(set(range(self.config.clients)) - set(evaluations)
+                             - {k for k, _ in state.rejected_evaluations})
+            what = "apply the global thresholds" if self.config.global_update == "eager" else "evaluate (lost?)"
+            raise RuntimeError(f"round {server_round - 1}: clients {missing} did not {what}")
+        ordered = [evaluations[k] for k in sorted(evaluations)]
+        accuracy, loss, dens = average_evaluation([a for a, _, _ in ordered], [v for _, v, _ in ordered],
+                                                  [d for _, _, d in ordered])
+        record = round_record(server_round, state.sampled, self.config.local_training(server_round - 1),
+                              (accuracy, loss, dens), state.updates, state.rejected, self.config.clients,
+                              uplink_bits=state.uplink_bits, downlink_bits=state.downlink_bits,
+                              dense_uplink_bits=self.dense_state_bits * len(state.sampled))
+        record["uplink_bytes_per_client"] = {str(k): v for k, v in sorted(state.uplink_bytes_per_client.items())}
+        record.update(self.round_extras(server_round))
+        self.write_record(record, state)
+        return MetricRecord({"accuracy": accuracy, "loss": loss, "density": dens["total"]})
+
+    def evaluations(self, server_round: int, replies: Iterable[Message]) -> dict[int, tuple[float, float, dict]]:
+        """client -> (accuracy, loss, density) of the evaluate replies that decode; a malformed one is
+        logged and kept in the round's ``rejected_evaluations``, an error reply only logged."""
+        state = self._round
         client_of = {node: k for k, node in self.nodes.items()}
-        evaluations: dict[int, MetricRecord] = {}
+        evaluations = {}
         for reply in replies:
             k = client_of.get(reply.metadata.src_node_id)
             if k is None:
@@ -381,31 +493,23 @@ class SpaFLStrategy(Strategy):
             if reply.has_error():
                 log.warning("round %d: client %d failed to evaluate: %s", server_round - 1, k, reply.error.reason)
                 continue
-            evaluations[k] = reply.content.metric_records[METRICS]
-        if len(evaluations) != self.config.clients:
-            # Eager: a client that missed the broadcast no longer holds the global thresholds. Either way
-            # the round's accuracy would average over fewer clients: the run cannot go on as configured.
-            missing = sorted(set(range(self.config.clients)) - set(evaluations))
-            what = "apply the global thresholds" if self.config.global_update == "eager" else "evaluate (lost?)"
-            raise RuntimeError(f"round {server_round - 1}: clients {missing} did not {what}")
-        ordered = [evaluations[k] for k in sorted(evaluations)]
-        accs = [float(m["accuracy"]) for m in ordered]
-        losses = [float(m["loss"]) for m in ordered]
-        densities = [{key[len("density."):]: float(v) for key, v in m.items() if key.startswith("density.")}
-                     for m in ordered]
-        accuracy, loss, dens = average_evaluation(accs, losses, densities)
-        record = round_record(server_round, state.sampled, self.config.local_training(server_round - 1),
-                              (accuracy, loss, dens), state.updates, state.rejected, self.config.clients,
-                              uplink_bits=state.uplink_bits, downlink_bits=state.downlink_bits,
-                              dense_uplink_bits=self.dense_state_bits * len(state.sampled))
-        record["uplink_bytes_per_client"] = {str(k): v for k, v in sorted(state.uplink_bytes_per_client.items())}
-        record.update(self.round_extras(server_round))
+            try:
+                evaluations[k] = decode_evaluate_reply(reply, self.density_keys)
+            except ReplyError as error:
+                state.rejected_evaluations.append((k, f"malformed reply: {error}"))
+                log.warning("round %d: rejected the evaluation of client %d: %s", server_round - 1, k, error)
+        if not evaluations:
+            raise RuntimeError(f"round {server_round - 1}: no client's evaluation could be used (see the log)")
+        return evaluations
+
+    def write_record(self, record: dict, state: _Round) -> None:
+        """Finish the round's record (rejected evaluations, wall time), keep it and append it to metrics.jsonl."""
+        if state.rejected_evaluations:
+            record["rejected_evaluations"] = [{"client": k, "reason": why} for k, why in state.rejected_evaluations]
         record["wall_seconds"] = time.perf_counter() - state.started
         self.records.append(record)
         if self.out_dir is not None:
-            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-        return MetricRecord({"accuracy": accuracy, "loss": loss, "density": dens["total"]})
+            append_line(os.path.join(self.out_dir, "metrics.jsonl"), json.dumps(record))
 
     def round_extras(self, server_round: int) -> dict:
         """More fields for round ``server_round``'s record (a subclass's accounting); none here."""

@@ -6,9 +6,12 @@ same colour: FedAvg's bits for the same architecture, and the ``reference`` (mas
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
+
+from .checkpoint import atomic_write_bytes
 
 
 def _pyplot():
@@ -37,8 +40,10 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out_dir: str) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(out_dir, name)
-        fig.savefig(path, dpi=110)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
         plt.close(fig)
+        atomic_write_bytes(path, png.getvalue())  # replaces a link at path, never writes through it
         paths.append(path)
 
     def accuracy(ax, color, label, x, records):

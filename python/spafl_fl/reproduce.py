@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 
+from .checkpoint import atomic_write_text
 from .config import PRESETS, RunConfig
 
 DATASET_PRESET = {"mnist5k": "fmnist-lenet5", "digits": "fmnist-lenet5", "fmnist": "fmnist-lenet5",
@@ -42,7 +43,13 @@ def add_reproduce_parser(sub) -> None:
                        "writes OUT/report.md with the table and plots",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--out", required=True, metavar="DIR")
+    add("--out", required=True, metavar="DIR", help="new or empty folder, unless --resume or --overwrite")
+    once = p.add_mutually_exclusive_group()
+    once.add_argument("--resume", action="store_true",
+                      help="continue the reproduction in DIR: finished runs are read back, stopped ones resumed, "
+                      "the page rewritten")
+    once.add_argument("--overwrite", action="store_true",
+                      help="start the reproduction in DIR over: replaces only what a previous reproduce wrote")
     add("--datasets", nargs="+", default=["mnist5k", "digits"], choices=tuple(DATASET_PRESET),
         help="fmnist and cifar10 need --data-dir")
     add("--data-dir", default=None, help="folder with the Fashion-MNIST IDX or CIFAR-10 binary files")
@@ -91,11 +98,20 @@ def bits_configs(args: argparse.Namespace) -> list[tuple[str, str, RunConfig]]:
         measure_baseline=False)) for update, label in BITS_VARIANTS]
 
 
-def _run_or_load(config: RunConfig, folder: str, progress: bool) -> tuple[dict, dict, list[dict]]:
-    """Run ``config`` in ``folder`` (resuming a stopped run; reading a finished one back)."""
+OUTPUTS = ("report.md", "results.json", "runs", "plots")
+"""What ``reproduce`` writes into its folder (the runs and plots in subfolders)."""
+
+
+def _run_or_load(config: RunConfig, folder: str, progress: bool,
+                 overwrite: bool = False) -> tuple[dict, dict, list[dict]]:
+    """Run ``config`` in ``folder`` (resuming a stopped run; reading a finished one back; with
+    ``overwrite``, replacing what a run wrote there)."""
     from .cli import _load_run
     from .simulation import Simulation
 
+    if overwrite:
+        simulation = Simulation(config, folder, overwrite=True)
+        return simulation.run(progress=progress), simulation.describe(), simulation.records
     if os.path.isfile(os.path.join(folder, "summary.json")):
         summary, described, records = _load_run(folder)
         if summary["rounds"] == config.rounds and all(described.get(k) == v for k, v in config.to_dict().items()):
@@ -241,18 +257,28 @@ def write_report(out: str, command: str, results: dict[str, dict[str, tuple[str,
             "",
         ]
     path = os.path.join(out, "report.md")
-    from .checkpoint import atomic_write_text
-
     atomic_write_text(path, "\n".join(lines))
     return path
 
 
 def reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .cli import threads_problems
     from .plots import plot_runs
+    from .rundir import claim_out_dir
 
     try:
+        if args.rounds < 1:
+            raise ValueError(f"--rounds must be an integer >= 1 (got {args.rounds})")
+        if args.bits_rounds < 0:
+            raise ValueError(f"--bits-rounds must be an integer >= 0 (got {args.bits_rounds})")
+        problems = threads_problems(args.threads)
+        if problems:
+            raise ValueError("; ".join(problems))
         runs = run_configs(args)
-    except ValueError as error:
+        bits_runs = bits_configs(args)
+        claim_out_dir(args.out, overwrite=args.overwrite or args.resume, outputs=lambda name: name in OUTPUTS,
+                      what="the page, results.json, plots and runs a previous reproduce wrote")
+    except (ValueError, OSError) as error:
         parser.error(str(error))
     command = "spafl-fl " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] \
         else "spafl-fl reproduce " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "command")
@@ -263,18 +289,18 @@ def reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         where = os.path.join(args.out, "runs", dataset, folder)
         print(f"{dataset}: {label} -> {where}", flush=True)
         try:
-            summary, described, recs = _run_or_load(config, where, progress=not args.no_progress)
+            summary, described, recs = _run_or_load(config, where, not args.no_progress, args.overwrite)
         except (ValueError, OSError, RuntimeError) as error:
             parser.error(str(error))
         results.setdefault(dataset, {})[folder] = (label, summary, described)
         wall += sum(rec["wall_seconds"] for rec in recs)
         records.setdefault(dataset, []).append((label, recs))
     bits = []
-    for update, label, config in bits_configs(args):
+    for update, label, config in bits_runs:
         where = os.path.join(args.out, "runs", "bits", update)
         print(f"bits check: {label} -> {where}", flush=True)
         try:
-            summary, described, recs = _run_or_load(config, where, progress=not args.no_progress)
+            summary, described, recs = _run_or_load(config, where, not args.no_progress, args.overwrite)
         except (ValueError, OSError, RuntimeError) as error:
             parser.error(str(error))
         bits.append((label, summary, described))
@@ -285,7 +311,7 @@ def reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         os.makedirs(folder, exist_ok=True)
         plots[dataset] = plot_runs(runs_records, folder)
     path = write_report(args.out, command, results, plots, wall, bits)
-    print(f"wrote {path}")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({d: {k: s for k, (_, s, _) in r.items()} for d, r in results.items()}, f, indent=1)
+    atomic_write_text(os.path.join(args.out, "results.json"),
+                      json.dumps({d: {k: s for k, (_, s, _) in r.items()} for d, r in results.items()}, indent=1))
+    print(f"wrote {path} and results.json")
     return 0

@@ -10,6 +10,7 @@ logged with its reason and left out; the round goes on with the rest.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -62,10 +63,11 @@ class Server:
         return sorted(int(k) for k in rng.choice(self.num_clients, self.sample, replace=False))
 
     def aggregate(self, updates: Sequence[ClientUpdate], round_index: int | None = None) -> Aggregate:
-        """Average the valid updates into the new global tensors (unchanged when none is valid)."""
+        """Average the valid updates into the new global tensors (unchanged when none is valid, or when
+        their average is not finite: then every update of the round is rejected)."""
         good, rejected = [], []
         for update in updates:
-            problems = [update.failure] if update.failure else update_problems(update.tensors, self.tensors)
+            problems = self.update_problems(update)
             if problems:
                 reason = "; ".join(problems)
                 log.warning("round %s: rejected the update of client %d: %s", round_index, update.client, reason)
@@ -83,6 +85,25 @@ class Server:
                 # Accumulate in float64 so the average does not depend on the summation order's rounding.
                 acc = sum(w * u.tensors[name].to(torch.float64) for w, u in zip(weights.tolist(), good))
                 new[name] = (acc if old.is_floating_point() else acc.round()).to(old.dtype)
+            broken = sorted(name for name, t in new.items() if t.is_floating_point() and not bool(t.isfinite().all()))
+            if broken:
+                reason = f"the average of the round's updates is not finite in {broken[:5]}"
+                log.warning("round %s: kept the global model: %s", round_index, reason)
+                rejected += [(u.client, reason) for u in good]
+                good, new = [], {name: t.clone() for name, t in self.tensors.items()}
         difference = {name: new[name] - self.tensors[name] for name in new if new[name].is_floating_point()}
         self.tensors = new
         return Aggregate(new, difference, [u.client for u in good], rejected)
+
+    def update_problems(self, update: ClientUpdate) -> list[str]:
+        """Why ``update`` cannot enter the average: the failure its client reported, a weight (number of
+        training samples) that is missing, not positive or not finite when updates are weighted by
+        it, or its tensors' problems (``update_problems``). Empty when it can."""
+        if update.failure is not None:
+            return [update.failure if isinstance(update.failure, str) and update.failure.strip()
+                    else "the client reported a failure without a reason"]
+        weight = update.num_samples
+        if self.weighting == "samples" and not (isinstance(weight, (int, float)) and not isinstance(weight, bool)
+                                                and math.isfinite(weight) and weight > 0):
+            return [f"its weight (number of training samples) must be a finite number > 0, got {weight!r}"]
+        return update_problems(update.tensors, self.tensors)

@@ -46,16 +46,15 @@ from torch import nn
 from spafl_kernels import density, thresholds
 from spafl_kernels.backends import resolve_backend
 from spafl_kernels.flops import LayerFlops
-from spafl_kernels.model import mapping_problems
-from spafl_kernels.paths import export_table, import_table
+from spafl_kernels.paths import export_table
 
 from .accounting import FlopPlan, dense_state, tensor_bits, threshold_count
-from .checkpoint import POINTER, CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import append_line, atomic_write_text, save_checkpoint
 from .client import ClientUpdate, FedAvgClient, LocalClient, SpaFLClient, evaluate, has_batchnorm, make_batches
 from .config import RunConfig
 from .data import ClientData, load_dataset, split_dirichlet
 from .models import build_model
-from .rundir import METRICS, claim_out_dir, clear_outputs, read_metrics
+from .rundir import METRICS, check_resume_tensors, claim_out_dir, clear_outputs, read_resume
 from .server import Server
 
 log = logging.getLogger("spafl_fl")
@@ -317,10 +316,7 @@ class Simulation:
                 if self.out_dir is not None:
                     # The line goes first: a crash before the checkpoint is complete leaves a line that
                     # resume drops, and the previous checkpoint whole.
-                    with open(os.path.join(self.out_dir, METRICS), "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                        f.flush()
-                        os.fsync(f.fileno())
+                    append_line(os.path.join(self.out_dir, METRICS), json.dumps(record))
                     self.save()
                 bar.set_postfix(acc=f"{record['accuracy']:.1f}", density=f"{record['density']['total']:.3f}")
                 bar.update(1)
@@ -358,33 +354,10 @@ class Simulation:
     def _read_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], list[dict]]:
         """The checkpoint and metrics records in ``out_dir``, checked against this config before any
         data is loaded: ``(rounds done, tensors, records)``."""
-        pointer = os.path.join(self.out_dir, POINTER)
-        found = load_checkpoint(self.out_dir)
-        if found is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.out_dir}")
-        rounds_done, tensors, meta = found
-        saved = meta.get("config")
-        if not isinstance(saved, dict):
-            raise CheckpointError(f"{pointer} is damaged: 'meta' has no 'config' object")
-        mine = self.config.to_dict()
-        differ = sorted(k for k in mine if k != "rounds" and saved.get(k) != mine[k])
-        if differ:
-            raise ValueError("--resume: the run in {} was made with other settings: {}".format(
-                self.out_dir, ", ".join(f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in differ)))
-        if self.config.rounds < rounds_done:
-            raise ValueError(f"--resume: --rounds {self.config.rounds} is fewer than the {rounds_done} rounds "
-                             f"already done in {self.out_dir}; pass --rounds {rounds_done} or more")
-        import_table(meta.get("kernel_paths", []), replace=True)
-        metrics = os.path.join(self.out_dir, METRICS)
-        if not os.path.isfile(metrics):
-            raise CheckpointError(f"{metrics} is missing (the checkpoint holds {rounds_done} rounds)")
-        return rounds_done, tensors, read_metrics(metrics, rounds_done)
+        return read_resume(self.out_dir, self.config.to_dict())
 
     def _resume(self, rounds_done: int, tensors: dict[str, torch.Tensor], records: list[dict]) -> None:
-        problems = mapping_problems(tensors, self.state_tensors(), same_dtype=True)
-        if problems:
-            path = os.path.join(self.out_dir, f"checkpoint-{rounds_done:06d}.safetensors")
-            raise CheckpointError(f"{path} does not fit this run: " + "; ".join(problems[:5]))
+        check_resume_tensors(self.out_dir, rounds_done, tensors, self.state_tensors())
         self.server.tensors = {name[len("server."):]: t.to(self.device) for name, t in tensors.items()
                                if name.startswith("server.")}
         if self.sparse or self.local:

@@ -16,3 +16,16 @@ def tiny_flags(rounds: int = 2) -> list[str]:
     return ["--dataset", "synthetic", "--model", "mlp", "--clients", "4", "--sample", "2", "--rounds", str(rounds),
             "--local-epochs", "1", "--batch-size", "64", "--lr", "0.05", "--alpha", "0.5", "--seed", "3",
             "--no-baseline", "--no-progress"]
+
+
+def usage_error(capsys, argv: list[str]) -> str:
+    """``spafl-fl ARGV``'s stderr, after checking that it was a usage error (exit 2) without a traceback."""
+    import pytest
+
+    from spafl_fl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    return err

@@ -98,7 +98,7 @@ def test_reproduce_writes_one_page(tmp_path, capsys):
                    "mean row density", "authors' FLOPs / client", "](plots/digits/accuracy.png)"):
         assert phrase in page, phrase
     assert (out / "plots" / "digits" / "bits.png").is_file()
-    # A second call reads the finished runs back instead of running them again.
+    # A second call (--resume: the folder is not empty) reads the finished runs back instead of running them again.
     before = (out / "runs" / "digits" / "spafl" / "metrics.jsonl").read_text()
-    assert main(argv) == 0
+    assert main([*argv, "--resume"]) == 0
     assert (out / "runs" / "digits" / "spafl" / "metrics.jsonl").read_text() == before

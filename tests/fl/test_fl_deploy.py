@@ -180,7 +180,7 @@ def test_deploy_local_usage_errors(tmp_path, capsys):
     (tmp_path / "b" / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(SystemExit) as error:
         main(["deploy-local", "--supernodes", "2", "--sample", "1", "--out", str(tmp_path / "b")])
-    assert error.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    assert error.value.code == 2 and "is not empty" in capsys.readouterr().err
     assert not (tmp_path / "b" / "deployment").exists()  # nothing started, nothing written
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers_fl import tiny_flags
+from helpers_fl import usage_error as _usage_error
 
 from spafl_fl import Simulation
 from spafl_fl.cli import main
@@ -21,19 +22,11 @@ from spafl_fl.data import CIFAR10_FILES, FMNIST_FILES, load_cifar10, load_fmnist
 FLAGS = tiny_flags(2)
 
 
-def _usage_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "Traceback" not in err, err
-    return err
-
-
 @pytest.mark.parametrize("flag, value, says", [
     ("--lr", "inf", "--lr must be a finite number > 0"),
     ("--lr", "nan", "--lr must be a finite number > 0"),
     ("--weight-decay", "-1", "--weight-decay must be a finite number >= 0"),
-    ("--threads", "-3", "--threads must be an integer >= 0"),
+    ("--threads", "-3", "--threads must be an integer in [0, 1024]"),
     ("--min-density", "5", "--min-density must be a number in [0, 1]"),
     ("--seed", "-1", "--seed must be an integer"),
     ("--momentum", "-0.5", "--momentum must be a finite number >= 0"),

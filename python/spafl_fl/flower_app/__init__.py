@@ -22,10 +22,11 @@ and the SuperLink runs with ``--disable-runtime-dependency-installation``.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import fields
 
+from ..checkpoint import atomic_write_bytes, atomic_write_text
 from ..config import RunConfig
+from ..rundir import claim_out_dir
 
 APP_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spafl-app")
 """The app folder shipped with the package (``pyproject.toml``, README.md)."""
@@ -33,10 +34,11 @@ APP_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spafl-a
 RUN_KEYS = {f.name.replace("_", "-"): f.name for f in fields(RunConfig)}
 """run-config key -> ``RunConfig`` field."""
 
-DEPLOY_KEYS = {"out-dir": "", "resume": False, "round-timeout": 600.0, "connect-timeout": 300.0}
+DEPLOY_KEYS = {"out-dir": "", "resume": False, "overwrite": False, "round-timeout": 600.0, "connect-timeout": 300.0}
 """run-config keys of the deployment and their defaults: the ServerApp's output folder on the
-SuperLink's machine ("": ``spafl-runs/run-<run id>`` under its working directory), continue the run
-found there, seconds a round waits for replies (a node that does not answer in time counts as
+SuperLink's machine ("": ``spafl-runs/run-<run id>`` under its working directory; it must be new or
+empty), continue the run found there, replace the files a previous run wrote there (other files are
+kept), seconds a round waits for replies (a node that does not answer in time counts as
 failed), seconds the run waits for all its SuperNodes to connect."""
 
 
@@ -105,15 +107,17 @@ def app_pyproject(values: dict) -> str:
 
 
 def write_app(folder: str, values: dict | None = None, overwrite: bool = False) -> str:
-    """Write the app into ``folder`` (created; must not hold a pyproject.toml yet unless ``overwrite``):
-    ``APP_TEMPLATE``'s files, its config set to ``values`` (default ``app_config()``). Flower names an
-    app after its folder: use letters, digits and hyphens."""
-    if not overwrite and os.path.exists(os.path.join(folder, "pyproject.toml")):
-        raise FileExistsError(f"{folder} already holds a pyproject.toml; choose another folder")
+    """Write the app into ``folder``: ``APP_TEMPLATE``'s files, its config set to ``values`` (default
+    ``app_config()``). ``folder`` must be new or empty unless ``overwrite`` (then only the app's files are
+    replaced; a symbolic link among them is refused). Flower names an app after its folder: use letters,
+    digits and hyphens."""
+    names = tuple(sorted(os.listdir(APP_TEMPLATE)))
+    claim_out_dir(folder, overwrite=overwrite, resumable=False, what=f"the app's files ({', '.join(names)})",
+                  outputs=lambda name: name in names)
     os.makedirs(folder, exist_ok=True)
-    for name in sorted(os.listdir(APP_TEMPLATE)):
+    for name in names:
         if name != "pyproject.toml":
-            shutil.copyfile(os.path.join(APP_TEMPLATE, name), os.path.join(folder, name))
-    with open(os.path.join(folder, "pyproject.toml"), "w") as f:
-        f.write(app_pyproject(app_config() if values is None else values))
+            with open(os.path.join(APP_TEMPLATE, name), "rb") as f:
+                atomic_write_bytes(os.path.join(folder, name), f.read())
+    atomic_write_text(os.path.join(folder, "pyproject.toml"), app_pyproject(app_config() if values is None else values))
     return folder

@@ -17,6 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..checkpoint import atomic_write_text
+from ..rundir import close_log, log_handler
 from . import from_run_config
 from .strategy import drive, make_strategy
 
@@ -36,27 +37,27 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     config, deploy = from_run_config(context.run_config)
     out_dir = out_dir_of(deploy, context.run_id)
-    os.makedirs(out_dir, exist_ok=True)
-    handler = logging.FileHandler(os.path.join(out_dir, "run.log"))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("spafl_fl")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     status = os.path.join(out_dir, STATUS)
+    handler = None
     try:
         if config.threads > 0:
             import torch
 
             torch.set_num_threads(config.threads)
-        strategy = make_strategy(config, out_dir, resume=deploy["resume"], connect_timeout=deploy["connect-timeout"])
+        # Claims out-dir (nothing is written into a folder holding another run), resumes, writes config.json.
+        strategy = make_strategy(config, out_dir, resume=deploy["resume"], overwrite=deploy["overwrite"],
+                                 connect_timeout=deploy["connect-timeout"])
+        handler = log_handler(os.path.join(out_dir, "run.log"))
+        log.setLevel(logging.INFO)
         drive(strategy, grid, timeout=deploy["round-timeout"])
-    except FileExistsError:
-        raise  # out-dir holds another run: leave its files alone
+    except (FileExistsError, NotADirectoryError):
+        raise  # out-dir holds another run, or is a file: leave it alone
     except BaseException as error:
         log.error("the run failed: %s", error)
-        atomic_write_text(status, json.dumps({"status": "failed", "error": f"{type(error).__name__}: {error}"}))
+        if os.path.isdir(out_dir):
+            atomic_write_text(status, json.dumps({"status": "failed", "error": f"{type(error).__name__}: {error}"}))
         raise
     finally:
-        logger.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            close_log(handler)
     atomic_write_text(status, json.dumps({"status": "finished", "rounds": strategy.rounds_done}))

@@ -31,9 +31,18 @@ from flwr.serverapp import Grid
 from spafl_kernels.flops import LayerFlops
 
 from ..accounting import dense_state, tensor_bits
-from ..checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from ..checkpoint import atomic_write_text, save_checkpoint
 from ..config import RunConfig
-from ..flower import CONFIG, METRICS, SpaFLStrategy, _Round, payload_bytes, to_array_record
+from ..flower import CONFIG, SpaFLStrategy, _Round, payload_bytes, to_array_record
+from ..rundir import (
+    DEPLOYMENT_FOLDER,
+    check_resume_tensors,
+    claim_out_dir,
+    clear_outputs,
+    deployment_output,
+    read_resume,
+)
+from ..rundir import METRICS as METRICS_FILE
 from ..server import Server
 from ..simulation import average_evaluation, describe_run, prepare_run, summarize
 from .mods import message_bytes, wire_metrics
@@ -44,11 +53,7 @@ log = logging.getLogger("spafl_fl")
 ARRAYS = "arrays"
 """FedAvg's record of the global model (instructions) and of a client's trained state (replies)."""
 ENGINE = "flower-deployment"
-
-
-def settings_differ(saved: dict, mine: dict) -> list[str]:
-    """The settings (``RunConfig.to_dict`` keys, ``rounds`` aside) in which a saved run differs."""
-    return sorted(k for k in mine if k != "rounds" and saved.get(k) != mine[k])
+DEPLOYED_ALGORITHMS = ("spafl", "fedavg")
 
 
 class RunFolder:
@@ -62,37 +67,33 @@ class RunFolder:
     out_dir: str | None
     label: str
 
-    def open_folder(self, description: dict, resume: bool) -> None:
+    def open_folder(self, description: dict, resume: bool, overwrite: bool = False) -> None:
+        """Claim ``out_dir`` as ``spafl-fl run`` does (new or empty, unless ``resume``: continue the run there,
+        or ``overwrite``: replace what a run wrote; ``deploy-local``'s own ``deployment`` folder aside),
+        resume from it, write config.json."""
         self.rounds_done = 0
         self.wire = _new_wire()
         if self.out_dir is None:
             return
+        claim_out_dir(self.out_dir, resume=resume, overwrite=overwrite, outputs=deployment_output,
+                      ignore=(DEPLOYMENT_FOLDER,), what="what a previous run wrote (resume = true continues it)")
+        if overwrite:
+            clear_outputs(self.out_dir, deployment_output)
         os.makedirs(self.out_dir, exist_ok=True)
         if resume:
             self._resume()
-        elif os.path.exists(os.path.join(self.out_dir, "metrics.jsonl")):
-            raise FileExistsError(f"{self.out_dir} already holds a run; set resume = true to continue it, "
-                                  "or another out-dir")
         atomic_write_text(os.path.join(self.out_dir, "config.json"),
                           json.dumps({**description, "engine": ENGINE}, indent=1))
 
     def _resume(self) -> None:
-        found = load_checkpoint(self.out_dir)
-        if found is None:
-            raise FileNotFoundError(f"resume: no checkpoint in {self.out_dir}")
-        rounds_done, tensors, meta = found
-        differ = settings_differ(dict(meta["config"]), self.config.to_dict())
-        if differ:
-            raise ValueError(f"resume: the run in {self.out_dir} was made with other settings: {differ}")
+        """The in-process loop's resume (``read_resume``, ``check_resume_tensors``): every file checked,
+        errors naming it."""
+        rounds_done, tensors, records = read_resume(self.out_dir, self.config.to_dict())
+        check_resume_tensors(self.out_dir, rounds_done, tensors,
+                             {f"server.{name}": t for name, t in self.server.tensors.items()})
         self.server.tensors = {name[len("server."):]: t for name, t in tensors.items() if name.startswith("server.")}
-        path = os.path.join(self.out_dir, "metrics.jsonl")
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        # A crash between a round's metrics line and its checkpoint leaves a line the checkpoint lacks.
-        self.records = [rec for rec in records if rec["round"] <= rounds_done]
-        if len(self.records) != rounds_done:
-            raise ValueError(f"resume: metrics.jsonl holds {len(self.records)} of {rounds_done} checkpointed rounds")
-        atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in self.records))
+        self.records = records
+        atomic_write_text(os.path.join(self.out_dir, METRICS_FILE), "".join(json.dumps(rec) + "\n" for rec in records))
         self.rounds_done = rounds_done
         log.info("resuming %s after round %d", self.out_dir, rounds_done)
 
@@ -129,12 +130,12 @@ class DeployedSpaFL(RunFolder, SpaFLStrategy):
     """``SpaFLStrategy`` with checkpoints, resume and the wire accounting of the deployment."""
 
     def __init__(self, config: RunConfig, out_dir: str | None = None, *, resume: bool = False,
-                 connect_timeout: float = 300.0):
+                 connect_timeout: float = 300.0, overwrite: bool = False):
         SpaFLStrategy.__init__(self, config, None)
         self.out_dir = out_dir
         self.connect_timeout = connect_timeout
         self.label = f"spafl on flower ({self.backend})"
-        self.open_folder(self.description, resume)
+        self.open_folder(self.description, resume, overwrite)
 
 
 class FedAvgStrategy(RunFolder, SpaFLStrategy):
@@ -148,7 +149,7 @@ class FedAvgStrategy(RunFolder, SpaFLStrategy):
     update_record = ARRAYS
 
     def __init__(self, config: RunConfig, out_dir: str | None = None, *, resume: bool = False,
-                 connect_timeout: float = 300.0):
+                 connect_timeout: float = 300.0, overwrite: bool = False):
         if config.algorithm != "fedavg":
             raise ValueError(f"FedAvgStrategy runs FedAvg; got algorithm={config.algorithm!r}")
         self.config, self.out_dir, self.connect_timeout = config, out_dir, connect_timeout
@@ -157,13 +158,14 @@ class FedAvgStrategy(RunFolder, SpaFLStrategy):
         state = {k: v.detach().clone() for k, v in setup.init.state_dict().items()}
         self.server = Server(state, config.clients, config.sample, config.seed, "samples")
         self.dense_state_bits = tensor_bits(dense_state(setup.init))
+        self.density_keys = ()  # a dense model: evaluate replies carry no densities
         self.description = describe_run(config, None, setup.client_data, 0, self.dense_state_bits)
         self.records: list[dict] = []
         self.nodes: dict[int, int] = {}
         self.label = "fedavg on flower"
         self._round: _Round | None = None
         self.finish_summary: dict | None = None
-        self.open_folder(self.description, resume)
+        self.open_folder(self.description, resume, overwrite)
 
     def summary(self) -> None:
         log.info("FedAvgStrategy: %d clients, %d sampled per round", self.config.clients, self.config.sample)
@@ -190,20 +192,14 @@ class FedAvgStrategy(RunFolder, SpaFLStrategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Average the clients' accuracy and loss of the global model; write the round's record."""
         state = self._round
-        client_of = {node: k for k, node in self.nodes.items()}
-        evaluations = {}
-        for reply in replies:
-            k = client_of.get(reply.metadata.src_node_id)
-            if k is not None and not reply.has_error():
-                evaluations[k] = reply.content.metric_records[METRICS]
-        if not evaluations:
-            raise RuntimeError(f"round {server_round - 1}: no client evaluated the global model")
-        if len(evaluations) != self.config.clients:
+        evaluations = self.evaluations(server_round, replies)
+        answered = len(evaluations) + len(state.rejected_evaluations)
+        if answered != self.config.clients:
             log.warning("round %d: clients %s did not evaluate; averaging over the others", server_round - 1,
-                        sorted(set(range(self.config.clients)) - set(evaluations)))
+                        sorted(set(range(self.config.clients)) - set(evaluations)
+                               - {k for k, _ in state.rejected_evaluations}))
         ordered = [evaluations[k] for k in sorted(evaluations)]
-        accuracy, loss, dens = average_evaluation([float(m["accuracy"]) for m in ordered],
-                                                  [float(m["loss"]) for m in ordered], [])
+        accuracy, loss, dens = average_evaluation([a for a, _, _ in ordered], [v for _, v, _ in ordered], [])
         updates = state.updates
         flops = sum((u.flops for u in updates), LayerFlops())
         hp = self.config.local_training(server_round - 1)
@@ -220,19 +216,17 @@ class FedAvgStrategy(RunFolder, SpaFLStrategy):
             "uplink_bytes_per_client": {str(k): v for k, v in sorted(state.uplink_bytes_per_client.items())},
             **self.round_extras(server_round),
         }
-        record["wall_seconds"] = time.perf_counter() - state.started
-        self.records.append(record)
-        if self.out_dir is not None:
-            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.write_record(record, state)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
 
 def make_strategy(config: RunConfig, out_dir: str | None = None, *, resume: bool = False,
-                  connect_timeout: float = 300.0) -> DeployedSpaFL | FedAvgStrategy:
-    """The strategy of ``config.algorithm``."""
+                  connect_timeout: float = 300.0, overwrite: bool = False) -> DeployedSpaFL | FedAvgStrategy:
+    """The strategy of ``config.algorithm`` (SpaFL or FedAvg; the deployment does not run Local)."""
+    if config.algorithm not in DEPLOYED_ALGORITHMS:
+        raise ValueError(f"the deployment runs {' and '.join(DEPLOYED_ALGORITHMS)}; got algorithm={config.algorithm!r}")
     cls = DeployedSpaFL if config.algorithm == "spafl" else FedAvgStrategy
-    return cls(config, out_dir, resume=resume, connect_timeout=connect_timeout)
+    return cls(config, out_dir, resume=resume, connect_timeout=connect_timeout, overwrite=overwrite)
 
 
 def _account(strategy: RunFolder, sent: list[Message], replies: list[Message]) -> None:
