@@ -463,7 +463,7 @@ def _export(usage: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     try:
         report, record = export_client(args.run_dir, args.client, args.out, overwrite=args.overwrite)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         usage.error(str(error))
     print(report)
     print(f"test accuracy on client {args.client}'s {record['test_samples']} test samples: sparse "
