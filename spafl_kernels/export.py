@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import keyword
 import math
 import operator
 import types
@@ -177,6 +178,8 @@ class _Exporter:
 
     def _name(self, base: str) -> str:
         base = base.replace(".", "_") or "model"
+        if not base.isidentifier() or keyword.iskeyword(base):  # "0" of an nn.Sequential: not a Python name
+            base = f"m_{base}"
         name, i = base, 1
         while name in self.names or hasattr(nn.Module, name):
             i += 1
