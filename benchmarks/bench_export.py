@@ -67,15 +67,13 @@ def cases(demo: str | None):
             x = torch.randn(64, *setup.input_shape, generator=torch.Generator().manual_seed(1))
             yield name, name, f"{d}", sparse.eval(), dense_twin(sparse, name, setup.input_shape, setup.num_classes), x
     if demo:
-        from spafl_fl.exporting import load_client_model
+        from spafl_fl.exporting import load_client_models
 
-        models = []
         clients = json.load(open(os.path.join(demo, "config.json")))["clients"]
-        for k in range(clients):
-            model, data, config = load_client_model(demo, k)
-            models.append((density(model)["total"], k, model, data, config))
-        models.sort(key=lambda item: item[0])
-        weight_density, k, model, data, config = models[len(models) // 2]
+        models, datas, config = load_client_models(demo, list(range(clients)))
+        ranked = sorted((density(m)["total"], k) for k, m in enumerate(models))
+        weight_density, k = ranked[len(ranked) // 2]
+        model, data = models[k], datas[k]
         x = data.x_test.repeat((64 + len(data.x_test) - 1) // len(data.x_test), 1, 1, 1)[:64]
         dense = dense_twin(model, config.model, tuple(data.x_test.shape[1:]), int(model(x[:1]).shape[1]))
         yield f"demo client {k}", config.model, f"{weight_density:.3f}", model, dense, x

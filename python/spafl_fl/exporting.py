@@ -58,8 +58,9 @@ def check_outputs(paths: dict[str, str], overwrite: bool) -> None:
                               "another --out")
 
 
-def load_client_model(run_dir: str, client: int) -> tuple[nn.Module, ClientData, RunConfig]:
-    """Client ``client``'s model (its state in the run's last checkpoint), its data and the run's config."""
+def load_client_models(run_dir: str, clients: list[int]) -> tuple[list[nn.Module], list[ClientData], RunConfig]:
+    """The models of ``clients`` (their state in the run's last checkpoint, eval mode), their data and the run's
+    config; the data is loaded and split once."""
     if not os.path.isdir(run_dir):
         raise ValueError(f"{run_dir} is not a run folder (no such folder)")
     config_path = os.path.join(run_dir, "config.json")
@@ -71,23 +72,32 @@ def load_client_model(run_dir: str, client: int) -> tuple[nn.Module, ClientData,
     if config.algorithm == "fedavg":
         raise ValueError(f"{run_dir} is a FedAvg run: its clients hold no models of their own (export a SpaFL or "
                          "Local run)")
-    if not 0 <= client < config.clients:
+    bad = [k for k in clients if not 0 <= k < config.clients]
+    if bad:
         raise ValueError(f"--client must be in [0, {config.clients - 1}] for {run_dir} ({config.clients} clients), "
-                         f"got {client}")
+                         f"got {bad[0]}")
     found = load_checkpoint(run_dir)
     if found is None:
         raise ValueError(f"{run_dir} has no checkpoint (checkpoint.json is missing)")
     rounds, tensors, _ = found
     setup = prepare_run(config, torch.device("cpu"))
-    model = copy.deepcopy(setup.init)
-    prefix = f"client.{client}."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(f"the checkpoint of {run_dir} (round {rounds}) does not fit its config.json: "
-                         f"{str(error).splitlines()[0]}") from None
-    return model.eval(), setup.client_data[client], config
+    models = []
+    for client in clients:
+        model = copy.deepcopy(setup.init)
+        prefix = f"client.{client}."
+        try:
+            model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        except RuntimeError as error:
+            raise ValueError(f"the checkpoint of {run_dir} (round {rounds}) does not fit its config.json: "
+                             f"{str(error).splitlines()[0]}") from None
+        models.append(model.eval())
+    return models, [setup.client_data[k] for k in clients], config
+
+
+def load_client_model(run_dir: str, client: int) -> tuple[nn.Module, ClientData, RunConfig]:
+    """Client ``client``'s model (its state in the run's last checkpoint), its data and the run's config."""
+    models, data, config = load_client_models(run_dir, [client])
+    return models[0], data[0], config
 
 
 def export_client(run_dir: str, client: int, out: str, overwrite: bool = False) -> tuple[ExportReport, dict]:
