@@ -302,6 +302,12 @@ class _Exporter:
         kept_rows = rows.nonzero().flatten().cpu()
         notes = []
         zero_row = len(kept_rows) == 0
+        grouped = conv and module.groups != 1
+        zeroed = ~rows.cpu() if grouped else torch.zeros(n_rows, dtype=torch.bool)
+        if grouped:  # every group must keep as many rows and inputs as the others: rows stay, zeroed
+            kept_rows, zero_row = torch.arange(n_rows), False
+            if bool(zeroed.any()):
+                notes.append(f"grouped conv: {int(zeroed.sum())} pruned rows kept as zeros (groups stay equal)")
         if zero_row:
             kept_rows = torch.zeros(1, dtype=torch.long)
             notes.append("every row pruned: one zeroed row kept to carry the output's shape")
@@ -309,8 +315,9 @@ class _Exporter:
         cdim = 1 if conv else ndim - 1
         lay = self.layout.get(x)
         folded = torch.zeros(n_rows, dtype=torch.float64)
-        if lay is not None and (lay.dim != cdim or conv and module.groups != 1):
-            xin, cols = self._scatter(x, why=f"{node.target} (channel axis not its input axis)"), torch.arange(n_in)
+        if lay is not None and (lay.dim != cdim or grouped):
+            why = f"{node.target} ({'grouped conv' if grouped else 'channel axis not its input axis'})"
+            xin, cols = self._scatter(x, why=why), torch.arange(n_in)
         elif lay is None:
             xin, cols = self.new[x], torch.arange(n_in)
         else:
@@ -330,15 +337,17 @@ class _Exporter:
             xin = self._scatter(x, cols, f"{node.target} (padding)") if len(need) or not torch.equal(
                 cols, lay.kept) else self.new[x]
         bias = torch.zeros(n_rows, dtype=torch.float64) if module.bias is None else module.bias.detach().double().cpu()
-        new_bias = (bias + folded)[kept_rows]
+        new_bias = (bias + folded).masked_fill(zeroed, 0.0)[kept_rows]
         has_bias = module.bias is not None or bool((new_bias != 0).any())
         if conv:
-            new = nn.Conv2d(len(cols), len(kept_rows), module.kernel_size, module.stride, module.padding,
-                            module.dilation, module.groups, has_bias, device=self.device, dtype=self.dtype)
+            new = nn.Conv2d(len(cols) * module.groups, len(kept_rows), module.kernel_size, module.stride,
+                            module.padding, module.dilation, module.groups, has_bias, device=self.device,
+                            dtype=self.dtype)
         else:
             new = nn.Linear(len(cols), len(kept_rows), has_bias, device=self.device, dtype=self.dtype)
         with torch.no_grad():
             w = weight[kept_rows.to(weight.device)][:, cols.to(weight.device)]
+            w = w.masked_fill(zeroed[kept_rows].to(w.device).view(-1, *[1] * (w.dim() - 1)), 0.0)
             new.weight.copy_(torch.zeros_like(w) if zero_row else w)
             if has_bias:
                 new.bias.copy_(torch.zeros_like(new_bias) if zero_row else new_bias)

@@ -191,3 +191,35 @@ def test_untraceable_model_gets_a_clear_error():
 
     with pytest.raises(ValueError, match="cannot trace"):
         export_dense_with_report(Branchy(), torch.randn(2, 4))
+
+
+def test_conv_bias_groups_padded_avg_pool_and_a_shared_layer():
+    """Less common paths: conv biases, a grouped conv (its input is put back in full), avg pooling with zero padding
+    counted (a constant channel is put back first), BatchNorm before it, and one Linear called twice."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = sk.SparseConv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.c2 = sk.SparseConv2d(8, 8, 3, groups=2)
+            self.c3 = sk.SparseConv2d(8, 6, 1)
+            self.fc = sk.SparseLinear(6 * 3 * 3, 6 * 3 * 3)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.c1(x)))
+            y = nn.functional.avg_pool2d(self.c3(self.c2(y)), 2, padding=1)
+            y = y.flatten(1)
+            return self.fc(torch.relu(self.fc(y)))
+
+    torch.manual_seed(0)
+    model = Net()
+    set_densities(model, 0.5)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.bias.uniform_(-1, 1)
+    model.eval()
+    x = torch.randn(3, 3, 6, 6)
+    exported, report = export_dense_with_report(model, x[:2])
+    assert_exact(model, exported, x)
+    assert report.params_after < report.params_before
