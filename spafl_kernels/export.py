@@ -16,7 +16,8 @@ equal the sparse model's (docs/DESIGN.md §2: a pruned row outputs exactly 0, it
 - where a value must exist in full (a residual add with a live tensor, LayerNorm, the attention's head
   view, a model output, any op not listed) the present channels are scattered into a tensor holding the
   absent channels' constants (``torch.index_copy``): exact, and reported;
-- a layer whose rows are all pruned keeps one zeroed row, so the tensor that carries the batch shape exists.
+- a layer whose rows are all pruned keeps one zeroed row, so the tensor that carries the batch shape exists;
+  a grouped Conv2d keeps all its rows (pruned ones zeroed) and reads its whole input, so its groups stay equal.
 
 ``export_dense_with_report`` also returns an ``ExportReport``: rows and input channels kept, parameters and
 FLOPs before and after per layer, and every constant folded or channel put back for exactness.
