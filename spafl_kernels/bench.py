@@ -166,12 +166,11 @@ def make_step(case: Case, candidate: str, train: bool) -> Callable[[], None]:
     return step
 
 
-def time_interleaved(
+def interleaved_samples(
     steps: dict[str, Callable[[], None]], reps: int, warmup: int = 2, min_sample_s: float = 0.01,
     sync: Callable[[], None] = lambda: None,
-) -> dict[str, float]:
-    """Seconds per call of each step (``spread``: p20, p50, p80 over ``reps`` samples), timed round-robin so
-    that drift hits all alike.
+) -> dict[str, list[float]]:
+    """``reps`` samples of seconds per call of each step, timed round-robin so that drift hits all alike.
 
     A sample runs a step enough times to last about ``min_sample_s`` (counted on the first step), so
     that microsecond layers are not lost in timer and scheduler noise.
@@ -193,6 +192,15 @@ def time_interleaved(
                 step()
             sync()
             samples[name].append((time.perf_counter() - start) / calls)
+    return samples
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], reps: int, warmup: int = 2, min_sample_s: float = 0.01,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, dict[str, float]]:
+    """Seconds per call of each step (``spread``: p20, p50, p80 of ``interleaved_samples``)."""
+    samples = interleaved_samples(steps, reps, warmup, min_sample_s, sync)
     return {name: spread(times) for name, times in samples.items()}
 
 

@@ -8,6 +8,7 @@
     spafl-fl compare runs/spafl runs/fedavg runs/local runs/masked-dense --plots runs/compare
     spafl-fl reproduce --out runs/reproduce   (SpaFL vs FedAvg vs Local vs masked dense, one Markdown page)
     spafl-fl flower --dataset mnist5k --model lenet5 --rounds 30 --out runs/flower   (pip install .[flower])
+    spafl-fl export runs/spafl --client 3 --out client3.safetensors   (a smaller plain PyTorch model)
 """
 
 from __future__ import annotations
@@ -273,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_reproduce_parser(sub)
     commands["reproduce"] = sub.choices["reproduce"]
+    commands["export"] = _export_parser(sub)
     args = parser.parse_args(argv)
     if getattr(args, "preset", None):  # the run commands: re-parse with the preset's values as defaults
         command = args.command  # the subcommand is the first word: the rest are its flags
@@ -285,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return _compare(usage, args)
     if args.command == "reproduce":
         return reproduce(usage, args)
+    if args.command == "export":
+        return _export(usage, args)
     if args.command == "deploy-local":  # one SuperNode per client: --supernodes sets --clients
         if args.clients is not None and args.supernodes is not None and args.clients != args.supernodes:
             usage.error(f"one SuperNode per client: --supernodes {args.supernodes} but --clients {args.clients}")
@@ -462,4 +466,35 @@ def _flower_app(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     except (ValueError, OSError) as error:
         parser.error(str(error))
     print(f"wrote {os.path.join(args.out, 'pyproject.toml')}; submit with: flwr run {args.out} <superlink connection>")
+    return 0
+
+
+# -- spafl-fl export ------------------------------------------------------------------------------------------
+
+
+def _export_parser(sub) -> argparse.ArgumentParser:
+    help_text = ("export one client's model of a run as a smaller plain PyTorch model: weights (safetensors), "
+                 "architecture (.py, torch only), torch.export program (.pt2) and a report (.report.json/.md)")
+    p = sub.add_parser("export", help=help_text, description=help_text, formatter_class=_HelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="folder of a spafl or local run (its config.json and checkpoint)")
+    p.add_argument("--client", type=int, required=True, metavar="K", help="which client's personalised model")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="weights file, ending in .safetensors; the other files go next to it with its stem")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export to FILE")
+    return p
+
+
+def _export(usage: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .exporting import export_client
+
+    try:
+        report, record = export_client(args.run_dir, args.client, args.out, overwrite=args.overwrite)
+    except (ValueError, OSError, RuntimeError) as error:
+        usage.error(str(error))
+    print(report)
+    print(f"test accuracy on client {args.client}'s {record['test_samples']} test samples: sparse "
+          f"{record['sparse_test_accuracy']:.2f} %, exported {record['exported_test_accuracy']:.2f} %")
+    if record["torch_export_problem"]:
+        print(f"no .pt2: torch.export could not trace the model ({record['torch_export_problem']})")
+    print("wrote " + ", ".join(record["files"]))
     return 0
