@@ -162,9 +162,9 @@ def density(model: nn.Module) -> dict[str, float]:
     weights that sit in active rows (1.0 for a model without sparse layers)."""
     result, active, total = {}, 0, 0
     for name, layer in sparse_layers(model):
-        mask = layer.mask()
-        result[name] = float(mask.mean().item()) if mask.numel() else 1.0
-        active += int(mask.sum().item()) * layer.fan_in
-        total += mask.numel() * layer.fan_in
+        rows = layer.active_rows()
+        result[name] = int(rows.sum()) / rows.numel() if rows.numel() else 1.0
+        active += int(rows.sum()) * layer.fan_in
+        total += rows.numel() * layer.fan_in
     result["total"] = active / total if total else 1.0
     return result

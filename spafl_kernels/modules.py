@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from .backends import BACKEND_NAMES
 from .functional import sparse_conv2d, sparse_linear
-from .semantics import check_ste, row_mask, row_score
+from .semantics import check_ste, is_active, row_score
 
 
 def _check_backend(backend: str) -> str:
@@ -41,14 +41,18 @@ class SparseLayer:
         return self.weight[0].numel() if self.weight.shape[0] else 0
 
     @torch.no_grad()
+    def active_rows(self) -> torch.Tensor:
+        """``[out]`` bool: which rows are active now (``semantics.row_score`` > 0, as every backend decides)."""
+        return is_active(row_score(self.weight, self.threshold))
+
     def mask(self) -> torch.Tensor:
         """0/1 ``[out]`` tensor in the weight's dtype: which rows are active now."""
-        return row_mask(row_score(self.weight, self.threshold)).to(self.weight.dtype)
+        return self.active_rows().to(self.weight.dtype)
 
     def density(self) -> float:
-        """Fraction of active rows (1.0 for a layer without rows)."""
+        """Fraction of active rows (1.0 for a layer without rows); counted exactly, whatever the dtype."""
         rows = self.weight.shape[0]
-        return float(self.mask().sum().item()) / rows if rows else 1.0
+        return int(self.active_rows().sum()) / rows if rows else 1.0
 
     # The dense class each sparse module converts from; set by the subclasses.
     _dense_class: type[nn.Module]
