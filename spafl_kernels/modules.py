@@ -15,7 +15,8 @@ from .functional import sparse_conv2d, sparse_linear
 from .semantics import check_ste, is_active, row_score
 
 
-def _check_backend(backend: str) -> str:
+def check_backend(backend: str) -> str:
+    """Return ``backend`` unchanged, or raise ``ValueError`` naming the accepted values."""
     if backend != "auto" and backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
     return backend
@@ -29,7 +30,7 @@ class SparseLayer:
 
     def _init_sparse(self, ste: str, backend: str) -> None:
         self.ste = check_ste(ste)
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         rows = self.weight.shape[0]
         self.threshold = nn.Parameter(
             torch.zeros(rows, device=self.weight.device, dtype=self.weight.dtype)
@@ -76,6 +77,8 @@ class SparseLayer:
         problem = cls.conversion_problem(module)
         if problem:
             raise TypeError(f"{cls.__name__}.convert_in_place: {problem}")
+        check_ste(ste)  # before the class changes: a bad argument leaves the module as it was
+        check_backend(backend)
         module.__class__ = _parametrized_twin(cls, type(module)) if parametrize.is_parametrized(module) else cls
         module._init_sparse(ste, backend)
         module.threshold.requires_grad_(module.weight.requires_grad)
