@@ -55,6 +55,12 @@ class SparseLayer:
         rows = self.weight.shape[0]
         return int(self.active_rows().sum()) / rows if rows else 1.0
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {type(self).__name__}: its forward dispatches to this package's "
+            "Python backends, which TorchScript does not support; use torch.compile, or run the model eagerly"
+        )
+
     # The dense class each sparse module converts from; set by the subclasses.
     _dense_class: type[nn.Module]
 

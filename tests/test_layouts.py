@@ -156,8 +156,8 @@ def tie_rows(weight: torch.Tensor, tau: torch.Tensor, dtype, gen) -> tuple[torch
         magnitude = (torch.rand(weight.shape[0], generator=gen, dtype=torch.float64) + 0.5).to(dtype).double()
         constant = weight.sign() * magnitude.view(-1, *[1] * (weight.dim() - 1))
         weight[tied] = constant[tied]
-    at, _ = tie_thresholds(weight.to(dtype), seed=int(torch.randint(2**31, (), generator=gen)))
-    tau[tied] = at[tied].double()
+    at, _ = tie_thresholds(weight[tied].to(dtype), seed=int(torch.randint(2**31, (), generator=gen)))
+    tau[tied] = at.double()
     return weight, tau
 
 
