@@ -29,10 +29,13 @@ from .backends.base import Kernels
 from .semantics import Conv2dGeometry, acc_dtype
 
 
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
 def autocast_on(x) -> bool:
     """Whether ``torch.autocast`` is on for the device of tensor ``x`` (never for devices autocast does not
     know, such as meta)."""
-    if not torch._C._is_any_autocast_enabled():  # the common case, in one cheap call
+    if not _any_autocast():  # the common case, in one call
         return False
     device = x.device.type
     return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)

@@ -160,3 +160,22 @@ def test_row_score_gradient():
     dw, dt = torch.autograd.grad(row_score(weight, threshold), (weight, threshold), g)
     torch.testing.assert_close(dw, g[:, None] * weight.sign() / 70)
     torch.testing.assert_close(dt, -g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_filters_sum_in_row_major_order(backend):
+    """A channels_last filter is stored (kh, kw, c); its score still sums in the row-major (c, kh, kw) order
+    (triton summed the stored order: another rounding at a tie)."""
+    if backend != "reference":
+        require_backend(backend, "conv2d")
+    layer = sk.SparseConv2d(9, 40, 3, backend=backend)
+    with torch.no_grad():
+        layer.weight.copy_(tie_weight(layer.weight.shape, torch.float32, seed=5))
+        threshold, expected = tie_thresholds(layer.weight, seed=6)
+        layer.threshold.copy_(threshold)
+    layer.weight.data = layer.weight.data.contiguous(memory_format=torch.channels_last)
+    if backend != "reference":
+        _, got = kernels_of(backend).conv2d_fwd(torch.randn(1, 9, 3, 3), layer.weight.detach(), None,
+                                                layer.threshold.detach(), [1, 1, 0, 0, 1, 1, 1])
+        assert torch.equal(got, row_score(layer.weight, layer.threshold))
+    check_every_consumer(layer, expected, torch.randn(2, 9, 4, 3))

@@ -336,6 +336,8 @@ def dense_vector(vector: torch.Tensor | None) -> torch.Tensor | None:
 
 def row_scores(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """Scores ``[N]`` in ``acc_dtype(weight.dtype)``; weight: ``[N, ...]`` as ``rows_dense`` returns."""
+    if not weight.is_contiguous():  # a channels_last filter: sum in row-major order, as row_score defines
+        weight = weight.contiguous()
     n_rows = weight.shape[0]
     fan_in = weight.numel() // max(n_rows, 1)
     score = torch.empty(n_rows, device=weight.device, dtype=acc_dtype(weight.dtype))
