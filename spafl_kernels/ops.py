@@ -28,7 +28,6 @@ from .backends import get_backend
 from .backends.base import Kernels
 from .semantics import Conv2dGeometry, acc_dtype
 
-
 _any_autocast = torch._C._is_any_autocast_enabled
 
 

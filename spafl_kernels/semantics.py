@@ -69,6 +69,13 @@ def row_score(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     acc = acc_dtype(weight.dtype)
     n = fan_in(weight)
     rows = weight.reshape(weight.shape[0], n)  # (not -1: a weight without rows has no inferable width)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        # The bits from the loop below (no graph of fan_in / L nodes), the gradient from one L1 norm: the
+        # term added is exactly 0 (a NaN only for an infinite row, where it is dropped).
+        with torch.no_grad():
+            mean = row_score(weight, torch.zeros(weight.shape[0], dtype=acc, device=weight.device))  # m - 0 == m
+        l1 = rows.abs().sum(1, dtype=acc) / max(n, 1)
+        return (mean + (l1 - l1.detach()).nan_to_num(0.0, 0.0, 0.0)) - threshold.to(acc)
     # Lanes at or past n only ever hold 0 and add nothing (x + 0 == x): start from the fewest that fold
     # like L lanes, a power of two >= n.
     width = min(score_lanes(acc), 1 << max(n - 1, 0).bit_length())
