@@ -12,6 +12,7 @@
 // ops trace too: CompositeImplicitAutograd, and opcheck passes). Like the Python formula, the gradients
 // refuse a second derivative with a clear error instead of reading 0 (NoDoubleBackward).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -118,8 +119,10 @@ struct SparseLayerBackward : torch::autograd::Node {
     Grads grads;
     {
       // The kernels are not differentiable: under create_graph=True they run without autograd, and
-      // NoDoubleBackward ties their results to what they depend on.
+      // NoDoubleBackward ties their results to what they depend on. Nor do they autocast (a backward
+      // called inside torch.autocast): they compute in the forward's dtype (functional.py).
       at::AutoGradMode no_grad(false);
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
       grads = native_bwd(grad_y, x, weight, has_bias_ ? std::optional<Tensor>(bias) : std::nullopt, score, geometry_,
                          ste_, need_dx, need_dweight || need_dbias || need_dthreshold);
     }
@@ -150,6 +153,7 @@ Tensor sparse_layer(const Tensor& x, const Tensor& weight, const std::optional<T
   YScore out;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as in backward
     out = native_fwd(x, weight, bias, threshold, geometry);
   }
   const auto& [y, score] = out;

@@ -57,6 +57,16 @@ def _check_threshold_finite(op: str, threshold: torch.Tensor, backend: str) -> N
         torch._assert_async(torch.isfinite(threshold).all(), f"{op}: threshold has non-finite values (nan or inf)")
 
 
+def _without_autocast(fn: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor, *args, **kwargs):
+    """``fn(x, weight, *args, **kwargs)`` with autocast off and a floating ``x`` cast to the weight's dtype.
+
+    Under ``torch.autocast`` a sparse layer computes in its parameters' dtype, as autocast's float32 ops do:
+    the mask then comes from the parameters as they are (what ``mask()`` and ``density()`` report), and the
+    output's dtype never depends on which rows are pruned, on every backend alike."""
+    with torch.autocast(x.device.type, enabled=False):
+        return fn(x.to(weight.dtype) if x.is_floating_point() else x, weight, *args, **kwargs)
+
+
 def sparse_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -69,8 +79,11 @@ def sparse_linear(
     """SpaFL Linear: ``y = x @ (m * W).T + m * b`` with ``m_i = 1[mean|W_i| - tau_i > 0]``.
 
     x: ``[*, K]``; weight: ``[N, K]``; bias: ``[N]`` or None; threshold: ``[N]``. Returns ``[*, N]``;
-    pruned outputs are exactly 0. ``ste`` picks the straight-through gate (``semantics.STES``).
+    pruned outputs are exactly 0. ``ste`` picks the straight-through gate (``semantics.STES``). Under
+    ``torch.autocast`` it computes in the weight's dtype (``x`` is cast to it).
     """
+    if ops.autocast_on(x) and isinstance(weight, torch.Tensor):
+        return _without_autocast(sparse_linear, x, weight, bias, threshold, ste=ste, backend=backend)
     name = _checked(lambda: _check_linear(x, weight, bias, threshold, ste, backend),
                     "linear", ste, backend, (x, weight, bias, threshold))
     _check_threshold_finite("sparse_linear", threshold, name)
@@ -184,8 +197,11 @@ def sparse_conv2d(
 
     x: ``[B, C, H, W]``; weight: ``[N, C/groups, kh, kw]``; bias: ``[N]`` or None; threshold: ``[N]``.
     Returns ``[B, N, H', W']``. ``stride``/``dilation``: int or pair; ``padding``: int, pair, ``"same"``
-    or ``"valid"``, as in ``F.conv2d``.
+    or ``"valid"``, as in ``F.conv2d``. Under ``torch.autocast`` it computes in the weight's dtype.
     """
+    if ops.autocast_on(x) and isinstance(weight, torch.Tensor):
+        return _without_autocast(sparse_conv2d, x, weight, bias, threshold, stride, padding, dilation, groups,
+                                 ste=ste, backend=backend)
     name, geometry, extra = _checked(
         lambda: _check_conv2d(x, weight, bias, threshold, stride, padding, dilation, groups, ste, backend),
         "conv2d", ste, backend, (x, weight, bias, threshold), stride, padding, dilation, groups,

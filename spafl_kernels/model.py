@@ -5,13 +5,15 @@ Layers are keyed by their qualified module name (``model.named_modules()``), e.g
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from .modules import SparseConv2d, SparseLayer, SparseLinear
+from .modules import SparseConv2d, SparseLayer, SparseLinear, check_backend
+from .semantics import check_ste
 
 
 def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayer]]:
@@ -19,6 +21,13 @@ def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, SparseLayer):
             yield name, module
+
+
+# Modules of torch.nn that read a child Linear's weight directly instead of calling it: a sparse child would
+# be ignored there, so those children stay dense (with a warning). Class -> the child it reads.
+_READS_CHILD_WEIGHT = {nn.MultiheadAttention: "out_proj"}
+if hasattr(nn, "LinearCrossEntropyLoss"):  # PyTorch >= 2.13
+    _READS_CHILD_WEIGHT[nn.LinearCrossEntropyLoss] = "linear"
 
 
 def sparsify(
@@ -33,15 +42,33 @@ def sparsify(
     (ties to other modules hold, ``requires_grad`` is kept, and a frozen layer's threshold is frozen
     too), and its hooks and parametrizations (``weight_norm``, ``spectral_norm``) keep working.
 
-    Raises ``ValueError`` naming the module, before changing anything, for what it cannot convert
-    faithfully: a subclass of ``nn.Linear``/``nn.Conv2d`` (its own behaviour would be lost) and a
-    Conv2d whose ``padding_mode`` is not ``"zeros"``; skip those. ``nn.MultiheadAttention`` stays dense
-    with a warning: it reads its ``out_proj.weight`` directly and never calls the submodule. Build
-    attention from ``nn.Linear`` layers to make it sparse.
+    Every argument is checked, and raises ``ValueError`` naming the module, before anything changes, for
+    what it cannot convert faithfully: a subclass of ``nn.Linear``/``nn.Conv2d`` (its own behaviour would be
+    lost) and a Conv2d whose ``padding_mode`` is not ``"zeros"``; skip those. Should a conversion still
+    fail, every module converted so far is restored: the model is as before.
+
+    Modules that read a child's weight directly instead of calling the child would ignore its pruning:
+    ``nn.MultiheadAttention`` (its ``out_proj``) and ``nn.LinearCrossEntropyLoss`` (its ``linear``) stay
+    dense with a warning (build attention from ``nn.Linear`` layers to make it sparse). An
+    ``nn.TransformerEncoderLayer`` whose ``linear1``/``linear2`` become sparse has its inference fast path
+    (``torch._transformer_encoder_layer_fwd``, which reads their weights) turned off: it runs its standard
+    path, the one it trains with, in every mode; an ``nn.TransformerEncoder`` of such layers stops
+    converting padded batches to nested tensors (with a warning: padded positions of its output then hold
+    what the standard path computes, not zeros). Code of your own that reads ``layer.weight`` instead of
+    calling the layer sees the dense weight.
 
     Returns ``model``.
     """
-    skip = {skip} if isinstance(skip, str) else set(skip)
+    check_ste(ste)
+    check_backend(backend)
+    if isinstance(skip, str):
+        skip = {skip}
+    else:
+        skip = list(skip) if isinstance(skip, Iterable) else [skip]
+        wrong = [s for s in skip if not isinstance(s, str)]
+        if wrong:
+            raise TypeError(f"sparsify: skip must be a module name or a list of them, got {wrong[0]!r}")
+        skip = set(skip)
     names = {}  # every module -> all of its qualified names (a shared module has several)
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(module, []).append(name)
@@ -52,17 +79,13 @@ def sparsify(
     def skipped(name: str) -> bool:
         return any(name == s or name.startswith(s + ".") or not s for s in skip)
 
-    attention = [name for module, aliases in names.items() if isinstance(module, nn.MultiheadAttention)
-                 for name in aliases if not skipped(name)]
-    for name in attention:
-        skip.add(name)
-        warnings.warn(
-            f"sparsify: {name or 'model'} is an nn.MultiheadAttention, which uses its projection weights "
-            "directly; it stays dense", stacklevel=2,
-        )
+    dense_parents = [(name, module) for module, aliases in names.items()
+                     if isinstance(module, tuple(_READS_CHILD_WEIGHT)) for name in aliases if not skipped(name)]
     plan = []
     for module, aliases in names.items():
         if isinstance(module, SparseLayer) or any(skipped(name) for name in aliases):
+            continue
+        if any(name.startswith(parent + ".") or not parent for name in aliases for parent, _ in dense_parents):
             continue
         sparse_class = SparseLinear if isinstance(module, nn.Linear) else (
             SparseConv2d if isinstance(module, nn.Conv2d) else None)
@@ -73,9 +96,55 @@ def sparsify(
             raise ValueError(f"sparsify: cannot convert {aliases[0] or 'model'}: {problem}; leave it dense "
                              f"with skip=[{aliases[0]!r}] or convert it yourself")
         plan.append((module, sparse_class))
-    for module, sparse_class in plan:
-        sparse_class.convert_in_place(module, ste=ste, backend=backend)
+    for name, module in dense_parents:
+        child = _READS_CHILD_WEIGHT[next(c for c in _READS_CHILD_WEIGHT if isinstance(module, c))]
+        warnings.warn(
+            f"sparsify: {name or 'model'} is an nn.{type(module).__name__}, which uses its {child}.weight "
+            "directly; it stays dense", stacklevel=2,
+        )
+    converted = []
+    try:
+        for module, sparse_class in plan:
+            converted.append((module, type(module)))
+            sparse_class.convert_in_place(module, ste=ste, backend=backend)
+    except BaseException:
+        for module, dense_class in reversed(converted):
+            _restore_dense(module, dense_class)
+        raise
+    _fast_paths_off(model, names)
     return model
+
+
+def _restore_dense(module: nn.Module, dense_class: type) -> None:
+    """Undo ``convert_in_place`` on ``module``, whatever part of it ran: its class and attributes as before."""
+    module.__class__ = dense_class
+    module._parameters.pop("threshold", None)
+    for attr in ("ste", "backend"):
+        module.__dict__.pop(attr, None)
+
+
+def _fast_paths_off(model: nn.Module, names: dict) -> None:
+    """Turn off the inference fast paths of PyTorch's transformer modules that would read a sparse child's
+    weight directly (see ``sparsify``); what each module computes is its standard path's."""
+    def has_sparse_linears(layer: nn.Module) -> bool:
+        return isinstance(layer, nn.TransformerEncoderLayer) and any(
+            isinstance(getattr(layer, child, None), SparseLayer) for child in ("linear1", "linear2"))
+
+    for module in names:
+        if has_sparse_linears(module):
+            # The fast path runs only for ReLU/GELU layers, which this flag marks; the standard path calls
+            # self.activation and never reads it.
+            module.activation_relu_or_gelu = 0
+    for module, aliases in names.items():
+        if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False) and any(
+            map(has_sparse_linears, module.layers)
+        ):
+            module.use_nested_tensor = False
+            warnings.warn(
+                f"sparsify: {aliases[0] or 'model'} is an nn.TransformerEncoder of sparse layers: it no longer "
+                "turns padded batches into nested tensors (that path skips the sparse layers); padded "
+                "positions of its output now hold what the standard path computes, not zeros", stacklevel=3,
+            )
 
 
 def thresholds(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -120,24 +189,43 @@ def _check_mapping(model: nn.Module, mapping: Mapping[str, torch.Tensor], what: 
     return layers
 
 
+def _non_finite(what: str, values: dict[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` naming every entry of ``values`` that holds a NaN or infinity."""
+    bad = sorted(name for name, v in values.items() if not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(f"{what}: non-finite values in the parameter's dtype for {bad}; nothing was changed")
+
+
 @torch.no_grad()
 def load_thresholds(model: nn.Module, mapping: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``mapping[name]`` (``[out]`` each) into every sparse layer's threshold."""
-    for name, layer in _check_mapping(model, mapping, "load_thresholds").items():
-        layer.threshold.copy_(mapping[name])
+    """Copy ``mapping[name]`` (``[out]`` each) into every sparse layer's threshold. Raises, changing nothing,
+    when a value is not finite once cast to the threshold's dtype (float64 1e300 is inf in float32)."""
+    layers = _check_mapping(model, mapping, "load_thresholds")
+    cast = {name: mapping[name].to(device=layer.threshold.device, dtype=layer.threshold.dtype)
+            for name, layer in layers.items()}
+    _non_finite("load_thresholds", cast)
+    for name, layer in layers.items():
+        layer.threshold.copy_(cast[name])
 
 
 @torch.no_grad()
 def apply_threshold_update(model: nn.Module, delta: Mapping[str, torch.Tensor]) -> None:
     """The paper's global-threshold update: ``W_i -= d_i * sign(sum_j W_ij) / n`` on every element of
     row ``i``, with ``d = tau_global_new - tau_global_old`` per layer (``delta[name]``: ``[out]``) and
-    ``n = kh*kw`` for Conv2d, ``in_features`` for Linear (as the paper's code does)."""
-    for name, layer in _check_mapping(model, delta, "apply_threshold_update").items():
+    ``n = kh*kw`` for Conv2d, ``in_features`` for Linear (as the paper's code does). Raises, changing
+    nothing, when a delta or an updated weight is not finite in the weight's dtype."""
+    layers = _check_mapping(model, delta, "apply_threshold_update")
+    updated = {}
+    for name, layer in layers.items():
         w = layer.weight
         n = w.shape[1] if w.dim() == 2 else w.shape[2] * w.shape[3]
         row_sign = w.reshape(w.shape[0], -1).sum(1).sign()
-        step = delta[name].to(device=w.device, dtype=w.dtype) * row_sign / n
-        w.sub_(step.view(-1, *[1] * (w.dim() - 1)))
+        d = delta[name].to(device=w.device, dtype=w.dtype)
+        _non_finite("apply_threshold_update", {name: d})
+        updated[name] = w - (d * row_sign / n).view(-1, *[1] * (w.dim() - 1))
+    _non_finite("apply_threshold_update (updated weights)", updated)
+    for name, layer in layers.items():
+        layer.weight.copy_(updated[name])
 
 
 def threshold_penalty(model: nn.Module) -> torch.Tensor:
@@ -148,7 +236,9 @@ def threshold_penalty(model: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def reset_collapsed(model: nn.Module, min_density: float = 0.01) -> list[str]:
     """Zero the thresholds of every layer whose density is ``<= min_density`` (the paper's layer
-    collapse guard). Returns the names of the layers reset."""
+    collapse guard). ``min_density``: a number in [0, 1]. Returns the names of the layers reset."""
+    if isinstance(min_density, bool) or not isinstance(min_density, numbers.Real) or not 0 <= min_density <= 1:
+        raise ValueError(f"reset_collapsed: min_density must be a number in [0, 1], got {min_density!r}")
     reset = []
     for name, layer in sparse_layers(model):
         if layer.density() <= min_density:
@@ -162,9 +252,9 @@ def density(model: nn.Module) -> dict[str, float]:
     weights that sit in active rows (1.0 for a model without sparse layers)."""
     result, active, total = {}, 0, 0
     for name, layer in sparse_layers(model):
-        mask = layer.mask()
-        result[name] = float(mask.mean().item()) if mask.numel() else 1.0
-        active += int(mask.sum().item()) * layer.fan_in
-        total += mask.numel() * layer.fan_in
+        rows = layer.active_rows()
+        result[name] = int(rows.sum()) / rows.numel() if rows.numel() else 1.0
+        active += int(rows.sum()) * layer.fan_in
+        total += rows.numel() * layer.fan_in
     result["total"] = active / total if total else 1.0
     return result

@@ -12,10 +12,11 @@ from torch.nn.utils import parametrize
 
 from .backends import BACKEND_NAMES
 from .functional import sparse_conv2d, sparse_linear
-from .semantics import check_ste, row_mask, row_score
+from .semantics import check_ste, is_active, row_score
 
 
-def _check_backend(backend: str) -> str:
+def check_backend(backend: str) -> str:
+    """Return ``backend`` unchanged, or raise ``ValueError`` naming the accepted values."""
     if backend != "auto" and backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
     return backend
@@ -29,7 +30,7 @@ class SparseLayer:
 
     def _init_sparse(self, ste: str, backend: str) -> None:
         self.ste = check_ste(ste)
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         rows = self.weight.shape[0]
         self.threshold = nn.Parameter(
             torch.zeros(rows, device=self.weight.device, dtype=self.weight.dtype)
@@ -41,14 +42,24 @@ class SparseLayer:
         return self.weight[0].numel() if self.weight.shape[0] else 0
 
     @torch.no_grad()
+    def active_rows(self) -> torch.Tensor:
+        """``[out]`` bool: which rows are active now (``semantics.row_score`` > 0, as every backend decides)."""
+        return is_active(row_score(self.weight, self.threshold))
+
     def mask(self) -> torch.Tensor:
         """0/1 ``[out]`` tensor in the weight's dtype: which rows are active now."""
-        return row_mask(row_score(self.weight, self.threshold)).to(self.weight.dtype)
+        return self.active_rows().to(self.weight.dtype)
 
     def density(self) -> float:
-        """Fraction of active rows (1.0 for a layer without rows)."""
+        """Fraction of active rows (1.0 for a layer without rows); counted exactly, whatever the dtype."""
         rows = self.weight.shape[0]
-        return float(self.mask().sum().item()) / rows if rows else 1.0
+        return int(self.active_rows().sum()) / rows if rows else 1.0
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {type(self).__name__}: its forward dispatches to this package's "
+            "Python backends, which TorchScript does not support; use torch.compile, or run the model eagerly"
+        )
 
     # The dense class each sparse module converts from; set by the subclasses.
     _dense_class: type[nn.Module]
@@ -72,6 +83,8 @@ class SparseLayer:
         problem = cls.conversion_problem(module)
         if problem:
             raise TypeError(f"{cls.__name__}.convert_in_place: {problem}")
+        check_ste(ste)  # before the class changes: a bad argument leaves the module as it was
+        check_backend(backend)
         module.__class__ = _parametrized_twin(cls, type(module)) if parametrize.is_parametrized(module) else cls
         module._init_sparse(ste, backend)
         module.threshold.requires_grad_(module.weight.requires_grad)

@@ -16,6 +16,7 @@ kernels, csrc/spafl.cpp) have the same schemas without ``backend`` and share the
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Optional
 
@@ -26,6 +27,17 @@ from ._ext import extension_available
 from .backends import get_backend
 from .backends.base import Kernels
 from .semantics import Conv2dGeometry, acc_dtype
+
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
+def autocast_on(x) -> bool:
+    """Whether ``torch.autocast`` is on for the device of tensor ``x`` (never for devices autocast does not
+    know, such as meta)."""
+    if not _any_autocast():  # the common case, in one call
+        return False
+    device = x.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 def kernels_of(name: str) -> Kernels:
@@ -127,10 +139,13 @@ def _fake_conv2d_bwd(grad_y, x, weight, bias, score, geometry, ste, need_dx, nee
     return _fake_grads(x, weight, bias, need_dx, need_params)
 
 
-# One fake kernel per op shape, for the op that dispatches to a backend and for the native op.
-for _name, _op, _fake in (("linear_fwd", linear_fwd, _fake_linear_fwd), ("linear_bwd", linear_bwd, _fake_linear_bwd),
-                          ("conv2d_fwd", conv2d_fwd, _fake_conv2d_fwd), ("conv2d_bwd", conv2d_bwd, _fake_conv2d_bwd)):
-    _op.register_fake(_fake)
+FAKE_KERNELS = {"linear_fwd": _fake_linear_fwd, "linear_bwd": _fake_linear_bwd,
+                "conv2d_fwd": _fake_conv2d_fwd, "conv2d_bwd": _fake_conv2d_bwd}
+"""The fake kernels by op name (shapes and dtypes only): for the op that dispatches to a backend, for the
+native op, and for the ``torch`` backend on meta tensors."""
+
+for _name, _fake in FAKE_KERNELS.items():
+    globals()[_name].register_fake(_fake)
     if extension_available():
         torch.library.register_fake(f"spafl::native_{_name}", _fake)
 
@@ -209,8 +224,10 @@ class _EagerSparseOp(torch.autograd.Function):
         x, weight, bias, score = ctx.saved_tensors
         *geometry, ste, backend = ctx.constants
         # The kernels are not differentiable: under create_graph=True they run without autograd and
-        # their results refuse a second backward with a clear error instead of returning zeros.
-        with torch.no_grad():
+        # their results refuse a second backward with a clear error instead of returning zeros. Nor do they
+        # autocast (a backward called inside torch.autocast): they compute in the forward's dtype.
+        no_autocast = torch.autocast(x.device.type, enabled=False) if autocast_on(x) else contextlib.nullcontext()
+        with torch.no_grad(), no_autocast:
             grads = getattr(kernels_of(backend), f"{ctx.op}_bwd")(
                 grad_y.contiguous(), x, weight, bias, score, *geometry, ste, *_needs(ctx)
             )

@@ -40,25 +40,55 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def score_lanes(acc: torch.dtype) -> int:
+    """``L``, the lanes of the score's sum (``row_score``) in accumulation dtype ``acc``: 64 for float32, 32
+    for float64 (four 512-bit registers' worth, the width the cpp kernel sums in)."""
+    return 256 // acc.itemsize
+
+
 def row_score(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Scores ``s = mean|W_row| - tau``.
+    """Scores ``s = mean|W_row| - tau``, summed in one fixed order: the definition every backend meets bit
+    for bit, so that a threshold exactly at a row's mean ``|w|`` (a tie) prunes the same rows everywhere.
+
+    In the accumulation dtype ``acc = acc_dtype(weight.dtype)`` (every operation rounds to it), with
+    ``L = score_lanes(acc)`` lanes and ``n = fan_in``:
+
+    1. lane ``l`` (``0 <= l < L``) sums ``|W_ij|`` for ``j = l, l + L, l + 2L, ... < n`` one at a time in
+       increasing ``j``, starting from 0;
+    2. the lanes fold by halves: for ``w = L, L/2, ..., 2``: ``lane[l] += lane[l + w/2]`` for ``l < w/2``;
+    3. ``s = lane[0] / max(n, 1) - tau`` (an IEEE division, then a subtraction, each rounded once).
+
+    Here: a loop over column chunks of ``L`` (the last padded with zeros, ``x + 0 == x``) and ``log2(L)``
+    halving adds, each an exactly rounded elementwise op, so the bits equal the C++ loop's (csrc/cpu/rows.cpp
+    ``abs_sum``), the CUDA kernel's (csrc/cuda/rows.cuh ``RowScores``) and Triton's (``_score_fwd_kernel``).
+    Differentiable (``ds/dW = sign(W) / n``, ``ds/dtau = -1``) for the reference backend.
 
     weight: ``[N, ...]`` (any trailing shape; a row is everything after dim 0); threshold: ``[N]``.
-    Returns ``[N]`` in ``acc_dtype(weight.dtype)``.
+    Returns ``[N]`` in ``acc``.
     """
     acc = acc_dtype(weight.dtype)
-    rows = weight.reshape(weight.shape[0], -1)
-    if weight.device.type == "cpu" and rows.numel() < _ABS_SUM_LIMIT:
-        l1 = rows.abs().sum(1, dtype=acc)
-    else:  # the L1 norm reduces without materialising |W| (one pass over the weight, no temporary)
-        l1 = torch.linalg.vector_norm(rows, ord=1, dim=1, dtype=acc)
-    return l1 / max(rows.shape[1], 1) - threshold.to(acc)
-
-
-# On the CPU, vector_norm(ord=1) costs 2-8x abs().sum() on the paper's small weights (LeNet-5's conv1
-# 20x25: 29 vs 3.5 us; fc 500x800: 1.0 vs 0.5 ms, one thread) and wins only once the |W| temporary
-# passes ~32 MiB (4096x4096: 119 vs 234 ms). The scores run every step (forward, mask(), density()).
-_ABS_SUM_LIMIT = 1 << 23
+    n = fan_in(weight)
+    rows = weight.reshape(weight.shape[0], n)  # (not -1: a weight without rows has no inferable width)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        # The bits from the loop below (no graph of fan_in / L nodes), the gradient from one L1 norm: the
+        # term added is exactly 0 (a NaN only for an infinite row, where it is dropped).
+        with torch.no_grad():
+            mean = row_score(weight, torch.zeros(weight.shape[0], dtype=acc, device=weight.device))  # m - 0 == m
+        l1 = rows.abs().sum(1, dtype=acc) / max(n, 1)
+        return (mean + (l1 - l1.detach()).nan_to_num(0.0, 0.0, 0.0)) - threshold.to(acc)
+    # Lanes at or past n only ever hold 0 and add nothing (x + 0 == x): start from the fewest that fold
+    # like L lanes, a power of two >= n.
+    width = min(score_lanes(acc), 1 << max(n - 1, 0).bit_length())
+    lane = rows[:, :width].abs().to(acc)  # 0 + |w| == |w|: the first chunk starts the lanes
+    if n < width:
+        lane = torch.nn.functional.pad(lane, (0, width - n))
+    for start in range(width, n, width):  # chunk by chunk, in place: no temporary the size of the weight
+        chunk = rows[:, start : start + width].abs()
+        lane[:, : chunk.shape[1]].add_(chunk)  # in acc: |w| converts exactly, one rounding per add
+    while width > 1:
+        width //= 2
+        lane = lane[:, :width] + lane[:, width : 2 * width]
+    return lane[:, 0] / max(n, 1) - threshold.to(acc)
 
 
 def ste_gate(score: torch.Tensor, ste: str) -> torch.Tensor:

@@ -54,7 +54,7 @@ void emulate_wmma(const P& p) {
   std::vector<unsigned char> storage(G::kSmemBytes + 128);
   void* raw = storage.data() + (128 - reinterpret_cast<uintptr_t>(storage.data()) % 128) % 128;
   auto& ops = *static_cast<typename G::Operands*>(raw);
-  auto c = static_cast<float(*)[G::LDC]>(raw);
+  auto c = static_cast<float (*)[G::LDC]>(raw);
   constexpr int WARPS = G::THREADS / 32;
   std::vector<float> acc(WARPS * 2 * 2 * 16 * 16);
   auto fragment = [&](int warp, int i, int j) { return acc.data() + ((warp * 2 + i) * 2 + j) * 256; };
@@ -108,10 +108,12 @@ struct HostExec {
 
   template <class T>
   cudaError_t row_scores(const RowScores<T>& p) const {
+    typename RowScores<T>::Acc lane[RowScores<T>::THREADS];
     for (int64_t row = 0; row < p.rows; ++row) {
-      typename RowScores<T>::Acc l1 = 0;  // BlockReduce::Sum
-      for (int tid = 0; tid < RowScores<T>::THREADS; ++tid) l1 += p.partial_l1(row, tid);
-      p.finish(row, l1);
+      for (int tid = 0; tid < RowScores<T>::THREADS; ++tid) lane[tid] = p.lane_l1(row, tid);
+      for (int half = RowScores<T>::THREADS / 2; half > 0; half /= 2)
+        for (int tid = 0; tid < RowScores<T>::THREADS; ++tid) RowScores<T>::fold(lane, tid, half);
+      p.finish(row, lane[0]);
     }
     return cudaSuccess;
   }
@@ -179,8 +181,8 @@ int spafl_emu_select_rows(int dtype, const void* score, int64_t rows, int ste, i
 int spafl_emu_param_grads(int dtype, const void* score, int ste, const void* weight, const void* bias,
                           const void* grad_y, void* dweight, void* dbias, void* dthreshold, int64_t rows,
                           int64_t fan_in, int64_t outer, int64_t inner) {
-  return run_param_grads(HostExec{}, dtype, score, ste, weight, bias, grad_y, dweight, dbias, dthreshold, rows,
-                         fan_in, outer, inner);
+  return run_param_grads(HostExec{}, dtype, score, ste, weight, bias, grad_y, dweight, dbias, dthreshold, rows, fan_in,
+                         outer, inner);
 }
 
 int spafl_emu_linear_fwd(int dtype, const void* x, const void* weight, const void* bias, const int64_t* perm,
@@ -188,8 +190,8 @@ int spafl_emu_linear_fwd(int dtype, const void* x, const void* weight, const voi
   return run_linear_fwd(HostExec{}, dtype, x, weight, bias, perm, count, y, M, N, K);
 }
 
-int spafl_emu_linear_dx(int dtype, const void* grad_y, const void* weight, const int64_t* active,
-                        const int64_t* count, void* dx, int64_t M, int64_t N, int64_t K) {
+int spafl_emu_linear_dx(int dtype, const void* grad_y, const void* weight, const int64_t* active, const int64_t* count,
+                        void* dx, int64_t M, int64_t N, int64_t K) {
   return run_linear_dx(HostExec{}, dtype, grad_y, weight, active, count, dx, M, N, K);
 }
 
@@ -203,8 +205,8 @@ int spafl_emu_conv2d_fwd(int dtype, const void* x, const void* weight, const voi
   return run_conv2d_fwd(HostExec{}, dtype, x, weight, bias, perm, count, y, shape);
 }
 
-int spafl_emu_conv2d_dx(int dtype, const void* grad_y, const void* weight, const int64_t* active,
-                        const int64_t* count, void* dx, const SpaflConvShape* shape) {
+int spafl_emu_conv2d_dx(int dtype, const void* grad_y, const void* weight, const int64_t* active, const int64_t* count,
+                        void* dx, const SpaflConvShape* shape) {
   return run_conv2d_dx(HostExec{}, dtype, grad_y, weight, active, count, dx, shape);
 }
 

@@ -295,3 +295,53 @@ def test_graph_mechanics_match_plain_autograd(backend, op):
         grads = torch.autograd.grad(fn(*params, backend=backend).square().sum(), [params[i] for i in subset])
         for i, g in zip(subset, grads):
             torch.testing.assert_close(g, ref_grads[i], msg=f"input {i}")
+
+
+# ------------------------------------------------------------------------------------------ autocast
+
+
+def _autocast_layer(op: str, backend: str, density: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layer = (sk.SparseLinear(7, 6, backend=backend) if op == "linear"
+             else sk.SparseConv2d(3, 6, 3, padding=1, backend=backend))
+    with torch.no_grad():
+        layer.threshold[: round(6 * (1 - density))] = 1e3
+    return layer
+
+
+def _forward_backward(layer, x, autocast: bool, backward_inside: bool = False):
+    layer.zero_grad()
+    x = x.detach().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        y = layer(x)
+        if backward_inside:
+            y.square().sum().backward()
+    if not backward_inside:
+        y.square().sum().backward()
+    return y.detach(), x.grad, layer.weight.grad, layer.bias.grad, layer.threshold.grad
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+@pytest.mark.parametrize("backend", sk.BACKEND_NAMES)
+def test_autocast_computes_in_the_parameters_dtype(backend, op, density):
+    """Under torch.autocast (bfloat16, CPU) a sparse layer computes in its parameters' dtype: the output is
+    float32 whatever the mask (the cpp Linear returned bfloat16 with every row active, float32 otherwise),
+    values and gradients are those without autocast, and backward works inside or outside the context."""
+    if backend != "reference":
+        require_backend(backend, op)
+    layer = _autocast_layer(op, backend, density)
+    x = torch.randn(4, 7) if op == "linear" else torch.randn(2, 3, 5, 5)
+    plain = _forward_backward(layer, x, autocast=False)
+    for inside in (False, True):
+        got = _forward_backward(layer, x, autocast=True, backward_inside=inside)
+        assert got[0].dtype == torch.float32
+        # (PyTorch's own backward ops autocast inside the context: the reference's gradients are bfloat16's.)
+        tolerance = 0.05 if inside and backend == "reference" else 0.0
+        for value, want in zip(got, plain):
+            torch.testing.assert_close(value, want, rtol=tolerance, atol=tolerance)
+    # A bfloat16 input (the output of an autocast nn.Linear before it) is cast to the weight's dtype too.
+    with torch.autocast("cpu", torch.bfloat16):
+        y = layer(x.bfloat16())
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, layer(x.bfloat16().float()), rtol=0, atol=0)

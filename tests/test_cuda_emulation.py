@@ -28,6 +28,7 @@ from oracle import (
     rows_for_density,
 )
 from test_conv2d import GEOMETRIES
+from test_ties import check_every_consumer, tie_thresholds, tie_weight
 
 import spafl_kernels as sk
 from spafl_kernels.backends import get_backend
@@ -175,8 +176,8 @@ def test_row_scores_and_selection(emulated, dtype, shape):
     weight = weight.to(dtype)
     score = emulated.scores(weight, threshold)
     assert score.shape == (rows,) and score.dtype == acc_dtype(dtype)
-    if rows:
-        torch.testing.assert_close(score, row_score(weight, threshold))
+    if rows:  # the bits of semantics.row_score's definition, not just close to it
+        assert torch.equal(score, row_score(weight, threshold))
     for ste_code, ste in [(SELECT_ACTIVE, None), *enumerate(STES)]:
         selected = score > 0
         if ste is not None:
@@ -188,6 +189,19 @@ def test_row_scores_and_selection(emulated, dtype, shape):
             torch.testing.assert_close(index[: int(count)], expected)
             rest = (~selected).nonzero().squeeze(1) if complement else torch.full((rows - int(count),), -1)
             torch.testing.assert_close(index[int(count):], rest)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("row_fan_in", [37, 64, 200])
+def test_ties_and_one_ulp_either_side(emulated, row_fan_in, dtype):
+    """Thresholds at a row's exact score and one ulp either side: the scores' bits, and every consumer."""
+    layer = sk.SparseLinear(row_fan_in, 50, backend="cuda", dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(tie_weight(layer.weight.shape, dtype, seed=row_fan_in))
+        threshold, expected = tie_thresholds(layer.weight, seed=row_fan_in + 1)
+        layer.threshold.copy_(threshold)
+    assert torch.equal(emulated.scores(layer.weight.detach(), threshold), row_score(layer.weight, threshold))
+    check_every_consumer(layer, expected, torch.randn(3, row_fan_in).to(dtype))
 
 
 # ------------------------------------------------------------------------------------------ linear

@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import KERNEL_BACKENDS, require_backend
+from test_ties import tie_thresholds
 
 import spafl_kernels as sk
 from spafl_kernels.backends import get_backend
@@ -68,8 +69,9 @@ def lay_out(values: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 @st.composite
-def cases(draw, op: str):
-    """One call: ``(kwargs of the op without tensors, {name: (float64 values, layout)}, ste)``."""
+def cases(draw, op: str, dtype: torch.dtype = torch.float64):
+    """One call: ``(kwargs of the op without tensors, {name: (float64 values, layout)}, ste)``; some draws put
+    rows' thresholds exactly at their score in ``dtype`` (a tie) or one ulp either side of it."""
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     ste = draw(st.sampled_from(sk.STES))
     with_bias = draw(st.booleans())
@@ -122,6 +124,8 @@ def cases(draw, op: str):
         weight = weight * ((tau + score) / mean_abs).view(-1, *[1] * len(row_shape))
     else:
         tau = mean_abs - score
+    if draw(st.booleans()) and "expanded" not in (layout["weight"], layout["threshold"]):
+        weight, tau = tie_rows(weight, tau, dtype, gen)
     x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
     # Sometimes some or all input columns (Linear) or channels (Conv2d) are zero over the whole batch, as
     # behind a pruned row and ReLU: the case in which a backend may skip them (issue 11, exact skipping).
@@ -140,6 +144,27 @@ def cases(draw, op: str):
     # a backend may skip a pruned row's dL/dm (DESIGN §5, exact extra skipping).
     kwargs["silent_pruned"] = (score <= 0) if draw(st.booleans()) else None
     return kwargs, {name: (t, layout[name]) for name, t in tensors.items()}, ste
+
+
+def tie_rows(weight: torch.Tensor, tau: torch.Tensor, dtype, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight, tau)`` (float64) with a random subset of rows at a tie in ``dtype``: the threshold exactly
+    at the row's ``row_score`` (pruned), or one ulp below (active) or above it (pruned). In 16-bit dtypes a
+    tied row is one magnitude with random signs, so that its float32 mean is a 16-bit number."""
+    tied = torch.rand(weight.shape[0], generator=gen) < 0.5
+    weight, tau = weight.clone(), tau.clone()
+    if dtype in (torch.float16, torch.bfloat16):
+        magnitude = (torch.rand(weight.shape[0], generator=gen, dtype=torch.float64) + 0.5).to(dtype).double()
+        constant = weight.sign() * magnitude.view(-1, *[1] * (weight.dim() - 1))
+        weight[tied] = constant[tied]
+    at, _ = tie_thresholds(weight[tied].to(dtype), seed=int(torch.randint(2**31, (), generator=gen)))
+    tau[tied] = at.double()
+    return weight, tau
+
+
+def _row_dims(y: torch.Tensor, op: str) -> list[int]:
+    """Every dim of an output but its rows' (the last of a Linear's, dim 1 of a Conv2d's)."""
+    rows = 1 if op == "conv2d" else y.dim() - 1
+    return [d for d in range(y.dim()) if d != rows]
 
 
 def _call(op: str, backend: str, ste: str, kwargs: dict, tensors: dict) -> dict:
@@ -175,6 +200,10 @@ def _check(op: str, backend: str, dtype: torch.dtype, case) -> None:
     laid_out = {name: lay_out(t.to(device, dtype), layout) for name, (t, layout) in drawn.items()}
     out = {key: value.cpu() for key, value in _call(op, backend, ste, kwargs, laid_out).items()}
     layouts = {name: layout for name, (_, layout) in drawn.items()}
+    # The rows the backend prunes are those the reference in the same dtype prunes, ties included.
+    dims = _row_dims(out["y"], op)
+    assert torch.equal((out["y"] == 0).all(dims) if dims else out["y"] == 0,
+                       (ref_low["y"] == 0).all(dims) if dims else ref_low["y"] == 0), "pruned rows differ"
     for key, want in expected.items():
         got = out[key]
         assert got.shape == want.shape and got.dtype == dtype, (key, got.shape, want.shape, got.dtype)
@@ -219,7 +248,7 @@ def test_every_layout_matches_reference(backend, op, dtype):
         return
 
     @_settings(backend)
-    @given(case=cases(op))
+    @given(case=cases(op, dtype))
     def check(case):
         _check(op, backend, dtype, case)
 

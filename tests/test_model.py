@@ -193,3 +193,152 @@ def test_sparsify_refuses_subclasses_naming_the_module():
     assert isinstance(model[0], sk.SparseLinear) and type(model[1]) is Scaled
     with pytest.raises(ValueError, match="padding_mode='reflect'"):
         sk.sparsify(nn.Sequential(nn.Conv2d(1, 1, 3, padding_mode="reflect")))
+
+
+# ------------------------------------------------------- modules that read a child's weight directly
+
+
+def _encoder(nested: bool, layers: int = 2) -> nn.TransformerEncoder:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=nested)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_transformer_encoder_prunes_at_inference(backend, nested):
+    """In eval mode under no_grad, nn.TransformerEncoderLayer's fast path (and the encoder's nested-tensor
+    path through it) read linear1/linear2's weights directly: sparsify turns them off, so inference gives
+    what training mode gives, with the pruned rows pruned."""
+    enc = _encoder(nested)
+    dense = _encoder(nested)
+    with pytest.warns(UserWarning, match="MultiheadAttention") as caught:
+        sk.sparsify(enc, backend=backend)
+    assert any("nested tensors" in str(w.message) for w in caught) == nested
+    with torch.no_grad():
+        enc.layers[0].linear1.threshold.fill_(1e3)
+        enc.layers[1].linear2.threshold[::2] = 1e3
+    x = torch.randn(2, 5, 8)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2]) if nested else None
+    y_train = enc.train()(x, src_key_padding_mask=pad)
+    enc.eval()
+    dense.eval()
+    with torch.no_grad():
+        y_inference = enc(x, src_key_padding_mask=pad)
+        y_dense = dense(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(y_inference, y_train)
+    assert (y_inference - y_dense).abs().max() > 0.1  # the pruning shows
+    assert sk.density(enc)["layers.0.linear1"] == 0.0
+
+
+def test_transformer_encoder_layer_alone_and_skipped_linears_keep_the_fast_path():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    with pytest.warns(UserWarning, match="self_attn is an nn.MultiheadAttention"):
+        sk.sparsify(layer, backend="cpp")
+    with torch.no_grad():
+        layer.linear2.threshold.fill_(1e3)
+    x = torch.randn(3, 4, 8)
+    y_train = layer.train()(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), y_train)
+    untouched = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    with pytest.warns(UserWarning):
+        sk.sparsify(untouched, skip=["linear1", "linear2"])
+    assert untouched.activation_relu_or_gelu == 1  # nothing sparse inside: the fast path stays
+
+
+@pytest.mark.skipif(not hasattr(nn, "LinearCrossEntropyLoss"), reason="nn.LinearCrossEntropyLoss is PyTorch >= 2.13")
+def test_linear_cross_entropy_loss_stays_dense():
+    """nn.LinearCrossEntropyLoss passes its linear.weight to F.linear_cross_entropy: a sparse linear would
+    be ignored, so it stays dense, with a warning naming it."""
+    model = nn.ModuleDict({"body": nn.Linear(4, 6), "loss": nn.LinearCrossEntropyLoss(6, 3)})
+    with pytest.warns(UserWarning, match="loss is an nn.LinearCrossEntropyLoss, which uses its linear.weight"):
+        sk.sparsify(model)
+    assert type(model["loss"].linear) is nn.Linear and isinstance(model["body"], sk.SparseLinear)
+
+
+# ------------------------------------------------------------- sparsify changes all or nothing
+
+
+def _structure(model: nn.Module) -> list:
+    return [(name, type(m), sorted(m._parameters), sorted(k for k in vars(m) if not k.startswith("_")))
+            for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"ste": "Identity"}, "ste must be one of"),
+    ({"backend": "bogus"}, "backend must be 'auto' or one of"),
+    ({"skip": ["nope"]}, "skip names not found"),
+    ({"skip": [3]}, "skip must be a module name or a list of them"),
+    ({"skip": 3}, "skip must be a module name or a list of them"),
+])
+def test_sparsify_checks_every_argument_before_changing_anything(kwargs, error):
+    model = small_net()
+    before, state = _structure(model), {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((ValueError, TypeError), match=error):
+        sk.sparsify(model, **kwargs)
+    assert _structure(model) == before
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    repr(model)
+    sk.sparsify(model, ste="outer")
+    assert [name for name, _ in sk.sparse_layers(model)] == ["0", "3.0", "4"]
+    model(torch.randn(2, 1, 6, 6)).sum().backward()
+
+
+def test_sparsify_failing_midway_restores_the_model(monkeypatch):
+    """A conversion that fails after others succeeded (here the Conv2d's, made to fail) leaves no module
+    converted."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4), nn.Conv2d(1, 2, 1))
+    before = _structure(model)
+
+    def broken(self, ste, backend):
+        raise RuntimeError("conversion failed")
+
+    monkeypatch.setattr(sk.SparseConv2d, "_init_sparse", broken)
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        sk.sparsify(model)
+    assert _structure(model) == before
+    repr(model)
+    monkeypatch.undo()
+    sk.sparsify(model)
+    assert len(list(sk.sparse_layers(model))) == 3
+
+
+# ----------------------------------------------------------------------------- edge values
+
+
+def test_layer_without_rows_has_mask_and_density():
+    model = sk.sparsify(nn.Sequential(nn.Linear(3, 0), nn.Conv2d(2, 0, 3), nn.Linear(3, 2)))
+    assert model[0].mask().shape == (0,) and model[1].mask().shape == (0,)
+    assert model[0].density() == 1.0
+    assert sk.density(model) == {"0": 1.0, "1": 1.0, "2": 1.0, "total": 1.0}
+    assert sk.reset_collapsed(model) == []
+
+
+@pytest.mark.parametrize("min_density", [1.5, -1, float("nan"), "0.1", None, True])
+def test_reset_collapsed_checks_min_density(min_density):
+    model = sk.sparsify(small_net())
+    with pytest.raises(ValueError, match=r"min_density must be a number in \[0, 1\]"):
+        sk.reset_collapsed(model, min_density=min_density)
+
+
+def test_thresholds_and_updates_finite_in_the_parameters_dtype():
+    """float64 1e300 is finite but becomes inf in float32: refused after the cast, and nothing changes."""
+    model = sk.sparsify(small_net())
+    taus, weights = sk.thresholds(model), {k: v.clone() for k, v in model.state_dict().items()}
+    huge = {name: torch.full_like(t, 1e300, dtype=torch.float64) for name, t in taus.items()}
+    with pytest.raises(ValueError, match="non-finite"):
+        sk.load_thresholds(model, {**taus, "4": huge["4"]})
+    with pytest.raises(ValueError, match="non-finite"):
+        sk.apply_threshold_update(model, huge)
+    # A finite float32 delta whose update overflows the weights: refused before any layer is written.
+    overflow = {name: torch.zeros_like(t) for name, t in taus.items()}
+    overflow["4"] = torch.full_like(taus["4"], -3e38)  # a step of 3e38 / 8 on weights of 3.3e38
+    with torch.no_grad():
+        model[4].weight.fill_(3.3e38)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="updated weights"):
+        sk.apply_threshold_update(model, {**overflow, "0": torch.full_like(taus["0"], 0.5)})
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    sk.apply_threshold_update(model, {name: torch.zeros_like(t) for name, t in taus.items()})

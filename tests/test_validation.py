@@ -113,3 +113,27 @@ def test_remembered_calls_are_bounded(monkeypatch):
     for batch in range(1, 8):  # a new batch size is a new call
         sk.sparse_linear(args["x"][:batch], args["weight"], args["bias"], args["threshold"])
         assert 1 <= len(sk.functional._CHECKED) <= 3
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_meta_tensors_give_shapes(backend):
+    """A model built on the meta device (to size it, or before ``to_empty``) runs: outputs and gradients
+    with the right shapes, on the torch backend (``auto`` picks it there) as on the reference."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1, groups=2), torch.nn.Flatten(),
+                                    torch.nn.Linear(6 * 5 * 5, 3))
+    sk.sparsify(model, backend=backend)
+    x = torch.randn(2, 4, 5, 5, device="meta", requires_grad=True)
+    y = model(x)
+    assert y.shape == (2, 3) and y.is_meta
+    y.sum().backward()
+    assert x.grad.shape == x.shape and x.grad.is_meta
+    for layer in (model[0], model[2]):
+        assert layer.weight.grad.shape == layer.weight.shape and layer.threshold.grad.shape == layer.threshold.shape
+    assert "SparseLinear" in repr(model)
+
+
+def test_torch_jit_script_refused_clearly():
+    model = sk.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()))
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile SparseLinear.*use torch.compile"):
+        torch.jit.script(model)

@@ -41,6 +41,8 @@ inline T reduce_lanes(T* acc) {
   }
 }
 
+// The score's sum in the order semantics.row_score defines: lane l sums p[j] for j = l (mod kLanes), then
+// reduce_lanes folds by halves; kLanes is semantics.score_lanes (64 floats, 32 doubles).
 template <typename T>
 inline T abs_sum_impl(const T* p, int64_t n) {
   T acc[kLanes<T>] = {};
@@ -116,12 +118,13 @@ at::Tensor row_scores(const at::Tensor& weight, const at::Tensor& threshold) {
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     const scalar_t* tau = t.const_data_ptr<scalar_t>();
     scalar_t* s = score.mutable_data_ptr<scalar_t>();
-    const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(std::max<int64_t>(fan_in, 1));
+    // A division, not a multiply by a rounded 1/fan_in: semantics.row_score defines the score's bits.
+    const scalar_t n = static_cast<scalar_t>(std::max<int64_t>(fan_in, 1));
     std::atomic<bool> finite{true};
     at::parallel_for(0, rows, grain(fan_in), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         if (!std::isfinite(tau[i])) finite.store(false, std::memory_order_relaxed);
-        s[i] = row_abs_sum(w + i * fan_in, fan_in) * inv - tau[i];
+        s[i] = row_abs_sum(w + i * fan_in, fan_in) / n - tau[i];
       }
     });
     // The check of sparse_linear/sparse_conv2d for the backends that do not make it (backends/base.py

@@ -15,24 +15,30 @@
 
 namespace spafl {
 
-// score[row] = mean |weight[row, :]| - threshold[row]; one block per row.
+// score[row] = mean |weight[row, :]| - threshold[row]; one block per row, summed in the order
+// semantics.row_score defines (bit for bit the other backends' scores): one thread per lane.
 template <class T>
 struct RowScores {
   using Acc = typename Num<T>::Acc;
-  static constexpr int THREADS = 128;
+  static constexpr int THREADS = 256 / sizeof(Acc);  // the lanes, semantics.score_lanes: 64 float, 32 double
   const T* weight;
   const T* threshold;
   Acc* score;
   int64_t rows, fan_in;
 
-  SPAFL_HD Acc partial_l1(int64_t row, int tid) const {
+  // Lane tid: |w[j]| for j = tid, tid + THREADS, ... in increasing j.
+  SPAFL_HD Acc lane_l1(int64_t row, int tid) const {
     const T* w = weight + row * fan_in;
     Acc sum = 0;
     for (int64_t j = tid; j < fan_in; j += THREADS) sum += abs_value(to_acc(w[j]));
     return sum;
   }
+  // One step of the fold by halves, for thread tid: lane[tid] += lane[tid + half] when tid < half.
+  static SPAFL_HD void fold(Acc* lane, int tid, int half) {
+    if (tid < half) lane[tid] += lane[tid + half];
+  }
   SPAFL_HD void finish(int64_t row, Acc l1) const {
-    score[row] = l1 / Acc(fan_in > 0 ? fan_in : 1) - to_acc(threshold[row]);
+    score[row] = l1 / Acc(fan_in > 0 ? fan_in : 1) - to_acc(threshold[row]);  // IEEE division (no fast math)
   }
 };
 
@@ -127,11 +133,16 @@ struct ParamGrads {
 template <class T>
 __global__ void __launch_bounds__(RowScores<T>::THREADS) row_scores_kernel(const RowScores<T> p) {
   using Acc = typename RowScores<T>::Acc;
-  using Reduce = cub::BlockReduce<Acc, RowScores<T>::THREADS>;
-  __shared__ typename Reduce::TempStorage temp;
+  __shared__ Acc lane[RowScores<T>::THREADS];
   const int64_t row = blockIdx.x;
-  const Acc l1 = Reduce(temp).Sum(p.partial_l1(row, threadIdx.x));
-  if (threadIdx.x == 0) p.finish(row, l1);  // Sum's result is valid in thread 0 only
+  const int tid = threadIdx.x;
+  lane[tid] = p.lane_l1(row, tid);
+  __syncthreads();
+  for (int half = RowScores<T>::THREADS / 2; half > 0; half /= 2) {
+    RowScores<T>::fold(lane, tid, half);
+    __syncthreads();
+  }
+  if (tid == 0) p.finish(row, lane[0]);
 }
 
 template <class A>

@@ -13,7 +13,7 @@ from .linear import linear_bwd, linear_fwd
 class TorchBackend(Backend):
     name = "torch"
     description = "gather active rows, dense PyTorch op on them, scatter; runs anywhere, syncs per layer"
-    auto_device_types = ("cpu", "cuda", "mps", "xpu")
+    auto_device_types = ("cpu", "cuda", "mps", "xpu", "meta")  # meta: shapes only
 
     linear_fwd = staticmethod(linear_fwd)
     linear_bwd = staticmethod(linear_bwd)

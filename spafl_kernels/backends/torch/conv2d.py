@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ...semantics import Conv2dGeometry, acc_dtype, row_score
-from .rows import RowSets, param_grads, scatter_rows, take
+from .rows import RowSets, fake, param_grads, scatter_rows, take
 
 
 def _group_runs(rows: torch.Tensor, n_rows: int, groups: int) -> list[tuple[int, int, int]]:
@@ -95,6 +95,8 @@ def _conv_rows_backward(
 
 def conv2d_fwd(x, weight, bias, threshold, geometry):
     """x: ``[B, C, H, W]``, weight: ``[N, C/groups, kh, kw]`` -> ``(y [B, N, H', W'], score [N])``."""
+    if weight.is_meta:
+        return fake("conv2d_fwd", x, weight, bias, threshold, geometry)
     score = row_score(weight, threshold)
     rows = RowSets.from_score(score, ste=None)
     z = _conv_rows(x, weight, bias, rows.active, Conv2dGeometry.of(geometry))
@@ -103,6 +105,8 @@ def conv2d_fwd(x, weight, bias, threshold, geometry):
 
 def conv2d_bwd(grad_y, x, weight, bias, score, geometry, ste, need_dx, need_params):
     """Gradients of ``conv2d_fwd`` (see ``Kernels``); grad_y: ``[B, N, H', W']``."""
+    if weight.is_meta:
+        return fake("conv2d_bwd", grad_y, x, weight, bias, score, geometry, ste, need_dx, need_params)
     geo = Conv2dGeometry.of(geometry)
     rows = RowSets.from_score(score, ste if need_params else None)
     dx = x.new_empty(0)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ...semantics import acc_dtype, row_score
-from .rows import RowSets, param_grads, scatter_rows, take
+from .rows import RowSets, fake, param_grads, scatter_rows, take
 
 
 def linear_fwd(x, weight, bias, threshold):
     """x: ``[M, K]``, weight: ``[N, K]``, bias/threshold: ``[N]`` -> ``(y [M, N], score [N])``."""
+    if weight.is_meta:
+        return fake("linear_fwd", x, weight, bias, threshold)
     score = row_score(weight, threshold)
     rows = RowSets.from_score(score, ste=None)
     w = take(weight, 0, rows.active)
@@ -20,6 +22,8 @@ def linear_fwd(x, weight, bias, threshold):
 
 def linear_bwd(grad_y, x, weight, bias, score, ste, need_dx, need_params):
     """Gradients of ``linear_fwd`` (see ``Kernels``); grad_y: ``[M, N]``."""
+    if weight.is_meta:
+        return fake("linear_bwd", grad_y, x, weight, bias, score, ste, need_dx, need_params)
     rows = RowSets.from_score(score, ste if need_params else None)
     dx = x.new_empty(0)
     if need_dx:

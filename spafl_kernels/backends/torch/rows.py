@@ -35,6 +35,13 @@ class RowSets:
         return cls(score.numel(), mask, active, graded, gate)
 
 
+def fake(op: str, *args):
+    """``ops.FAKE_KERNELS[op](*args)``: on meta tensors which rows are active cannot be known, only shapes."""
+    from ... import ops  # (ops imports the backends)
+
+    return ops.FAKE_KERNELS[op](*args)
+
+
 def take(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """``t.index_select(dim, index)``, without the copy when ``index`` (ascending, distinct: a ``RowSets``
     list) is every row."""

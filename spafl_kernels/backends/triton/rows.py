@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...semantics import acc_dtype
+from ...semantics import acc_dtype, score_lanes
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Whether ``triton.jit`` built interpreter functions: it decides when the kernels are defined (at
@@ -135,20 +135,29 @@ def mma(acc, a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _score_fwd_kernel(
     w_ptr, tau_ptr, score_ptr, n_rows, fan_in, stride_wn,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, LANES: tl.constexpr, FOLDS: tl.constexpr,
 ):
     """score[n_rows] (float32, or float64 for float64 weights) from W rows of ``fan_in`` contiguous
-    elements, ``stride_wn`` apart, and tau[n_rows]. Grid: ``cdiv(n_rows, BLOCK_R)``."""
+    elements, ``stride_wn`` apart, and tau[n_rows], summed in ``semantics.row_score``'s order (``LANES``:
+    ``score_lanes``; ``FOLDS``: its log2). Grid: ``cdiv(n_rows, BLOCK_R)``."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = rows < n_rows
     row_start = w_ptr + rows.to(tl.int64) * stride_wn
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=score_ptr.dtype.element_ty)
-    for k0 in range(0, fan_in, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_R, LANES], dtype=score_ptr.dtype.element_ty)
+    for k0 in range(0, fan_in, LANES):  # lane l adds column k0 + l: the lanes' sequential sums
+        cols = k0 + tl.arange(0, LANES)
         w = tl.load(row_start[:, None] + cols[None, :], mask=live[:, None] & (cols < fan_in)[None, :], other=0.0)
         acc += tl.abs(w.to(acc.dtype))
-    tau = tl.load(tau_ptr + rows, mask=live, other=0.0).to(acc.dtype)
-    tl.store(score_ptr + rows, tl.sum(acc, 1) / fan_in - tau, mask=live)
+    for fold in tl.static_range(FOLDS):  # fold by halves: lane[l] += lane[l + w/2]
+        acc = tl.sum(tl.reshape(acc, [BLOCK_R, 2, LANES >> (fold + 1)]), 1)  # a sum of two: one add per lane
+    l1 = tl.reshape(acc, [BLOCK_R])
+    tau = tl.load(tau_ptr + rows, mask=live, other=0.0).to(l1.dtype)
+    n = (tl.maximum(tl.full([BLOCK_R], 0, tl.int32) + fan_in, 1)).to(l1.dtype)
+    if l1.dtype == tl.float64:  # float64 ``/`` is IEEE division
+        mean = l1 / n
+    else:  # Triton's float32 ``/`` is an approximate division on the GPU: ask for the IEEE one
+        mean = tl.math.div_rn(l1, n)
+    tl.store(score_ptr + rows, mean - tau, mask=live)
 
 
 @triton.jit
@@ -327,14 +336,18 @@ def dense_vector(vector: torch.Tensor | None) -> torch.Tensor | None:
 
 def row_scores(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """Scores ``[N]`` in ``acc_dtype(weight.dtype)``; weight: ``[N, ...]`` as ``rows_dense`` returns."""
+    if not weight.is_contiguous():  # a channels_last filter: sum in row-major order, as row_score defines
+        weight = weight.contiguous()
     n_rows = weight.shape[0]
     fan_in = weight.numel() // max(n_rows, 1)
     score = torch.empty(n_rows, device=weight.device, dtype=acc_dtype(weight.dtype))
-    block_r, block_k = (16, 64) if INTERPRET else (4, 256)
+    block_r = 16 if INTERPRET else 4
+    lanes = score_lanes(score.dtype)
     if n_rows:
         grid = (triton.cdiv(n_rows, block_r),)
         _score_fwd_kernel[grid](
-            weight, threshold, score, n_rows, fan_in, weight.stride(0), BLOCK_R=block_r, BLOCK_K=block_k
+            weight, threshold, score, n_rows, fan_in, weight.stride(0), BLOCK_R=block_r,
+            LANES=lanes, FOLDS=lanes.bit_length() - 1,
         )
     return score
 
