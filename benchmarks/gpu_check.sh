@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (DESIGN §7): on a CUDA machine, install this working tree against the machine's own torch
+# GPU check (docs/DESIGN.md §7): on a CUDA machine, install this working tree against the machine's own torch
 # and triton, run the GPU tests, then the benchmark, and write everything into OUT_DIR:
 #
 #   environment.txt            nvidia-smi, versions, `python -m spafl_kernels.info`
@@ -14,7 +14,7 @@
 # Usage: benchmarks/gpu_check.sh OUT_DIR [install] [test] [bench]   (default: all three, in order)
 #        benchmarks/gpu_check.sh OUT_DIR quick
 # Each stage fits the 10 minutes a device command may take; run them one by one where that matters.
-# `quick` fits a short GPU window as ONE command, under 8 minutes on an H200 (DESIGN §7): install for
+# `quick` fits a short GPU window as ONE command, under 8 minutes on an H200 (docs/DESIGN.md §7): install for
 # sm_90 only with every core, the triton tests with one fixed tile on the shapes that matter, the cuda
 # tests, and the large layers at densities 1, 0.5, 0.1 (forward+backward, outer STE); every stage's
 # timeout is cut to what is left of a 450 s budget, and each prints one summary line.

@@ -1,6 +1,6 @@
 // The eager path of the native backends (`cpp`, `cuda`): one sparse layer call is one C++ autograd node,
-// so neither its forward nor its backward runs any Python (issue 11: the Python autograd.Function cost
-// more than a small dense layer). It computes exactly what spafl_kernels/ops.py's autograd formula does
+// so neither its forward nor its backward runs any Python: a Python autograd.Function cost
+// more than a small dense layer. It computes exactly what spafl_kernels/ops.py's autograd formula does
 // with the same native ops, called through the dispatcher so that one node serves the CPU and the CUDA
 // kernels:
 //
@@ -88,8 +88,7 @@ struct NoDoubleBackward : torch::autograd::Function<NoDoubleBackward> {
 
 // The backward of one sparse layer call: a plain autograd Node (as ATen's generated backward nodes
 // are), not a torch::autograd::Function, whose generic bookkeeping (input infos, saved-data map, output
-// wrapping) cost ~14 us more per layer call (4x8 -> 6 Linear, forward + backward: 86.5 -> 72.7 us;
-// dense 51.5 us; LeNet-300-100's training step 1.02-1.04x faster). Saves x, weight, bias and score
+// wrapping) costs more per call than a small layer's product. Saves x, weight, bias and score
 // (nothing of y: in-place ops on y stay legal); SavedVariable raises if any of them is modified in
 // place before backward. Edges: x, weight, bias (invalid without one), threshold.
 struct SparseLayerBackward : torch::autograd::Node {

@@ -2,9 +2,9 @@
 
 ``spafl-bench --help`` (or ``python -m spafl_kernels.bench``). Every candidate is timed interleaved with
 the others (round-robin over repetitions, medians), so drift on a shared machine hits them alike. The
-figure of merit is the fraction of ideal (DESIGN §5): ``(t_dense / t_sparse) / ideal_speedup``, where
+figure of merit is the fraction of ideal (docs/DESIGN.md §5): ``(t_dense / t_sparse) / ideal_speedup``, where
 the ideal speedup is the ratio of dense to skipping FLOPs (``flops.layer_flops``). A run prints a
-table and can write JSON, a Markdown report with the DESIGN §5 targets, and a PNG of speedup against
+table and can write JSON, a Markdown report with the docs/DESIGN.md §5 targets, and a PNG of speedup against
 density with the ideal line.
 """
 
@@ -51,7 +51,7 @@ class Layer:
 
 # The paper's models at batch 64: LeNet-5 on 28x28 FMNIST, Conv4 (64-64-128-128 channels, FC
 # 256-256) on 32x32 CIFAR-10, ResNet-18 at half width (32-64-128-256) on 32x32 CIFAR-100, and the
-# ViT's MLP (dim 128, hidden 256) over 65 tokens (64 patches + class token). Plus DESIGN §5's two
+# ViT's MLP (dim 128, hidden 256) over 65 tokens (64 patches + class token). Plus docs/DESIGN.md §5's two
 # large layers.
 LAYERS: dict[str, Layer] = {
     "linear-large": Layer("linear", (256, 4096), (4096, 4096), "large"),
@@ -343,7 +343,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def target_lines(rows: list[dict], backend: str) -> list[str]:
-    """Where ``backend`` stands against DESIGN §5 / issue 3 targets (forward+backward, ``outer`` STE)."""
+    """Where ``backend`` stands against docs/DESIGN.md §5 targets (forward+backward, ``outer`` STE)."""
     train = [r for r in rows if r["mode"] == "fwd+bwd" and r["ste"] == "outer"]
     mine = [r for r in train if r["backend"] == backend]
     lines = []
@@ -649,7 +649,7 @@ def _main_models(args, candidates: list[str], meta: dict, profiles: dict, explic
     rows = run_models(args.models, densities, candidates, args.reps, args.device, profiles,
                       progress=lambda line: print(line, flush=True))
     _write_outputs(args, rows, meta, write_model_markdown, plot_models)
-    print("\ntargets (issue 11):\n" + "\n".join(model_targets(rows)))
+    print("\nwhole-model targets (docs/DESIGN.md §5):\n" + "\n".join(model_targets(rows)))
 
 
 if __name__ == "__main__":

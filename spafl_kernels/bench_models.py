@@ -1,4 +1,4 @@
-"""Whole training steps of the paper's models (DESIGN §5): what a SpaFL user waits for.
+"""Whole training steps of the paper's models (docs/DESIGN.md §5): what a SpaFL user waits for.
 
 One step = ``zero_grad`` + forward + cross entropy + backward + SGD-momentum step, on the model with
 the paper's STE and batch size. Candidates, timed interleaved in one run (medians):
@@ -253,7 +253,7 @@ def model_table(rows: list[dict], markdown: bool = False) -> str:
 
 
 def model_targets(rows: list[dict]) -> list[str]:
-    """Where each kernel backend stands against issue 11's model targets."""
+    """Where each kernel backend stands against the whole-model targets of docs/DESIGN.md §5."""
     lines = []
     backends = [c for c in dict.fromkeys(r["candidate"] for r in rows) if c not in BASELINES]
     uniform = [r for r in rows if r["density"] != "profile"]

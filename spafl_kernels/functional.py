@@ -49,10 +49,9 @@ def _check_params(
 
 def _check_threshold_finite(op: str, threshold: torch.Tensor, backend: str) -> None:
     """Raise for a NaN or infinite threshold. A backend whose kernels check it in their score pass
-    (``Backend.checks_threshold``: no extra pass; with the cpp check, a 4x8 -> 6 eager forward went from
-    143 to 96 us on the development CPU) is left to
-    do so; elsewhere (and in traced graphs) a device-side assertion, which on CUDA never synchronises
-    with the host and on the CPU raises."""
+    (``Backend.checks_threshold``: no extra pass over the threshold) is left to do so; elsewhere (and in
+    traced graphs) a device-side assertion, which on CUDA never synchronises with the host and on the CPU
+    raises."""
     if torch.compiler.is_compiling() or not get_backend(backend).checks_threshold:
         torch._assert_async(torch.isfinite(threshold).all(), f"{op}: threshold has non-finite values (nan or inf)")
 
@@ -110,7 +109,7 @@ def _check_linear(x, weight, bias, threshold, ste: str, backend: str) -> str:
 
 
 # Call keys already checked -> what the checks returned. The checks cost ~10 us of Python per call, as
-# much as a small dense layer's forward (issue 11), and a model repeats the same few calls every step.
+# much as a small dense layer's forward, and a model repeats the same few calls every step.
 _CHECKED: dict[tuple, Any] = {}
 _CHECKED_MAX = 4096  # entries; emptied when full (a new batch shape is a new key)
 

@@ -1,4 +1,4 @@
-"""Whole-model helpers: conversion (``sparsify``) and the threshold bookkeeping of SpaFL (DESIGN §2).
+"""Whole-model helpers: conversion (``sparsify``) and the threshold bookkeeping of SpaFL (docs/DESIGN.md §2).
 
 Layers are keyed by their qualified module name (``model.named_modules()``), e.g. ``"features.0"``.
 """

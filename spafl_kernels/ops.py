@@ -198,14 +198,14 @@ conv2d_fwd.register_autograd(_backward, setup_context=_setup_context)
 class _EagerSparseOp(torch.autograd.Function):
     """The ``<op>_fwd`` op and its autograd formula as a plain ``autograd.Function`` calling the same
     backend kernels. Eager calls of the Python backends (and of the native ones under forward-mode AD
-    or ``torch.func``) take it: the custom-op dispatch costs ~0.2 ms per forward+backward (measured on
-    LeNet-5's fc1 layer), more than the whole dense layer on the paper's small models.
+    or ``torch.func``) take it: the custom-op dispatch costs more per forward+backward than the whole
+    dense layer on the paper's small models.
     Inputs: ``(x, weight, bias, threshold, op, *constants)`` with the op's constants (linear: ste,
     backend; conv2d: geometry, ste, backend)."""
 
     # The old forward(ctx, ...) style on purpose: with a separate setup_context, every apply() binds its
-    # arguments through inspect.signature, ~45 us per call (measured: a 100x300 layer's forward went
-    # from 41 us to 123 us). torch.func transforms then refuse it with PyTorch's own error.
+    # arguments through inspect.signature, which costs more than a small layer's forward. torch.func
+    # transforms then refuse it with PyTorch's own error.
     @staticmethod
     def forward(ctx, x, weight, bias, threshold, op, *constants):
         *geometry, _, backend = constants

@@ -1,4 +1,4 @@
-"""The SpaFL layer semantics every backend meets (DESIGN.md §2), in plain PyTorch.
+"""The SpaFL layer semantics every backend meets (docs/DESIGN.md §2), in plain PyTorch.
 
 A layer's weight has ``N`` rows (output neurons of a Linear, filters of a Conv2d); row ``i`` holds
 ``fan_in(i)`` elements. Each row has a trainable threshold ``tau_i``:

@@ -1,6 +1,6 @@
 """Test helpers: inputs with controlled scores, and comparison against the ``reference`` oracle.
 
-Tolerance (DESIGN §6, flash-attention's rule): a backend's float32 error against the float64 oracle
+Tolerance (docs/DESIGN.md §6, flash-attention's rule): a backend's float32 error against the float64 oracle
 must be at most twice the float32 oracle's own error against it, plus a small absolute slack.
 """
 

@@ -1,4 +1,4 @@
-"""Autograd features beyond first-order backward (DESIGN §8): a kernel backend raises a clear error for
+"""Autograd features beyond first-order backward (docs/DESIGN.md §8): a kernel backend raises a clear error for
 double backward, forward-mode AD and vmap, never a wrong number; the reference supports double backward.
 Also the semantics of NaN weights: a NaN row counts as active, so the NaN reaches its outputs and
 gradients exactly as in masked dense."""

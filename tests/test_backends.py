@@ -1,4 +1,4 @@
-"""Dispatch (DESIGN §3): auto, SPAFL_BACKEND, errors listing reasons, and the info report."""
+"""Dispatch (docs/DESIGN.md §3): auto, SPAFL_BACKEND, errors listing reasons, and the info report."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""spafl-bench checks its arguments before timing anything (issue 10, item 9): a bad output path used to
+"""spafl-bench checks its arguments before timing anything: a bad output path used to
 lose a finished run."""
 
 import json

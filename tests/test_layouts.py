@@ -1,4 +1,4 @@
-"""Property-based check (DESIGN §8): every valid input gets the reference's answer or a clear error.
+"""Property-based check (docs/DESIGN.md §8): every valid input gets the reference's answer or a clear error.
 
 ``hypothesis`` draws the op (Linear, Conv2d with its geometry), shapes, dtype, density, STE and a
 *layout* for each of x, weight, bias and threshold: contiguous, sliced (non-contiguous), transposed or
@@ -128,7 +128,7 @@ def cases(draw, op: str, dtype: torch.dtype = torch.float64):
         weight, tau = tie_rows(weight, tau, dtype, gen)
     x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
     # Sometimes some or all input columns (Linear) or channels (Conv2d) are zero over the whole batch, as
-    # behind a pruned row and ReLU: the case in which a backend may skip them (issue 11, exact skipping).
+    # behind a pruned row and ReLU: the case in which a backend may skip them (exact extra skipping, docs/DESIGN.md §5).
     dead_inputs = draw(st.sampled_from(("none", "none", "some", "all")))
     if dead_inputs != "none":
         dim = x.dim() - 1 if op == "linear" else 1
@@ -141,7 +141,7 @@ def cases(draw, op: str, dtype: torch.dtype = torch.float64):
         bias = torch.randn(n_rows, generator=gen, dtype=torch.float64)
         tensors["bias"] = bias.fill_(bias[0].item()) if layout["bias"] == "expanded" else bias
     # Sometimes the incoming gradient is zero on every pruned row (as behind a ReLU), the case in which
-    # a backend may skip a pruned row's dL/dm (DESIGN §5, exact extra skipping).
+    # a backend may skip a pruned row's dL/dm (docs/DESIGN.md §5, exact extra skipping).
     kwargs["silent_pruned"] = (score <= 0) if draw(st.booleans()) else None
     return kwargs, {name: (t, layout[name]) for name, t in tensors.items()}, ste
 
@@ -269,7 +269,7 @@ def test_lay_out_keeps_values_and_sets_strides():
 @pytest.mark.parametrize("op", ["linear", "conv2d"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_strided_bias_and_threshold(backend, op):
-    """Issue 10's cases: a sliced bias with some rows active (cpp read freed memory), a sliced and an
+    """Once-broken cases: a sliced bias with some rows active (cpp read freed memory), a sliced and an
     expanded threshold (triton ignored their strides)."""
     device = device_for(backend)
     require_backend(backend, op, device)

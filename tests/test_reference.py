@@ -1,4 +1,4 @@
-"""The oracle itself: gradcheck where the STE is the true derivative, and DESIGN §2's equations."""
+"""The oracle itself: gradcheck where the STE is the true derivative, and docs/DESIGN.md §2's equations."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_gradcheck_away_from_the_step():
 
 @pytest.mark.parametrize("ste", sk.STES)
 def test_reference_gradients_are_design_equations(ste):
-    """dL/dx, dL/dW, dL/db, dL/dtau of the oracle written out from DESIGN §2 by hand."""
+    """dL/dx, dL/dW, dL/db, dL/dtau of the oracle written out from docs/DESIGN.md §2 by hand."""
     weight, bias, threshold = make_params((7, 5), 3, True, seed=11)
     x = torch.randn(4, 5, dtype=torch.float64)
     g = torch.randn(4, 7, dtype=torch.float64)

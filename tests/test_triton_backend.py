@@ -274,7 +274,7 @@ def test_tf32_on_cuda(op):
 @pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
 @pytest.mark.parametrize("layer", ["linear-large", "conv-large"])
 def test_full_size_layers_on_cuda(layer, density):
-    """The benchmark's large layers (DESIGN §5) in float32 against the float64 oracle."""
+    """The benchmark's large layers (docs/DESIGN.md §5) in float32 against the float64 oracle."""
     from spafl_kernels.bench import make_case
 
     case = make_case(layer, density, "identity", device="cpu")

@@ -1,4 +1,4 @@
-// CPU kernels of the `cpp` backend's sparse Conv2d (DESIGN §2): y = conv2d(x, m * W) + m * b.
+// CPU kernels of the `cpp` backend's sparse Conv2d (docs/DESIGN.md §2): y = conv2d(x, m * W) + m * b.
 //
 // The convolutions run through ATen (oneDNN) on the active filters only (graded filters for dW);
 // the filter panels are small, so they are gathered, and the work around the convolutions is on
@@ -91,9 +91,8 @@ Tensor take_planes(const Tensor& t, const std::vector<int64_t>& idx, int64_t beg
 
 // The weight gradient of a convolution of x [B, 1, H, W] (one input channel, groups == 1) with
 // w [n, 1, kh, kw] by oneDNN (as PyTorch) or by im2col and a batched GEMM: dW[n, tap] = sum over images b
-// and positions l of dL/dy[b, n, l] * cols[b, tap, l]. Which is faster depends on the CPU: LeNet-5's
-// conv1 (k5 on 28x28, 20 filters, batch 64, 2 threads) took 5.8 (oneDNN) vs 3.2 ms on one development VM
-// and 0.68 vs 2.0 ms on another, an AVX-512 one. So each shape is timed both ways on its first call and
+// and positions l of dL/dy[b, n, l] * cols[b, tap, l]. Which is faster depends on the CPU (on LeNet-5's
+// conv1 either has won by 2-3x on different machines). So each shape is timed both ways on its first call and
 // the faster kept, unless SPAFL_CPU_CONV_DW=onednn or =im2col (read on every call, so that a benchmark
 // can interleave them) pins one. The column matrix [B, kh*kw, H'W'] is kh*kw/n times the size of dL/dy
 // (g); im2col is a candidate only while it stays within twice g, or 8 MiB.
@@ -194,8 +193,7 @@ Tensor conv2d_fwd_skip(const Tensor& x, const Tensor& w, const std::optional<Ten
     out_sizes[2 + d] = geo.out_size(d, x.size(2 + d), w.size(2 + d));
   }
   // Reused heap memory, zero-filled: the layer after (ReLU, pooling, batch norm) reads every plane, and
-  // faulting in fresh pages for them cost more than the fill (measured on LeNet-5's conv1 + ReLU +
-  // max-pool, batch 64: 6.9 vs 4.3 ms at density 0.5, 8.3 vs 5.5 ms at 0.95, equal at 0.1).
+  // faulting in fresh pages for them costs more than the fill.
   y = at::zeros(out_sizes, x.options());
   const Tensor b = bias ? bias->contiguous() : Tensor();
   const int64_t plane = out_sizes[2] * out_sizes[3];

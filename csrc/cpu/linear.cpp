@@ -1,4 +1,4 @@
-// CPU kernels of the `cpp` backend's sparse Linear (DESIGN §2): y = x @ (m * W).T + m * b.
+// CPU kernels of the `cpp` backend's sparse Linear (docs/DESIGN.md §2): y = x @ (m * W).T + m * b.
 //
 // Work scales with the active rows: the dense products run on compact panels of active (forward,
 // dx) or graded (dW) rows through ATen's BLAS. Panels are runs of consecutive rows used in place, or

@@ -29,8 +29,7 @@ constexpr int kLanes = 256 / sizeof(T);  // four 512-bit registers' worth
 
 // Sums the lane array pairwise: vector adds, where a running scalar sum would wait on each add. Each
 // halving has a compile-time width, so it is straight-line code: with a runtime width the compiler
-// emitted a loop that took two thirds of abs_sum's time on 256-element rows (scores of a 256x256
-// weight, timed in the op: 7.0-9.0 -> 5.2-5.4 us).
+// emits a loop that dominates abs_sum on short rows.
 template <typename T, int Width = kLanes<T>>
 inline T reduce_lanes(T* acc) {
   if constexpr (Width == 1) {
@@ -168,9 +167,8 @@ int64_t panel_rows(int64_t fan_in, int64_t elem_size, int64_t total_rows) {
 namespace {
 
 // SPAFL_CPU_HUGEPAGES=1 asks for transparent huge pages on these blocks. Off by default: on a VM whose
-// host backs guest memory lazily, a huge page taken from never-touched guest memory cost ~60 ms per
-// 64 MiB to fault in (measured here), where recycled 4 KiB pages are already backed; on warm memory
-// huge pages cut the faults of a 64 MiB dW from ~6 to ~2 ms.
+// host backs guest memory lazily, faulting in a cold huge page costs far more than reusing 4 KiB pages
+// that are already backed; on warm memory huge pages cut the page faults of a large dW.
 bool want_huge_pages() {
   static const bool on = [] {
     const char* value = std::getenv("SPAFL_CPU_HUGEPAGES");

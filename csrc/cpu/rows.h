@@ -1,4 +1,4 @@
-// Row machinery shared by the CPU kernels of the `cpp` backend (DESIGN §2): scores, the active and
+// Row machinery shared by the CPU kernels of the `cpp` backend (docs/DESIGN.md §2): scores, the active and
 // graded row sets, gathers into compact panels, outputs on fresh zero pages, the per-row gradient epilogue.
 //
 // A layer's weight is [N, fan_in] (a Conv2d filter flattened). Row i is active when
@@ -62,8 +62,7 @@ inline int64_t grain(int64_t item_size) {
 
 // Grain for passes that run right after a multithreaded op, whose threads are still awake, so that a
 // parallel region costs little: ~64K elements per thread. Used by the gradient epilogue (GradRows,
-// after the GEMM that made G, which then lies half in each core's cache; 64x784 -> 300, 2 threads: the
-// epilogue went from ~150 to ~60 us of a ~450 us GEMM) and by RowSets::drop_silent (after the
+// after the GEMM that made G, which then lies half in each core's cache) and by RowSets::drop_silent (after the
 // backward of the op behind the layer).
 inline int64_t warm_grain(int64_t item_size) {
   constexpr int64_t kWarmWork = int64_t(1) << 16;
@@ -132,7 +131,7 @@ struct RowSets {
   int64_t num_graded() const { return static_cast<int64_t>(graded.size()); }
   // Drops from `graded` the pruned rows whose incoming gradient is zero over the whole batch (and
   // space): their dL/dm = sum g * (z + b) is exactly 0, so all their gradients are 0 and they need no
-  // G (DESIGN §5, exact extra skipping). Behind a ReLU every pruned row is one: it outputs 0, and
+  // G (docs/DESIGN.md §5, exact extra skipping). Behind a ReLU every pruned row is one: it outputs 0, and
   // ReLU's gradient at 0 is 0. A NaN gradient is not zero: such a row stays graded. g: [outer, n, inner].
   template <typename T>
   void drop_silent(const T* g, int64_t outer, int64_t inner) {
@@ -325,7 +324,7 @@ void plane_sums(const T* src, int64_t outer, int64_t rows, int64_t inner, T* out
 // Linear (x [M, K]: outer = M, inner = 1) or channels of a Conv2d (x [B, C, H, W]: outer = B, inner =
 // H*W). A plane that is zero over the whole batch (an input behind a pruned row and ReLU, max-pool,
 // GELU, dropout, flatten) adds nothing to the forward product or to the weight gradient G = g^T x, so
-// the ops drop it from x and from the weight rows (issue 11: a chain of sparse layers then costs about
+// the ops drop it from x and from the weight rows (a chain of sparse layers then costs about
 // density_in * density_out of dense). `skip` is false, and `live` empty, when that is not exact or not
 // worth a gather: x is not contiguous; fewer than an eighth of the planes are dead; or an active row has
 // a non-finite score (a NaN or infinite weight times a zero input is NaN in the dense product, and must
@@ -425,7 +424,7 @@ void gather_rows_cols(const T* src, int64_t width, int64_t inner, const int64_t*
 
 // ------------------------------------------------------------------------------ gradient rows
 
-// The gradient epilogue (DESIGN §2) of graded row i = rows.graded[p], whose dense weight gradient
+// The gradient epilogue (docs/DESIGN.md §2) of graded row i = rows.graded[p], whose dense weight gradient
 // G_i is the row at `g` (fan_in elements):
 //   dm_i = <G_i, W_i> + b_i * gsum_i                    (only where the gate is open)
 //   dW_i = m_i * G_i + gate_i * dm_i * sign(W_i) / fan_in,  dtau_i = -gate_i * dm_i,
@@ -504,7 +503,7 @@ struct GradRows {
 };
 
 // The masked-dense epilogue: `dweight` [N, fan_in] holds the dense G of every row; finishes it in place
-// (DESIGN §2) and makes dthreshold [N] and, with a bias, dbias [N] (from dL/dy g [outer, N, inner]).
+// (docs/DESIGN.md §2) and makes dthreshold [N] and, with a bias, dbias [N] (from dL/dy g [outer, N, inner]).
 template <typename T>
 void finish_masked_dense(const RowSets& rows, const at::Tensor& w, const std::optional<at::Tensor>& bias, const T* g,
                          int64_t outer, int64_t inner, at::Tensor& dweight, at::Tensor& dbias, at::Tensor& dthreshold) {

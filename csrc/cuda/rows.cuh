@@ -1,5 +1,5 @@
 // Per-row kernels: scores, row selection (stream compaction on the device) and the parameter gradients
-// that turn the dense weight gradient of the needed rows into dW, db and dtau (DESIGN §2).
+// that turn the dense weight gradient of the needed rows into dW, db and dtau (docs/DESIGN.md §2).
 //
 // As in gemm.cuh, each kernel is a thin shell around SPAFL_HD per-thread phases that
 // tests/cuda_emulation.cpp also runs on the host; only the block-wide reductions and scans (CUB) are

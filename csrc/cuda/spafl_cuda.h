@@ -1,4 +1,4 @@
-// C interface of the CUDA kernels (DESIGN §4): plain pointers, sizes and a stream, no torch types,
+// C interface of the CUDA kernels (docs/DESIGN.md §4): plain pointers, sizes and a stream, no torch types,
 // so that the .cu files compile with nvcc alone and the torch bindings (bindings.cpp) stay thin.
 //
 // Conventions shared by every launcher:
@@ -73,7 +73,7 @@ cudaError_t spafl_cuda_conv2d_dx(int dtype, const void* grad_y, const void* weig
 cudaError_t spafl_cuda_conv2d_dw(int dtype, const void* grad_y, const void* x, const int64_t* rows,
                                  const int64_t* count, void* dweight, const SpaflConvShape* shape, cudaStream_t stream);
 
-// Parameter gradients from the dense weight gradient G of the rows that need one (DESIGN §2), in place:
+// Parameter gradients from the dense weight gradient G of the rows that need one (docs/DESIGN.md §2), in place:
 //   on entry dweight[i, :] = G_i for every row with score > 0 or an open gate (other rows: anything);
 //   dL/dm_i = <G_i, W_i> + b_i * gsum_i,  gsum_i = sum_{o < outer, s < inner} grad_y[(o * rows + i) * inner + s]
 //   dweight_i = m_i G_i + gate_i dL/dm_i sign(W_i) / fan_in;  dbias_i = m_i gsum_i;  dthreshold_i = -gate_i dL/dm_i

@@ -1,4 +1,4 @@
-"""Datasets and the non-IID federated split (DESIGN §7: nothing is downloaded).
+"""Datasets and the non-IID federated split (docs/DESIGN.md §7: nothing is downloaded).
 
 Every dataset comes as float32 images ``[n, C, H, W]`` scaled to ``[0, 1]`` and int64 labels ``[n]``:
 

@@ -178,7 +178,7 @@ def _bits_section(bits: list[tuple[str, dict, dict]]) -> list[str]:
 
 
 def _targets(results: dict[str, dict[str, tuple[str, dict, dict]]], bits: list[tuple[str, dict, dict]]) -> list[str]:
-    """The issue's measurable targets, checked on the runs made."""
+    """The reproduction's measurable targets, checked on the runs made."""
     lines = []
     for _, s, c in bits[:1]:
         ok = "met" if _bits_ratio(s) >= BIT_TARGET else "NOT met"

@@ -1,6 +1,6 @@
 """The run folder (``--out``): what a run may write there, and reading back what it wrote.
 
-A run never deletes or overwrites a file it did not write (DESIGN §8). A fresh run takes an empty or
+A run never deletes or overwrites a file it did not write (docs/DESIGN.md §8). A fresh run takes an empty or
 new folder only; ``resume`` continues the run found there; ``overwrite`` replaces the files a previous
 run wrote (``OUTPUT_NAMES`` and its checkpoint tensor files) and keeps every other file.
 """

@@ -1,7 +1,7 @@
 """The federated loop in one process: SpaFL or FedAvg, round by round, with accounting,
 checkpoints and resume.
 
-SpaFL round ``r`` (DESIGN §2, the paper's code): the server samples clients; each sampled client
+SpaFL round ``r`` (docs/DESIGN.md §2, the paper's code): the server samples clients; each sampled client
 loads the global thresholds it holds, trains weights and thresholds, and uploads its thresholds; the
 server averages them. When the clients apply the global change to their weights
 (``apply_threshold_update`` with the difference of the global thresholds) is ``global_update``:

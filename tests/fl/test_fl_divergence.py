@@ -1,4 +1,4 @@
-"""A diverging client (issue 10, item 7): its update is rejected and logged, its model goes back to where
+"""A diverging client: its update is rejected and logged, its model goes back to where
 the round started, and the round and the run complete, for SpaFL as for FedAvg."""
 
 import copy

@@ -183,7 +183,7 @@ def test_strategy_rejects_a_diverged_client(server_identity):
 
 
 def test_cli_run_and_flower_give_identical_metrics(tmp_path, capsys):
-    """Issue 12's target: same seed and config, lazy update, one thread: `spafl-fl run` and `spafl-fl flower`
+    """Engine parity: same seed and config, lazy update, one thread: `spafl-fl run` and `spafl-fl flower`
     (Ray) write the very same metrics, timings aside."""
     from spafl_fl.cli import main
     from spafl_fl.simulation import TIMING_KEYS

@@ -1,4 +1,4 @@
-"""Inputs are checked before work starts (issue 10, item 9): bad flags, conflicting defaults, damaged data
+"""Inputs are checked before work starts: bad flags, conflicting defaults, damaged data
 files and run folders give a usage error naming the flag or file (exit 2, no traceback); --help shows
 every default; Ctrl-C prints one line with the exact command that resumes the run."""
 

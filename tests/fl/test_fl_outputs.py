@@ -1,4 +1,4 @@
-"""The run folder: a run never deletes or overwrites a file it did not write (issue 10, item 6), and
+"""The run folder: a run never deletes or overwrites a file it did not write, and
 every file it writes has one mode (item 10)."""
 
 import json

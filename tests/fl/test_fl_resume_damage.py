@@ -1,4 +1,4 @@
-"""Resume survives damage (issue 10, item 8): every damaged file stops the run with a message naming it,
+"""Resume survives damage: every damaged file stops the run with a message naming it,
 a torn last metrics line is dropped, checkpoint.json cannot point outside the run folder, and a crash
 while a checkpoint is written loses at most one round."""
 

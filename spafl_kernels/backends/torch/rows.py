@@ -1,5 +1,5 @@
 """Row bookkeeping shared by the ``torch`` backend's ops: which rows are active, which rows need a
-weight gradient, and how the per-row pieces come together into ``dW, db, dtau`` (DESIGN §2)."""
+weight gradient, and how the per-row pieces come together into ``dW, db, dtau`` (docs/DESIGN.md §2)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Three kernels, none of which hands anything back to the host:
 
-- ``_score_fwd_kernel``: ``s_i = mean_j |W_ij| - tau_i`` for every row (DESIGN §2).
+- ``_score_fwd_kernel``: ``s_i = mean_j |W_ij| - tau_i`` for every row (docs/DESIGN.md §2).
 - ``_compact_fwd_kernel``: per group of rows (a Conv2d's ``groups``; one group for Linear), the list
   of active rows in ascending order followed by the pruned rows, and the active count; for the
   backward pass also the list of *graded* rows (active, or pruned with an open STE gate) and its count.
