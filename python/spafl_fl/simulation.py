@@ -6,9 +6,10 @@ loads the global thresholds it holds, trains weights and thresholds, and uploads
 server averages them. When the clients apply the global change to their weights
 (``apply_threshold_update`` with the difference of the global thresholds) is ``global_update``:
 
-- ``lazy`` (default; the authors' FMNIST code): a sampled client receives the current global
-  thresholds at the start of the round and applies the sum of the global differences since it last
-  trained (new global minus the one it last held); a client not sampled receives nothing.
+- ``lazy`` (default): a sampled client receives the current global thresholds at the start of the
+  round and applies the sum of the global differences since it last trained (new global minus the one
+  it last held); a client not sampled receives nothing. ``lazy-last`` (the authors' FMNIST code): the
+  same, but it applies only the last round's global difference.
 - ``eager`` (the authors' CIFAR-10/100 code): after aggregation the new global thresholds go to every
   client, which applies the difference at once.
 
