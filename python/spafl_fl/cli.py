@@ -22,7 +22,18 @@ import sys
 from spafl_kernels import BACKEND_NAMES, STES, __version__
 
 from .checkpoint import POINTER, read_json_object
-from .config import ALGORITHMS, GLOBAL_UPDATES, PRESETS, RunConfig, config_problems
+from .config import (
+    ALGORITHMS,
+    BATCH_ORDERS,
+    CLIENT_OPTIMIZERS,
+    COLLAPSE_GUARDS,
+    GLOBAL_UPDATES,
+    PRESETS,
+    SPLITS,
+    RunConfig,
+    config_problems,
+    run_only_problems,
+)
 from .data import DATASETS
 from .models import MODELS
 from .rundir import METRICS, PLOTS, claim_out_dir, clear_outputs, close_log, log_handler, read_metrics
@@ -96,8 +107,21 @@ def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argpar
                       help="replace the files a previous run wrote in DIR (other files are kept)")
     add("--no-progress", action="store_true", help="no progress bar")
     add("--global-update", choices=GLOBAL_UPDATES, default=_DEFAULTS.global_update,
-        help="lazy: a client applies the global threshold change when next sampled (the authors' FMNIST "
-        "code); eager: every client after every round (their CIFAR code)")
+        help="lazy: a client applies the whole global threshold change since it last trained when next "
+        "sampled; lazy-last: only the last round's change (the authors' FMNIST code); eager: every client after "
+        "every round (their CIFAR code)")
+    add("--split", choices=SPLITS, default=_DEFAULTS.split,
+        help="dirichlet: our seeded Dirichlet split; authors: the authors' Non_iid_split and client sampling, "
+        "draw for draw (a held-out test set where the dataset has none)")
+    add("--batch-order", choices=BATCH_ORDERS, default=_DEFAULTS.batch_order,
+        help="seeded: per (seed, round, client); authors: drawn as the authors' DataLoaders draw torch's "
+        "generator (with --split authors: their batches)")
+    add("--client-optimizer", choices=CLIENT_OPTIMIZERS, default=_DEFAULTS.client_optimizer,
+        help="fresh: a new SGD optimizer every round; persistent: each client keeps its optimizer and momentum "
+        "across rounds (the authors' code)")
+    add("--collapse-guard", choices=COLLAPSE_GUARDS, default=_DEFAULTS.collapse_guard,
+        help="after-step: reset a layer at or under --min-density after each step; before-forward: reset it "
+        "before the forward that follows one that kept that few rows, evaluation included (the authors' code)")
     add("--input-scale", type=float, default=_DEFAULTS.input_scale,
         help="multiply the [0, 1] images by this (255: the raw pixels the authors trained on)")
     add("--preset", choices=tuple(PRESETS), default=None,
@@ -127,7 +151,8 @@ def _values(args: argparse.Namespace) -> dict:
         alpha=args.alpha, test_fraction=args.test_fraction, ste=args.ste, backend=args.backend,
         min_density=args.min_density, seed=args.seed, device=args.device, threads=args.threads,
         measure_baseline=not args.no_baseline, global_update=args.global_update, input_scale=args.input_scale,
-        preset=args.preset, skip=args.skip,
+        preset=args.preset, skip=args.skip, split=args.split, client_optimizer=args.client_optimizer,
+        collapse_guard=args.collapse_guard, batch_order=args.batch_order,
     )
 
 
@@ -294,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             usage.error(f"one SuperNode per client: --supernodes {args.supernodes} but --clients {args.clients}")
         args.clients = args.clients or args.supernodes or _DEFAULTS.clients
     problems = flag_problems(args)
+    if args.command != "run":
+        problems += run_only_problems(_values(args))
     if problems:
         usage.error("; ".join(problems))
     if args.command == "flower":

@@ -98,6 +98,16 @@ def make_batches(num_samples: int, epochs: int, batch_size: int, generator: torc
     return batches
 
 
+def loader_pass(generator: torch.Generator, num_samples: int, batch_size: int) -> list[torch.Tensor]:
+    """One pass of ``DataLoader(shuffle=True)`` over ``num_samples`` as torch's loader draws the generator
+    it continues (``generator``: the global one's state): the iterator's base seed, then the sampler's seed,
+    which seeds the permutation. Returns the pass's index batches."""
+    torch.empty((), dtype=torch.int64).random_(generator=generator)  # the loader iterator's base seed
+    seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    return list(order.split(batch_size))
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
@@ -108,6 +118,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class ForwardGuard:
+    """The authors' layer-collapse guard: a layer whose previous forward kept ``<= min_density`` of its
+    rows gets its thresholds reset to 0 just before the next forward (their layers check the mask ratio
+    of their last forward, training or evaluation, at the start of each forward). Holds that ratio per
+    layer across rounds; ``last`` starts at 1.0 (no forward yet)."""
+
+    def __init__(self, model: nn.Module, min_density: float):
+        self.min_density = min_density
+        self.last = {name: 1.0 for name, _ in sparse_layers(model)}
+
+    @torch.no_grad()
+    def before_forward(self, model: nn.Module) -> list[str]:
+        """Reset the layers whose last forward collapsed, then record the ratio the coming forward uses.
+        Returns the names of the layers reset."""
+        reset = []
+        for name, layer in sparse_layers(model):
+            if self.last[name] <= self.min_density:
+                layer.threshold.zero_()
+                reset.append(name)
+            self.last[name] = layer.density()
+        return reset
+
+
+def make_optimizer(model: nn.Module, hp: LocalTraining) -> torch.optim.Optimizer:
+    """The local optimiser: SGD with ``hp``'s lr, momentum and weight decay over every parameter."""
+    return torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+
 def train_local(
     model: nn.Module,
     data: ClientData,
@@ -116,10 +154,16 @@ def train_local(
     *,
     sparse: bool,
     plan: FlopPlan | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    guard: ForwardGuard | None = None,
 ) -> tuple[float, float, LayerFlops]:
     """Train ``model`` in place on ``data.x_train[batch]`` for each batch: SGD with momentum, cross
     entropy (+ ``hp.th_coeff * threshold_penalty`` and ``reset_collapsed`` after each step when
     ``sparse``), gradient-norm clipping when ``hp.clip > 0``.
+
+    ``optimizer``: an SGD optimizer over ``model``'s parameters to continue (its momentum buffers
+    carry over; its lr is set to ``hp.lr``); None: a new one (``make_optimizer``). ``guard``: the
+    authors' collapse guard before each forward instead of ``reset_collapsed`` after each step.
 
     Returns ``(seconds, mean cross-entropy, FLOPs)``: seconds sum the timed steps only (forward,
     backward, clipping, optimiser step, collapse guard), never the batch gathering or the FLOP
@@ -130,7 +174,9 @@ def train_local(
     buffer is not finite at the end (checked between timed steps); ``model`` is then left as it is.
     """
     device = next(model.parameters()).device
-    opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    opt = make_optimizer(model, hp) if optimizer is None else optimizer
+    for group in opt.param_groups:
+        group["lr"] = hp.lr
     model.train()
     seconds, loss_sum, flops = 0.0, 0.0, LayerFlops()
     for step, idx in enumerate(batches):
@@ -140,13 +186,15 @@ def train_local(
         _sync(device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
+        if sparse and guard is not None:
+            guard.before_forward(model)
         loss = F.cross_entropy(model(x), y)
         objective = loss + hp.th_coeff * threshold_penalty(model) if sparse else loss
         objective.backward()
         if hp.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), hp.clip)
         opt.step()
-        if sparse:
+        if sparse and guard is None:
             reset_collapsed(model, hp.min_density)
         _sync(device)
         seconds += time.perf_counter() - start
@@ -171,11 +219,13 @@ def _mean(total: float, count: int) -> float:
 
 
 def train_or_fail(model: nn.Module, data: ClientData, batches: list[torch.Tensor], hp: LocalTraining, *,
-                  sparse: bool, plan: FlopPlan | None = None) -> tuple[float, float, LayerFlops, str | None]:
+                  sparse: bool, plan: FlopPlan | None = None, optimizer: torch.optim.Optimizer | None = None,
+                  guard: ForwardGuard | None = None) -> tuple[float, float, LayerFlops, str | None]:
     """``train_local``, with a divergence reported as ``(seconds, loss, FLOPs so far, reason)`` instead of
     raised (reason None when training finished)."""
     try:
-        return (*train_local(model, data, batches, hp, sparse=sparse, plan=plan), None)
+        return (*train_local(model, data, batches, hp, sparse=sparse, plan=plan, optimizer=optimizer,
+                             guard=guard), None)
     except TrainingDiverged as diverged:
         return diverged.seconds, diverged.loss, diverged.flops, str(diverged)
 
@@ -201,21 +251,63 @@ def set_backend(model: nn.Module, backend: str) -> None:
         layer.backend = backend
 
 
-class SpaFLClient:
-    """A SpaFL client: its own model (weights persist across rounds), its data, and the last global
-    thresholds it received (to turn the next broadcast into the global difference)."""
+class _KeepsOptimizer:
+    """A client that may keep one SGD optimizer (momentum buffers) across rounds (``persistent``)."""
 
-    def __init__(self, cid: int, model: nn.Module, data: ClientData):
+    model: nn.Module
+    persistent: bool
+    optimizer: torch.optim.Optimizer | None
+
+    def _optimizer(self, hp: LocalTraining) -> torch.optim.Optimizer | None:
+        """The optimizer to continue this round (created on first use); None: a fresh one each round."""
+        if not self.persistent:
+            return None
+        if self.optimizer is None:
+            self.optimizer = make_optimizer(self.model, hp)
+        return self.optimizer
+
+    def momentum(self) -> dict[str, torch.Tensor]:
+        """The kept optimizer's momentum buffer per parameter name (zeros before its first step: SGD's
+        first step sets the buffer to the gradient, exactly what a zero buffer gives)."""
+        state = self.optimizer.state if self.optimizer is not None else {}
+        buffers = {}
+        for name, p in self.model.named_parameters():
+            buf = state[p].get("momentum_buffer") if p in state else None
+            buffers[name] = buf if buf is not None else torch.zeros_like(p)
+        return buffers
+
+    def load_momentum(self, buffers: Mapping[str, torch.Tensor], hp: LocalTraining) -> None:
+        """Restore the kept optimizer's momentum buffers (``momentum``'s output) on resume."""
+        opt = self._optimizer(hp)
+        for name, p in self.model.named_parameters():
+            opt.state[p]["momentum_buffer"] = buffers[name].to(p.device).clone()
+
+
+class SpaFLClient(_KeepsOptimizer):
+    """A SpaFL client: its own model (weights persist across rounds), its data, and the last global
+    thresholds it received (to turn the next broadcast into the global difference).
+
+    ``persistent``: keep one SGD optimizer across rounds (the authors' code); ``guard``: the authors'
+    collapse guard (``ForwardGuard``) before every forward, evaluation included, instead of
+    ``reset_collapsed`` after each step."""
+
+    def __init__(self, cid: int, model: nn.Module, data: ClientData, *, persistent: bool = False,
+                 guard: ForwardGuard | None = None):
         self.cid = cid
         self.model = model
         self.data = data
         self.global_thresholds = thresholds(model)
+        self.persistent, self.optimizer, self.guard = persistent, None, guard
 
-    def receive_global(self, global_thresholds: Mapping[str, torch.Tensor]) -> None:
-        """The server's broadcast after aggregation: apply the paper's ``th_update`` with the global
-        difference ``new - previous`` to the weights, and remember ``new`` for the next round."""
-        delta = {name: global_thresholds[name] - self.global_thresholds[name] for name in self.global_thresholds}
-        apply_threshold_update(self.model, delta)
+    def receive_global(self, global_thresholds: Mapping[str, torch.Tensor],
+                       difference: Mapping[str, torch.Tensor] | None = None) -> None:
+        """The server's broadcast: apply the paper's ``th_update`` to the weights with the global
+        difference ``new - previous`` (``difference``, when given: that one instead, e.g. only the last
+        round's, as the authors' FMNIST code does), and remember ``new`` for the next round."""
+        if difference is None:
+            difference = {name: global_thresholds[name] - self.global_thresholds[name]
+                          for name in self.global_thresholds}
+        apply_threshold_update(self.model, difference)
         self.global_thresholds = {name: t.detach().clone() for name, t in global_thresholds.items()}
 
     def fit(
@@ -238,6 +330,9 @@ class SpaFLClient:
         """
         load_thresholds(self.model, self.global_thresholds)
         start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        opt = self._optimizer(hp)
+        opt_start = copy.deepcopy(opt.state_dict()) if opt is not None else None
+        guard_start = dict(self.guard.last) if self.guard is not None else None
         baseline = None
         twin = None
         if measure_baseline:
@@ -245,15 +340,24 @@ class SpaFLClient:
             set_backend(twin, "reference")
             if baseline_first:
                 baseline = train_or_fail(twin, self.data, batches, hp, sparse=True)[0]
-        seconds, loss, flops, failure = train_or_fail(self.model, self.data, batches, hp, sparse=True, plan=plan)
+        seconds, loss, flops, failure = train_or_fail(self.model, self.data, batches, hp, sparse=True, plan=plan,
+                                                      optimizer=opt, guard=self.guard)
         if twin is not None and not baseline_first:
             baseline = train_or_fail(twin, self.data, batches, hp, sparse=True)[0]
         if failure is not None:
             self.model.load_state_dict(start)
+            if opt is not None:
+                opt.load_state_dict(opt_start)
+            if self.guard is not None:
+                self.guard.last = guard_start
         return ClientUpdate(self.cid, thresholds(self.model), self.data.num_train, loss, seconds, baseline, flops,
                             failure=failure, authors_flops=_authors(plan, self.model, self.data, hp))
 
     def evaluate(self) -> tuple[float, float]:
+        """``(accuracy %, loss)`` on the own test split; with the authors' guard, its check runs first (their
+        evaluation forward resets a layer whose previous forward collapsed)."""
+        if self.guard is not None:
+            self.guard.before_forward(self.model)
         return evaluate(self.model, self.data)
 
 
@@ -274,21 +378,28 @@ class FedAvgClient:
                             failure=failure, authors_flops=_authors(plan, model, self.data, hp))
 
 
-class LocalClient:
-    """The Local baseline's client: its own dense model, trained on its own data, never communicated."""
+class LocalClient(_KeepsOptimizer):
+    """The Local baseline's client: its own dense model, trained on its own data, never communicated.
+    ``persistent``: keep one SGD optimizer across rounds."""
 
-    def __init__(self, cid: int, model: nn.Module, data: ClientData):
+    def __init__(self, cid: int, model: nn.Module, data: ClientData, *, persistent: bool = False):
         self.cid = cid
         self.model = model
         self.data = data
+        self.persistent, self.optimizer = persistent, None
 
     def fit(self, hp: LocalTraining, batches: list[torch.Tensor], *, plan: FlopPlan | None = None) -> ClientUpdate:
         """Train the own model on ``batches``; the update carries no tensors (nothing goes on the wire).
         A diverged round is undone (the model goes back to its state before it) and reported in ``failure``."""
         start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        seconds, loss, flops, failure = train_or_fail(self.model, self.data, batches, hp, sparse=False, plan=plan)
+        opt = self._optimizer(hp)
+        opt_start = copy.deepcopy(opt.state_dict()) if opt is not None else None
+        seconds, loss, flops, failure = train_or_fail(self.model, self.data, batches, hp, sparse=False, plan=plan,
+                                                      optimizer=opt)
         if failure is not None:
             self.model.load_state_dict(start)
+            if opt is not None:
+                opt.load_state_dict(opt_start)
         return ClientUpdate(self.cid, {}, self.data.num_train, loss, seconds, None, flops,
                             failure=failure, authors_flops=_authors(plan, self.model, self.data, hp))
 

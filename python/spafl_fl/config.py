@@ -19,12 +19,38 @@ ALGORITHMS = ("spafl", "fedavg", "local")
 al.); ``local``: every client trains its own dense model and nothing is communicated (the control
 that shows what SpaFL's shared thresholds add)."""
 
-GLOBAL_UPDATES = ("lazy", "eager")
+GLOBAL_UPDATES = ("lazy", "lazy-last", "eager")
 """When a SpaFL client applies the global-threshold update (``apply_threshold_update``) to its weights.
-``lazy`` (the authors' FMNIST code, default): a client applies the global change since it last trained
-when it is next sampled, and only sampled clients receive the global thresholds. ``eager`` (the
-authors' CIFAR-10/100 code): after every round every client receives the new global thresholds and
-applies the difference at once."""
+``lazy`` (default): a client applies the whole global change since it last trained when it is next
+sampled, and only sampled clients receive the global thresholds. ``lazy-last`` (what the authors' FMNIST
+code does): a sampled client applies only the last round's global difference, whatever it missed before
+(it receives the global thresholds and that difference). ``eager`` (the authors' CIFAR-10/100 code):
+after every round every client receives the new global thresholds and applies the difference at once."""
+
+SPLITS = ("dirichlet", "authors")
+"""``dirichlet`` (default): ``data.split_dirichlet`` (seeded ``numpy.random.default_rng``, redrawn until every
+client has data; datasets without a test set: each client keeps ``test_fraction`` of its share).
+``authors``: the authors' ``Non_iid_split`` draw for draw (``data.split_authors``; a held-out test set,
+``data.holdout_test``, where the dataset has none), and their client sampling: the same legacy numpy
+generator, continued, draws each round's clients."""
+
+CLIENT_OPTIMIZERS = ("fresh", "persistent")
+"""``fresh`` (default): a client starts every round with a new SGD optimizer (no momentum carried over).
+``persistent`` (the authors' code): each SpaFL or Local client keeps one SGD optimizer, momentum buffers
+included, across all its rounds."""
+
+BATCH_ORDERS = ("seeded", "authors")
+"""``seeded`` (default): each client's batch order in a round is a function of (seed, round, client).
+``authors``: one generator continues torch's global one after the model's initialisation, and is drawn
+as their ``DataLoader(shuffle=True)`` iterations draw it: two numbers per pass (the loader's base seed,
+then the seed of that pass's permutation), for every training epoch of every sampled client in their
+sampling order and for every client's evaluation. With ``--split authors`` this is their batch order."""
+
+COLLAPSE_GUARDS = ("after-step", "before-forward")
+"""The layer-collapse guard (``min_density``). ``after-step`` (default): ``reset_collapsed`` after every
+optimiser step. ``before-forward`` (the authors' code): a layer whose previous forward (training or
+evaluation, in any round) kept ``<= min_density`` of its rows gets its thresholds reset to 0 before the
+next forward, evaluation included."""
 
 PRESETS: dict[str, dict] = {
     # The paper's four settings (the authors' run_command.txt files over their train_argument.py
@@ -79,6 +105,10 @@ class RunConfig:
     threads: int = 0  # torch.set_num_threads; 0: leave as is
     measure_baseline: bool = True  # replay each client's batches with backend="reference" to time it
     global_update: str = "lazy"  # one of GLOBAL_UPDATES
+    split: str = "dirichlet"  # one of SPLITS
+    client_optimizer: str = "fresh"  # one of CLIENT_OPTIMIZERS
+    collapse_guard: str = "after-step"  # one of COLLAPSE_GUARDS
+    batch_order: str = "seeded"  # one of BATCH_ORDERS
     input_scale: float = 1.0  # inputs are multiplied by it (255: the raw pixels the authors' code trains on)
     preset: str | None = None  # the PRESETS entry the values came from (a record; flags given override it)
     skip: str = ""  # comma-separated layers of a MODULE:CALLABLE model that stay dense
@@ -197,11 +227,28 @@ def config_problems(values: dict, flags: bool = False) -> list[str]:
     need("min_density", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
     need("test_fraction", lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)")
     need("global_update", lambda v: v in GLOBAL_UPDATES, f"one of {', '.join(GLOBAL_UPDATES)}")
+    need("split", lambda v: v in SPLITS, f"one of {', '.join(SPLITS)}")
+    need("client_optimizer", lambda v: v in CLIENT_OPTIMIZERS, f"one of {', '.join(CLIENT_OPTIMIZERS)}")
+    need("batch_order", lambda v: v in BATCH_ORDERS, f"one of {', '.join(BATCH_ORDERS)}")
+    need("collapse_guard", lambda v: v in COLLAPSE_GUARDS, f"one of {', '.join(COLLAPSE_GUARDS)}")
     need("input_scale", lambda v: _number(v) and v > 0, "a finite number > 0")
     need("preset", lambda v: v is None or v in PRESETS, f"one of {', '.join(PRESETS)}")
     problem = device_problem(values["device"])
     if problem:
         problems.append(f"{name('device')} {problem}")
+    return problems
+
+
+RUN_ONLY = {"split": "dirichlet", "client_optimizer": "fresh", "collapse_guard": "after-step", "batch_order": "seeded"}
+"""Settings only ``spafl-fl run`` implements (the authors' behaviours), with the value the Flower engines run."""
+
+
+def run_only_problems(values: dict) -> list[str]:
+    """Why ``values`` cannot run on the Flower engines: the authors' behaviours only ``spafl-fl run`` has."""
+    problems = [f"--{key.replace('_', '-')} {values[key]} runs only in spafl-fl run (Flower runs {default})"
+                for key, default in RUN_ONLY.items() if values.get(key, default) != default]
+    if values.get("global_update") == "lazy-last":
+        problems.append("--global-update lazy-last runs only in spafl-fl run (Flower runs lazy and eager)")
     return problems
 
 

@@ -304,3 +304,55 @@ def split_dirichlet(
         te_t = torch.tensor(sorted(te), dtype=torch.long)
         clients.append(ClientData(data.x[tr_t], data.y[tr_t], x_test[te_t], y_test[te_t]))
     return clients
+
+
+def holdout_test(data: Dataset, fraction: float = 0.2) -> Dataset:
+    """``data`` with a test set: unchanged when it has an official one; otherwise, per class, the last
+    ``round(fraction * n_class)`` samples in dataset order become ``x_test``/``y_test`` (no randomness, so
+    the authors' loop run on the same data gets the same sets). mnist5k: 4,000 train, 1,000 test."""
+    if data.x_test is not None:
+        return data
+    labels = data.y.numpy()
+    train, test = [], []
+    for cls in range(data.num_classes):
+        idx = np.flatnonzero(labels == cls)
+        cut = len(idx) - int(round(fraction * len(idx)))
+        train.append(idx[:cut])
+        test.append(idx[cut:])
+    tr = torch.from_numpy(np.concatenate(train))
+    te = torch.from_numpy(np.concatenate(test))
+    return Dataset(data.name, data.x[tr], data.y[tr], data.num_classes, data.x[te], data.y[te])
+
+
+def split_authors(data: Dataset, num_clients: int, alpha: float, seed: int, test_fraction: float = 0.2
+                  ) -> tuple[list[ClientData], np.random.RandomState]:
+    """The authors' ``Non_iid_split``, draw for draw: numpy's legacy generator seeded with ``seed`` (their
+    ``np.random.seed``), per class one Dirichlet(alpha) draw over the clients, applied to the train and to
+    the test set (``holdout_test`` makes one where the dataset has none); each client's train samples in
+    their shuffled order. No redraw: a client may get few samples (an empty one is refused).
+
+    Returns the clients' data and the generator in the state their loop then samples clients with."""
+    data = holdout_test(data, test_fraction)
+    rng = np.random.RandomState(seed)
+    labels, test_labels = data.y.numpy(), data.y_test.numpy()
+    train_idx: list[list[int]] = [[] for _ in range(num_clients)]
+    test_idx: list[list[int]] = [[] for _ in range(num_clients)]
+    for cls in range(data.num_classes):
+        proportions = rng.dirichlet(np.repeat(alpha, num_clients))
+        for labels_, shares in ((labels, train_idx), (test_labels, test_idx)):
+            idx = np.where(labels_ == cls)[0]
+            rng.shuffle(idx)
+            cuts = (np.cumsum(proportions) * len(idx)).astype(int)[:-1]
+            for client, part in enumerate(np.split(idx, cuts)):
+                shares[client].extend(part.tolist())
+    for client in range(num_clients):
+        rng.shuffle(train_idx[client])
+    empty = [k for k in range(num_clients) if len(train_idx[k]) == 0 or len(test_idx[k]) == 0]
+    if empty:
+        raise ValueError(f"the authors' split leaves client(s) {empty} without train or test samples "
+                         f"({num_clients} clients, alpha {alpha}, seed {seed}); change the seed or the clients")
+    clients = []
+    for tr, te in zip(train_idx, test_idx):
+        tr_t, te_t = torch.tensor(tr, dtype=torch.long), torch.tensor(te, dtype=torch.long)
+        clients.append(ClientData(data.x[tr_t], data.y[tr_t], data.x_test[te_t], data.y_test[te_t]))
+    return clients, rng

@@ -56,7 +56,7 @@ from spafl_kernels.flops import FLOP_FIELDS, LayerFlops  # noqa: E402
 from .accounting import dense_state, tensor_bits, threshold_count  # noqa: E402
 from .checkpoint import append_line, atomic_write_text  # noqa: E402
 from .client import ClientUpdate, LocalClient, LocalTraining, SpaFLClient, has_batchnorm, make_batches  # noqa: E402
-from .config import RunConfig  # noqa: E402
+from .config import RunConfig, run_only_problems  # noqa: E402
 from .rundir import claim_out_dir, ours  # noqa: E402
 from .server import Server  # noqa: E402
 from .simulation import (  # noqa: E402
@@ -331,6 +331,8 @@ class SpaFLStrategy(Strategy):
     def __init__(self, config: RunConfig, out_dir: str | None = None):
         if config.algorithm not in FLOWER_ALGORITHMS:
             raise ValueError(f"the Flower apps run {FLOWER_ALGORITHMS}; got algorithm={config.algorithm!r}")
+        if run_only_problems(config.to_dict()):
+            raise ValueError("; ".join(run_only_problems(config.to_dict())))
         self.config = config
         self.out_dir = out_dir
         self.sends = config.algorithm == "spafl"  # Local: no thresholds, nothing goes down

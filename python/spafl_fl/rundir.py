@@ -19,6 +19,7 @@ from spafl_kernels.model import mapping_problems
 from spafl_kernels.paths import import_table
 
 from .checkpoint import POINTER, TENSOR_FILE, CheckpointError, load_checkpoint, open_append
+from .config import RunConfig
 
 log = logging.getLogger("spafl_fl")
 
@@ -200,7 +201,9 @@ def read_resume(out_dir: str, config: dict) -> tuple[int, dict[str, torch.Tensor
     saved = meta.get("config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{pointer} is damaged: 'meta' has no 'config' object")
-    differ = sorted(k for k in config if k != "rounds" and saved.get(k) != config[k])
+    # A run saved before a setting existed was made with that setting's default.
+    defaults = {f: field.default for f, field in RunConfig.__dataclass_fields__.items()}
+    differ = sorted(k for k in config if k != "rounds" and saved.get(k, defaults.get(k)) != config[k])
     if differ:
         raise ValueError("--resume: the run in {} was made with other settings: {}".format(
             out_dir, ", ".join(f"{k}={saved.get(k)!r} (now {config[k]!r})" for k in differ)))

@@ -6,9 +6,10 @@ loads the global thresholds it holds, trains weights and thresholds, and uploads
 server averages them. When the clients apply the global change to their weights
 (``apply_threshold_update`` with the difference of the global thresholds) is ``global_update``:
 
-- ``lazy`` (default; the authors' FMNIST code): a sampled client receives the current global
-  thresholds at the start of the round and applies the sum of the global differences since it last
-  trained (new global minus the one it last held); a client not sampled receives nothing.
+- ``lazy`` (default): a sampled client receives the current global thresholds at the start of the
+  round and applies the sum of the global differences since it last trained (new global minus the one
+  it last held); a client not sampled receives nothing. ``lazy-last`` (the authors' FMNIST code): the
+  same, but it applies only the last round's global difference.
 - ``eager`` (the authors' CIFAR-10/100 code): after aggregation the new global thresholds go to every
   client, which applies the difference at once.
 
@@ -50,9 +51,19 @@ from spafl_kernels.paths import export_table
 
 from .accounting import FlopPlan, dense_state, tensor_bits, threshold_count
 from .checkpoint import append_line, atomic_write_text, save_checkpoint
-from .client import ClientUpdate, FedAvgClient, LocalClient, SpaFLClient, evaluate, has_batchnorm, make_batches
+from .client import (
+    ClientUpdate,
+    FedAvgClient,
+    ForwardGuard,
+    LocalClient,
+    SpaFLClient,
+    evaluate,
+    has_batchnorm,
+    loader_pass,
+    make_batches,
+)
 from .config import RunConfig
-from .data import ClientData, load_dataset, split_dirichlet
+from .data import ClientData, load_dataset, split_authors, split_dirichlet
 from .models import build_model
 from .rundir import METRICS, check_resume_tensors, claim_out_dir, clear_outputs, read_resume
 from .server import Server
@@ -80,6 +91,14 @@ class RunSetup:
     client_data: list[ClientData]
     init: nn.Module
     plan: FlopPlan
+    schedule: list[list[int]] | None = None  # the clients of each round (``--split authors``); None: the server's
+    batch_rng: torch.Generator | None = None  # ``--batch-order authors``: torch's global generator after the init
+
+
+def authors_schedule(rng: np.random.RandomState, clients: int, sample: int, rounds: int) -> list[list[int]]:
+    """The clients of each round as the authors' server draws them (``np.random.choice`` without
+    replacement on the generator their split left behind), in their order (they train in it)."""
+    return [[int(k) for k in rng.choice(clients, sample, replace=False)] for _ in range(rounds)]
 
 
 def prepare_run(config: RunConfig, device: torch.device) -> RunSetup:
@@ -88,14 +107,24 @@ def prepare_run(config: RunConfig, device: torch.device) -> RunSetup:
     sparse = config.algorithm == "spafl"
     backend = resolve_backend(config.backend, "linear", device.type, torch.float32, 1) if sparse else None
     dataset = load_dataset(config.dataset, config.data_dir, seed=config.seed)
-    client_data = split_dirichlet(dataset, config.clients, config.alpha, config.seed,
-                                  test_fraction=config.test_fraction, min_train=2)
+    schedule = None
+    if config.split == "authors":
+        client_data, rng = split_authors(dataset, config.clients, config.alpha, config.seed,
+                                         test_fraction=config.test_fraction)
+        schedule = authors_schedule(rng, config.clients, config.sample, config.rounds)
+    else:
+        client_data = split_dirichlet(dataset, config.clients, config.alpha, config.seed,
+                                      test_fraction=config.test_fraction, min_train=2)
     if config.input_scale != 1.0:
         client_data = [scale_inputs(d, config.input_scale) for d in client_data]
     init = build_model(config.model, dataset.input_shape, dataset.num_classes, sparse=sparse,
                        ste=config.ste, backend=config.backend, seed=config.seed, skip=config.skip_names()).to(device)
+    batch_rng = None
+    if config.batch_order == "authors":
+        batch_rng = torch.Generator()
+        batch_rng.set_state(torch.get_rng_state())  # as the authors' loaders find it after the model's init
     plan = FlopPlan(init, client_data[0].x_train[:2].to(device))
-    return RunSetup(backend, client_data, init, plan)
+    return RunSetup(backend, client_data, init, plan, schedule, batch_rng)
 
 
 def scale_inputs(data: ClientData, scale: float) -> ClientData:
@@ -204,14 +233,23 @@ class Simulation:
         self.local = config.algorithm == "local"
         setup = prepare_run(config, self.device)
         self.backend, self.client_data, init, self.plan = setup.backend, setup.client_data, setup.init, setup.plan
+        self.schedule, self.batch_rng = setup.schedule, setup.batch_rng
         self.batchnorm = has_batchnorm(init)
         self.dense_state_bits = tensor_bits(dense_state(init))
         self.num_thresholds = threshold_count(init)
+        persistent = config.client_optimizer == "persistent"
         if self.sparse:
-            self.clients = [SpaFLClient(k, copy.deepcopy(init), d) for k, d in enumerate(self.client_data)]
+            self.clients = []
+            for k, d in enumerate(self.client_data):
+                model = copy.deepcopy(init)
+                guard = ForwardGuard(model, config.min_density) if config.collapse_guard == "before-forward" else None
+                self.clients.append(SpaFLClient(k, model, d, persistent=persistent, guard=guard))
             self.server = Server(thresholds(init), config.clients, config.sample, config.seed, "uniform")
+            # lazy-last: the last round's global difference (none before the first aggregation).
+            self.last_difference = {name: torch.zeros_like(t) for name, t in self.server.tensors.items()}
         elif self.local:
-            self.clients = [LocalClient(k, copy.deepcopy(init), d) for k, d in enumerate(self.client_data)]
+            self.clients = [LocalClient(k, copy.deepcopy(init), d, persistent=persistent)
+                            for k, d in enumerate(self.client_data)]
             self.server = Server({}, config.clients, config.sample, config.seed, "uniform")  # sampling only
         else:
             self.fedavg_clients = [FedAvgClient(k, d) for k, d in enumerate(self.client_data)]
@@ -243,18 +281,29 @@ class Simulation:
         cfg = self.config
         wall = time.perf_counter()
         hp = cfg.local_training(r)
-        sampled = self.server.sample_clients(r)
+        sampled = self.schedule[r] if self.schedule is not None else self.server.sample_clients(r)
         broadcast_bits = tensor_bits(self.server.tensors)
-        lazy = self.sparse and cfg.global_update == "lazy"
+        lazy = self.sparse and cfg.global_update in ("lazy", "lazy-last")
+        last_only = cfg.global_update == "lazy-last"
+        if last_only:
+            broadcast_bits *= 2  # the global thresholds and the last round's difference
         updates: list[ClientUpdate] = []
         for j, k in enumerate(sampled):
-            gen = torch.Generator().manual_seed(batch_seed(cfg.seed, r, k))
-            batches = make_batches(self.client_data[k].num_train, hp.epochs, hp.batch_size, gen,
-                                   drop_single=self.batchnorm)
+            if self.batch_rng is not None:
+                batches = [b for _ in range(hp.epochs)
+                           for b in loader_pass(self.batch_rng, self.client_data[k].num_train, hp.batch_size)]
+            else:
+                gen = torch.Generator().manual_seed(batch_seed(cfg.seed, r, k))
+                batches = make_batches(self.client_data[k].num_train, hp.epochs, hp.batch_size, gen,
+                                       drop_single=self.batchnorm)
             if self.sparse:
                 if lazy:
-                    # The global change since this client last trained, applied as it starts training.
-                    self.clients[k].receive_global(self.server.tensors)
+                    # The global change since this client last trained (lazy-last: only the last round's),
+                    # applied as it starts training.
+                    if last_only:
+                        self.clients[k].receive_global(self.server.tensors, self.last_difference)
+                    else:
+                        self.clients[k].receive_global(self.server.tensors)
                 # With reference chosen, the replay would time the same thing twice.
                 measure = cfg.measure_baseline and self.backend != "reference"
                 updates.append(self.clients[k].fit(hp, batches, plan=self.plan, measure_baseline=measure,
@@ -265,6 +314,8 @@ class Simulation:
                 updates.append(self.fedavg_clients[k].fit(self.scratch, self.server.tensors, hp, batches,
                                                           plan=self.plan))
         result = self.server.aggregate(updates, round_index=r)
+        if self.sparse:
+            self.last_difference = result.difference
         if lazy:
             downlink = broadcast_bits * len(sampled)
         elif self.sparse:
@@ -288,6 +339,8 @@ class Simulation:
         """Mean over clients of test accuracy (%) and loss, and of density per layer and total."""
         accs, losses, densities = [], [], []
         for k, data in enumerate(self.client_data):
+            if self.batch_rng is not None:  # the authors evaluate through a shuffling loader: same draws
+                loader_pass(self.batch_rng, int(data.y_test.shape[0]), self.config.batch_size)
             if self.sparse:
                 model = self.clients[k].model
                 acc, loss = self.clients[k].evaluate()
@@ -337,10 +390,21 @@ class Simulation:
         if self.sparse or self.local:
             for client in self.clients:
                 tensors.update({f"client.{client.cid}.{k}": v for k, v in client.model.state_dict().items()})
-        if self.sparse and self.config.global_update == "lazy":
+        if self.sparse and self.config.global_update in ("lazy", "lazy-last"):
             # Lazy: each client holds the global thresholds of the last round it trained in.
             for client in self.clients:
                 tensors.update({f"held.{client.cid}.{k}": v for k, v in client.global_thresholds.items()})
+        if self.sparse and self.config.global_update == "lazy-last":
+            tensors.update({f"lastdiff.{k}": v for k, v in self.last_difference.items()})
+        if self.sparse:
+            if self.config.collapse_guard == "before-forward":
+                tensors.update({f"guard.{c.cid}": torch.tensor(list(c.guard.last.values()), dtype=torch.float64)
+                                for c in self.clients})
+        if self.batch_rng is not None:
+            tensors["batch_rng"] = self.batch_rng.get_state()
+        if (self.sparse or self.local) and self.config.client_optimizer == "persistent":
+            for client in self.clients:
+                tensors.update({f"momentum.{client.cid}.{k}": v for k, v in client.momentum().items()})
         return tensors
 
     def save(self) -> None:
@@ -365,9 +429,23 @@ class Simulation:
                 prefix = f"client.{client.cid}."
                 client.model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         if self.sparse:
+            if self.config.global_update == "lazy-last":
+                self.last_difference = {k[len("lastdiff."):]: v.to(self.device) for k, v in tensors.items()
+                                        if k.startswith("lastdiff.")}
+            for client in self.clients:
+                if client.guard is not None:
+                    client.guard.last = dict(zip(client.guard.last, tensors[f"guard.{client.cid}"].tolist()))
+        if self.batch_rng is not None:
+            self.batch_rng.set_state(tensors["batch_rng"])
+        if (self.sparse or self.local) and self.config.client_optimizer == "persistent":
+            hp = self.config.local_training(rounds_done)
+            for client in self.clients:
+                prefix = f"momentum.{client.cid}."
+                client.load_momentum({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, hp)
+        if self.sparse:
             for client in self.clients:
                 held = f"held.{client.cid}."
-                if self.config.global_update == "lazy":
+                if self.config.global_update in ("lazy", "lazy-last"):
                     client.global_thresholds = {k[len(held):]: v.to(self.device) for k, v in tensors.items()
                                                 if k.startswith(held)}
                 else:
