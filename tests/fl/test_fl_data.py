@@ -58,7 +58,9 @@ def test_official_test_set_follows_the_train_proportions():
 
 
 def test_impossible_split_says_why():
-    with pytest.raises(ValueError, match="fewer clients or a larger alpha"):
+    with pytest.raises(ValueError, match="fewer clients or a larger alpha"):  # possible, but not drawn
+        split_dirichlet(_pooled(30), 10, alpha=0.01, seed=0, max_attempts=5)
+    with pytest.raises(ValueError, match="use at most 10 clients"):  # impossible: said before any draw
         split_dirichlet(_pooled(30), 20, alpha=0.01, seed=0, max_attempts=5)
 
 

@@ -150,8 +150,11 @@ def test_checked_data_and_model_reach_the_loop_as_float32_and_int64(user_dir):
 
 
 @pytest.mark.slow
-def test_every_engine_gives_the_same_run(user_dir):
+def test_every_engine_gives_the_same_run(user_dir, monkeypatch):
     pytest.importorskip("flwr")
+    # Every process would time its own first-sight kernel choices (rounding differs in the last bits): pin them.
+    monkeypatch.setenv("SPAFL_CPU_PATH", "skip")
+    monkeypatch.setenv("SPAFL_CPU_CONV_DW", "onednn")
     runs = {engine: str(user_dir / engine) for engine in ("run", "flower", "deploy-local")}
     for engine, out in runs.items():
         flags = [f for f in FLAGS if f != "--no-progress"] if engine == "deploy-local" else FLAGS
