@@ -102,8 +102,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = ["# Inference latency of exported models", "", f"`{meta['command']}`", "",
              f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpu']}; eval-mode forward under no_grad; "
              f"median (p20-p80) of {meta['reps']} interleaved repetitions, ms. The machine ({os.cpu_count()} cores) "
-             f"was shared with other jobs (1-minute load average {load[0]} at the start, {load[1]} at the end): "
-             "absolute times are inflated, compare within a row. `density`: fraction of active rows per layer "
+             f"had a 1-minute load average of {load[0]} at the start and {load[1]} at the end (above the core count, "
+             "other jobs inflated the times: compare within a row). `density`: fraction of active rows per layer "
              "(demo: the client's weight density after the last round). `params`: exported/dense. "
              "`x dense`: t_dense / t.", "",
              "| model | density | batch | dense ms | sparse ms | exported ms | sparse x dense | exported x dense | "
