@@ -31,11 +31,13 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 # Fusion stays on (Triton 3.9's default); saying so silences its notice that the default will change.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from spafl_kernels.backends.triton import conv2d, linear, rows  # noqa: E402
+from spafl_kernels.semantics import score_lanes  # noqa: E402
 
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 """Most dynamic shared memory a block may use, per compute capability."""
@@ -108,7 +110,8 @@ def cases(all_tiles: bool):
             for kernel, extra in gemms:
                 label = f"{block_m}x{block_n}x{block_k} w{warps} s{stages}"
                 yield label, kernel.fn, dtype, {**extra, **options, **blocks}, warps, stages
-        yield "", rows._score_fwd_kernel, dtype, {"BLOCK_R": 4, "BLOCK_K": 256}, 4, 3
+        lanes = score_lanes(torch.float64 if dtype == "fp64" else torch.float32)
+        yield "", rows._score_fwd_kernel, dtype, {"BLOCK_R": 4, "LANES": lanes, "FOLDS": lanes.bit_length() - 1}, 4, 3
         for block_r, block, one_chunk, warps in ((4, 512, True, 4), (1, 8192, True, 8), (1, 8192, False, 8)):
             constants = {"STE": 0, "HAS_BIAS": True, "BLOCK_R": block_r, "BLOCK": block, "ONE_CHUNK": one_chunk}
             yield f"{block_r}x{block} {'one pass' if one_chunk else 'two passes'}", rows._param_grads_bwd_kernel, \
