@@ -273,17 +273,17 @@ def _node_pid(marker: str, partition: int) -> int | None:
 TAMPER = '''
 import sys
 if sys.argv and sys.argv[0].endswith("flwr-clientapp"):
-    import numpy as np
-    from flwr.app import Array
+    import torch
+    from spafl_fl.flower import to_array_record
     import {module} as deployed
 
     honest = deployed.app._registered_funcs["train.default"]
 
-    def tampered(message, context):
+    def tampered(message, context):  # well-formed (raw float32, right shape), but NaN
         reply = honest(message, context)
         record = reply.content["thresholds"]
         name = next(iter(record))
-        record[name] = Array(np.full(record[name].shape, np.nan, dtype=np.float32))
+        record[name] = to_array_record({{name: torch.full(record[name].shape, float("nan"))}})[name]
         return reply
 
     deployed.app._registered_funcs["train.default"] = tampered
