@@ -255,6 +255,22 @@ def test_every_layout_matches_reference(backend, op, dtype):
     check()
 
 
+@pytest.mark.parametrize("path", ["skip", "dense"])
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_every_layout_matches_reference_on_both_cpp_paths(op, path, monkeypatch):
+    """The cpp backend's two exact paths (row skipping, masked dense), each pinned, over the same drawn
+    layouts: a first-sight timing may send any signature down either."""
+    require_backend("cpp", op)
+    monkeypatch.setenv("SPAFL_CPU_PATH", path)
+
+    @_settings("cpp")
+    @given(case=cases(op, torch.float32))
+    def check(case):
+        _check(op, "cpp", torch.float32, case)
+
+    check()
+
+
 def test_lay_out_keeps_values_and_sets_strides():
     values = torch.arange(24.0).view(2, 3, 4).expand(2, 3, 4)
     for layout in ("contiguous", "sliced", "offset", "transposed", "permuted"):
