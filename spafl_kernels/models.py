@@ -21,11 +21,14 @@ MODELS = ("lenet5", "conv4", "resnet18", "vit", "mlp")
 
 
 class LayerFactory:
-    """Factories for Linear and Conv2d: sparse twins (with ``ste``, ``backend``) or dense."""
+    """Factories for Linear and Conv2d: sparse twins (with ``ste``, ``backend``) or dense. ``classifier``
+    builds a model's last Linear (the one row per class): sparse like the others, or dense with
+    ``dense_classifier`` (a pruned class row outputs exactly 0, which no input can then move)."""
 
-    def __init__(self, sparse: bool, ste: str, backend: str):
+    def __init__(self, sparse: bool, ste: str, backend: str, dense_classifier: bool = False):
         self.linear = partial(SparseLinear, ste=ste, backend=backend) if sparse else nn.Linear
         self.conv = partial(SparseConv2d, ste=ste, backend=backend) if sparse else nn.Conv2d
+        self.classifier = nn.Linear if dense_classifier else self.linear
 
 
 def _flat_size(features: nn.Module, input_shape: tuple[int, int, int]) -> int:
@@ -48,7 +51,7 @@ class LeNet5(nn.Module):
         self.conv2 = layers.conv(20, 50, 5, padding=pad, bias=False)
         flat = _flat_size(self._features, input_shape)
         self.fc3 = layers.linear(flat, 500, bias=False)
-        self.fc4 = layers.linear(500, num_classes, bias=False)
+        self.fc4 = layers.classifier(500, num_classes, bias=False)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
@@ -75,7 +78,7 @@ class Conv4(nn.Module):
         flat = _flat_size(self._features, input_shape)
         self.dense1, self.bn5 = layers.linear(flat, 128, bias=False), nn.BatchNorm1d(128)
         self.dense2, self.bn6 = layers.linear(128, 128, bias=False), nn.BatchNorm1d(128)
-        self.dense3 = layers.linear(128, num_classes, bias=False)
+        self.dense3 = layers.classifier(128, num_classes, bias=False)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -202,7 +205,7 @@ class MLP(nn.Module):
         super().__init__()
         sizes = [math.prod(input_shape), *hidden]
         self.hidden = nn.ModuleList(layers.linear(a, b, bias=False) for a, b in zip(sizes, sizes[1:]))
-        self.out = layers.linear(sizes[-1], num_classes, bias=False)
+        self.out = layers.classifier(sizes[-1], num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
@@ -223,11 +226,14 @@ def build_model(
     ste: str = "identity",
     backend: str = "auto",
     seed: int | None = None,
+    dense_classifier: bool = False,
 ) -> nn.Module:
     """Model ``name`` (one of ``MODELS``) for inputs ``[B, *input_shape]``; ``seed`` fixes the
-    initialisation (the same seed gives the sparse and the dense model the same weights)."""
+    initialisation (the same seed gives the sparse and the dense model the same weights).
+    ``dense_classifier``: the last Linear of LeNet-5, Conv4 and the MLP stays dense (ResNet-18 and the
+    ViT keep a dense classifier either way, as in the paper)."""
     if name not in _BUILDERS:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
     if seed is not None:
         torch.manual_seed(seed)
-    return _BUILDERS[name](LayerFactory(sparse, ste, backend), tuple(input_shape), num_classes)
+    return _BUILDERS[name](LayerFactory(sparse, ste, backend, dense_classifier), tuple(input_shape), num_classes)

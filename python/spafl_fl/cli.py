@@ -25,6 +25,7 @@ from .checkpoint import POINTER, read_json_object
 from .config import (
     ALGORITHMS,
     BATCH_ORDERS,
+    CLASSIFIERS,
     CLIENT_OPTIMIZERS,
     COLLAPSE_GUARDS,
     GLOBAL_UPDATES,
@@ -122,6 +123,9 @@ def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argpar
     add("--collapse-guard", choices=COLLAPSE_GUARDS, default=_DEFAULTS.collapse_guard,
         help="after-step: reset a layer at or under --min-density after each step; before-forward: reset it "
         "before the forward that follows one that kept that few rows, evaluation included (the authors' code)")
+    add("--classifier", choices=CLASSIFIERS, default=_DEFAULTS.classifier,
+        help="the last Linear of lenet5, conv4 and mlp: sparse (pruned like the others, the paper) or dense "
+        "(kept dense and personal, as the paper keeps the resnet18 and vit classifiers)")
     add("--input-scale", type=float, default=_DEFAULTS.input_scale,
         help="multiply the [0, 1] images by this (255: the raw pixels the authors trained on)")
     add("--preset", choices=tuple(PRESETS), default=None,
@@ -152,7 +156,7 @@ def _values(args: argparse.Namespace) -> dict:
         min_density=args.min_density, seed=args.seed, device=args.device, threads=args.threads,
         measure_baseline=not args.no_baseline, global_update=args.global_update, input_scale=args.input_scale,
         preset=args.preset, skip=args.skip, split=args.split, client_optimizer=args.client_optimizer,
-        collapse_guard=args.collapse_guard, batch_order=args.batch_order,
+        collapse_guard=args.collapse_guard, batch_order=args.batch_order, classifier=args.classifier,
     )
 
 

@@ -46,6 +46,12 @@ as their ``DataLoader(shuffle=True)`` iterations draw it: two numbers per pass (
 then the seed of that pass's permutation), for every training epoch of every sampled client in their
 sampling order and for every client's evaluation. With ``--split authors`` this is their batch order."""
 
+CLASSIFIERS = ("sparse", "dense")
+"""The last Linear of the paper's LeNet-5, Conv4 and MLP (one row per class). ``sparse`` (default): pruned
+like every other layer, as in the paper. ``dense``: kept dense and personal (never pruned, never sent),
+as the paper keeps the ResNet-18 and ViT classifiers; a pruned class row outputs exactly 0, so a class
+whose row the shared thresholds prune can only be predicted when every other logit is negative."""
+
 COLLAPSE_GUARDS = ("after-step", "before-forward")
 """The layer-collapse guard (``min_density``). ``after-step`` (default): ``reset_collapsed`` after every
 optimiser step. ``before-forward`` (the authors' code): a layer whose previous forward (training or
@@ -112,6 +118,7 @@ class RunConfig:
     input_scale: float = 1.0  # inputs are multiplied by it (255: the raw pixels the authors' code trains on)
     preset: str | None = None  # the PRESETS entry the values came from (a record; flags given override it)
     skip: str = ""  # comma-separated layers of a MODULE:CALLABLE model that stay dense
+    classifier: str = "sparse"  # one of CLASSIFIERS
 
     def skip_names(self) -> list[str]:
         return [name.strip() for name in self.skip.split(",") if name.strip()]
@@ -231,6 +238,10 @@ def config_problems(values: dict, flags: bool = False) -> list[str]:
     need("client_optimizer", lambda v: v in CLIENT_OPTIMIZERS, f"one of {', '.join(CLIENT_OPTIMIZERS)}")
     need("batch_order", lambda v: v in BATCH_ORDERS, f"one of {', '.join(BATCH_ORDERS)}")
     need("collapse_guard", lambda v: v in COLLAPSE_GUARDS, f"one of {', '.join(COLLAPSE_GUARDS)}")
+    need("classifier", lambda v: v in CLASSIFIERS, f"one of {', '.join(CLASSIFIERS)}")
+    if values["classifier"] == "dense" and is_spec(values["model"]):
+        problems.append(f"{name('classifier')} dense applies to the paper's models; name your model's "
+                        f"classifier in {name('skip')} instead")
     need("input_scale", lambda v: _number(v) and v > 0, "a finite number > 0")
     need("preset", lambda v: v is None or v in PRESETS, f"one of {', '.join(PRESETS)}")
     problem = device_problem(values["device"])

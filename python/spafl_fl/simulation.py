@@ -118,7 +118,8 @@ def prepare_run(config: RunConfig, device: torch.device) -> RunSetup:
     if config.input_scale != 1.0:
         client_data = [scale_inputs(d, config.input_scale) for d in client_data]
     init = build_model(config.model, dataset.input_shape, dataset.num_classes, sparse=sparse,
-                       ste=config.ste, backend=config.backend, seed=config.seed, skip=config.skip_names()).to(device)
+                       ste=config.ste, backend=config.backend, seed=config.seed, skip=config.skip_names(),
+                       dense_classifier=config.classifier == "dense").to(device)
     batch_rng = None
     if config.batch_order == "authors":
         batch_rng = torch.Generator()

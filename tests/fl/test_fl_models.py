@@ -47,3 +47,24 @@ def test_lenet5_pads_small_inputs():
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     with pytest.raises(ValueError, match="28x28"):
         build_model("conv4", (1, 8, 8), 10)
+
+
+@pytest.mark.parametrize("name,head", [("lenet5", "fc4"), ("conv4", "dense3"), ("mlp", "out")])
+def test_dense_classifier_keeps_the_last_linear_dense_with_the_same_init(name, head):
+    sparse = build_model(name, SHAPES[name], 10, seed=3)
+    dense_head = build_model(name, SHAPES[name], 10, seed=3, dense_classifier=True)
+    assert isinstance(getattr(sparse, head), sk.SparseLinear)
+    assert type(getattr(dense_head, head)) is torch.nn.Linear
+    assert head not in dict(sk.sparse_layers(dense_head))
+    assert set(dict(sk.sparse_layers(sparse))) - set(dict(sk.sparse_layers(dense_head))) == {head}
+    torch.testing.assert_close(getattr(dense_head, head).weight, getattr(sparse, head).weight, rtol=0, atol=0)
+
+
+def test_classifier_option_is_checked():
+    from spafl_fl import RunConfig
+
+    assert RunConfig(classifier="dense").classifier == "dense"
+    with pytest.raises(ValueError, match="classifier must be one of sparse, dense"):
+        RunConfig(classifier="head")
+    with pytest.raises(ValueError, match="name your model's classifier in skip"):
+        RunConfig(classifier="dense", model="mymod:build")
