@@ -394,7 +394,20 @@ class SpaFLClient(_KeepsOptimizer):
         return evaluate(self.model, self.data)
 
 
-class FedAvgClient:
+class _DenseClient:
+    """Evaluation of a client whose model is dense (FedAvg, Local)."""
+
+    model: nn.Module
+    data: ClientData
+
+    def evaluate(self) -> tuple[float, float]:
+        return evaluate(self.model, self.data)
+
+    def density(self) -> None:
+        return None  # dense: no per-layer densities
+
+
+class FedAvgClient(_DenseClient):
     """A FedAvg client: its data and a model of the architecture (it may be shared by several clients:
     every message loads the global state into it before use)."""
 
@@ -415,11 +428,6 @@ class FedAvgClient:
         return ClientUpdate(self.cid, state, self.data.num_train, loss, seconds, None, flops,
                             failure=failure, authors_flops=_authors(plan, self.model, self.data, hp))
 
-    def evaluate(self) -> tuple[float, float]:
-        return evaluate(self.model, self.data)
-
-    def density(self) -> None:
-        return None  # dense
 
     def state(self) -> dict[str, torch.Tensor]:
         return {}  # nothing personal: the global state is the server's
@@ -428,7 +436,7 @@ class FedAvgClient:
         pass
 
 
-class LocalClient(_KeepsOptimizer):
+class LocalClient(_DenseClient, _KeepsOptimizer):
     """The Local baseline's client: its own dense model, trained on its own data, never communicated.
     ``persistent``: keep one SGD optimizer across rounds."""
 
@@ -457,11 +465,6 @@ class LocalClient(_KeepsOptimizer):
         return ClientUpdate(self.cid, {}, self.data.num_train, loss, seconds, None, flops,
                             failure=failure, authors_flops=_authors(plan, self.model, self.data, hp))
 
-    def evaluate(self) -> tuple[float, float]:
-        return evaluate(self.model, self.data)
-
-    def density(self) -> None:
-        return None  # dense
 
     def state(self) -> dict[str, torch.Tensor]:
         """The own model (and the kept optimizer's momentum), for checkpoints and a Flower node's state."""

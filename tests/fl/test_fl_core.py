@@ -88,3 +88,22 @@ def test_run_gives_the_numbers_it_gave_before_the_core(name, monkeypatch):
         assert {k: v for k, v in got.items() if k in want and k not in TIMING_KEYS} == {
             k: v for k, v in want.items() if k not in TIMING_KEYS}
         assert got["rejected_evaluations"] == [] and all(got[k] is None for k in NEW_KEYS - {"rejected_evaluations"})
+
+
+def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    """Library code draws through Figure + FigureCanvasAgg: a notebook's chosen backend stays chosen."""
+    import matplotlib
+
+    from spafl_fl.plots import plot_runs
+
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        record = {"round": 1, "accuracy": 50.0, "density": {"total": 0.5}, "mean_row_density": 0.5,
+                  "uplink_bits": 8, "downlink_bits": 8, "dense_uplink_bits": 80, "train_seconds": 1.0,
+                  "baseline_train_seconds": 2.0}
+        paths = plot_runs([("run", [record])], str(tmp_path))
+        assert len(paths) == 4 and all(os.path.getsize(p) > 0 for p in paths)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(previous)
