@@ -107,3 +107,23 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(previous)
+
+
+def test_the_readme_registers_an_algorithm_every_engine_runs(monkeypatch):
+    """README's "Adding an algorithm" block, run as written: one registration, and the in-process loop runs it."""
+    import re
+
+    import spafl_fl.algorithms as algorithms
+
+    with open(os.path.join(PACKAGE, "..", "..", "README.md")) as f:
+        text = f.read()
+    block = re.search(r"### Adding an algorithm.*?```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.setattr(algorithms, "ALGORITHMS", dict(algorithms.ALGORITHMS))
+    exec(block, {})
+    import spafl_fl.config as config_module
+
+    monkeypatch.setattr(config_module, "_REGISTERED", algorithms.ALGORITHMS)
+    monkeypatch.setattr("spafl_fl.core.algorithm", algorithms.algorithm)
+    sim = Simulation(RunConfig(dataset="digits", model="mlp", clients=3, sample=2, rounds=1, local_epochs=1,
+                               measure_baseline=False, algorithm="fedavg-uniform"))
+    assert sim.server.weighting == "uniform" and sim.run()["rounds"] == 1
