@@ -124,8 +124,8 @@ def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argpar
         help="after-step: reset a layer at or under --min-density after each step; before-forward: reset it "
         "before the forward that follows one that kept that few rows, evaluation included (the authors' code)")
     add("--classifier", choices=CLASSIFIERS, default=_DEFAULTS.classifier,
-        help="the last Linear of lenet5, conv4 and mlp: sparse (pruned like the others, the paper) or dense "
-        "(kept dense and personal, as the paper keeps the resnet18 and vit classifiers)")
+        help="the last Linear of lenet5, conv4 and mlp: dense (kept dense and personal, as the paper keeps the "
+        "resnet18 and vit classifiers) or sparse (pruned like the others, as the authors' lenet5 code)")
     add("--input-scale", type=float, default=_DEFAULTS.input_scale,
         help="multiply the [0, 1] images by this (255: the raw pixels the authors trained on)")
     add("--preset", choices=tuple(PRESETS), default=None,

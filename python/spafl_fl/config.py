@@ -49,10 +49,12 @@ then the seed of that pass's permutation), for every training epoch of every sam
 sampling order and for every client's evaluation. With ``--split authors`` this is their batch order."""
 
 CLASSIFIERS = ("sparse", "dense")
-"""The last Linear of the paper's LeNet-5, Conv4 and MLP (one row per class). ``sparse`` (default): pruned
-like every other layer, as in the paper. ``dense``: kept dense and personal (never pruned, never sent),
-as the paper keeps the ResNet-18 and ViT classifiers; a pruned class row outputs exactly 0, so a class
-whose row the shared thresholds prune can only be predicted when every other logit is negative."""
+"""The last Linear of the paper's LeNet-5, Conv4 and MLP (one row per class). ``dense`` (default): kept
+dense and personal (never pruned, never sent), as the paper keeps the ResNet-18 and ViT classifiers.
+``sparse``: pruned like every other layer (the authors' LeNet-5 code). A pruned class row outputs exactly
+0, so on non-IID clients the shared thresholds prune the rows of classes a few clients hold, and those
+classes can then only be predicted when every other logit is negative (README, "SpaFL against the
+authors' code", has the measurements)."""
 
 COLLAPSE_GUARDS = ("after-step", "before-forward")
 """The layer-collapse guard (``min_density``). ``after-step`` (default): ``reset_collapsed`` after every
@@ -120,7 +122,7 @@ class RunConfig:
     input_scale: float = 1.0  # inputs are multiplied by it (255: the raw pixels the authors' code trains on)
     preset: str | None = None  # the PRESETS entry the values came from (a record; flags given override it)
     skip: str = ""  # comma-separated layers of a MODULE:CALLABLE model that stay dense
-    classifier: str = "sparse"  # one of CLASSIFIERS
+    classifier: str = "dense"  # one of CLASSIFIERS
 
     def skip_names(self) -> list[str]:
         return [name.strip() for name in self.skip.split(",") if name.strip()]
