@@ -37,7 +37,7 @@ from .config import (
 )
 from .data import DATASETS
 from .models import MODELS
-from .rundir import METRICS, PLOTS, claim_out_dir, clear_outputs, close_log, log_handler, read_metrics
+from .rundir import METRICS, PLOTS, claim_out_dir, clear_outputs, read_metrics
 from .simulation import SUMMARY_KEYS
 
 _DEFAULTS = RunConfig()  # every run flag's default
@@ -171,9 +171,6 @@ def flag_problems(args: argparse.Namespace) -> list[str]:
         problems.append("--out is empty; name a folder")
     if args.command != "flower-app":  # the app runs on other machines: their CPU count decides there
         problems += threads_problems(args.threads)
-    if args.command in ("deploy-local", "flower-app") and args.algorithm == "local":
-        problems.append(f"--algorithm local does not run on Flower's deployment engine ({args.command} runs spafl "
-                        "and fedavg); run it with spafl-fl run or spafl-fl flower")
     return problems
 
 
@@ -290,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {"run": _run_parser(sub), "flower": _run_parser(
-        sub, "flower", "run SpaFL on Flower's simulation engine (Ray); writes the files of `run` "
-        "(needs pip install .[flower])")}
+        sub, "flower", "run on Flower's simulation engine (Ray), the same Flower app as deploy-local; writes the "
+        "files of `run` (needs pip install .[flower])")}
     _deploy_parser(sub)
     commands.update({name: sub.choices[name] for name in ("deploy-local", "flower-app")})
     cp = sub.add_parser("compare", help="print one table over finished runs", formatter_class=_HelpFormatter)
@@ -346,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     try:
-        handler = log_handler(os.path.join(args.out, "run.log"))
+        simulation.recorder.open_log()
     except OSError as error:
         usage.error(str(error))
     try:
@@ -363,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spafl-fl: {what}; {how}", file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else 1
     finally:
-        close_log(handler)
+        simulation.recorder.close()
     print(savings_report(summary, simulation.describe()))
     print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, accuracy/density/bits/time .png")
     return 0
@@ -391,33 +388,26 @@ def _compare(usage: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _flower(usage: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
-    """``spafl-fl flower``: the same run on Flower's simulation engine, one virtual SuperNode per client."""
+    """``spafl-fl flower``: the Flower app on Flower's simulation engine, one virtual SuperNode per client."""
     try:
         config = config_from_args(args)
-        if config.algorithm == "fedavg":
-            raise ValueError("spafl-fl flower runs SpaFL and Local; FedAvg runs on Flower's own FedAvg strategy")
-        if args.resume:
-            raise ValueError("spafl-fl flower does not resume (no checkpoints); start a new --out")
-        claim_out_dir(args.out, overwrite=args.overwrite, resumable=False)
-        from .flower import SpaFLStrategy, run_flower_simulation
-
-        if args.overwrite:
-            clear_outputs(args.out)
-        os.makedirs(args.out, exist_ok=True)
-        handler = log_handler(os.path.join(args.out, "run.log"))
+        from .flower import run_flower_simulation
     except ImportError as error:
         usage.error(f"{error}: install the Flower extra, pip install --no-build-isolation '.[flower]'")
     except (ValueError, OSError, RuntimeError) as error:
         usage.error(str(error))
     try:
-        strategy: SpaFLStrategy = run_flower_simulation(config, args.out)
+        summary = run_flower_simulation(config, args.out, resume=args.resume, overwrite=args.overwrite)
+    except (ValueError, OSError) as error:  # flags, data files, an occupied --out: Ray not started
+        usage.error(str(error))
+    except RuntimeError as error:
+        print(f"spafl-fl flower: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(f"spafl-fl: interrupted; flower runs do not resume; start again with: "
-              f"{_command(argv, ('--overwrite',), '--overwrite')}", file=sys.stderr)
+        print(f"spafl-fl: interrupted; resume with: {_command(argv, ('--resume', '--overwrite'), '--resume')}",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
-    finally:
-        close_log(handler)
-    print(savings_report(strategy.finish_summary, strategy.description))
+    print(savings_report(summary, read_json_object(os.path.join(args.out, "config.json"))))
     print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, accuracy/density/bits/time .png")
     return 0
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from spafl_kernels import (
     apply_threshold_update,
+    density,
     load_thresholds,
     reset_collapsed,
     sparse_layers,
@@ -310,6 +311,38 @@ class SpaFLClient(_KeepsOptimizer):
         apply_threshold_update(self.model, difference)
         self.global_thresholds = {name: t.detach().clone() for name, t in global_thresholds.items()}
 
+    def receive(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """What came down from the server (``algorithms``): the global thresholds, and with ``lazy-last`` the
+        last round's difference under ``difference.<name>``."""
+        difference = {k[len(DIFFERENCE):]: v for k, v in tensors.items() if k.startswith(DIFFERENCE)}
+        if difference:
+            self.receive_global({k: v for k, v in tensors.items() if not k.startswith(DIFFERENCE)}, difference)
+        else:
+            self.receive_global(tensors)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What this client keeps between rounds (its model, the global thresholds it holds, the kept
+        optimizer's momentum, the collapse guard's ratios), for checkpoints and a Flower node's state."""
+        tensors = {**_prefixed("client", self.model.state_dict()), **_prefixed("held", self.global_thresholds)}
+        if self.guard is not None:
+            tensors["guard"] = torch.tensor(list(self.guard.last.values()), dtype=torch.float64)
+        if self.persistent:
+            tensors.update(_prefixed("momentum", self.momentum()))
+        return tensors
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor], hp: LocalTraining) -> None:
+        """Restore ``state()``'s output (``hp``: the next round's, for a kept optimizer)."""
+        device = next(self.model.parameters()).device
+        self.model.load_state_dict(_unprefixed("client", tensors))
+        self.global_thresholds = {k: v.to(device) for k, v in _unprefixed("held", tensors).items()}
+        if self.guard is not None:
+            self.guard.last = dict(zip(self.guard.last, tensors["guard"].tolist()))
+        if self.persistent:
+            self.load_momentum(_unprefixed("momentum", tensors), hp)
+
+    def density(self) -> dict[str, float]:
+        return density(self.model)
+
     def fit(
         self,
         hp: LocalTraining,
@@ -361,24 +394,49 @@ class SpaFLClient(_KeepsOptimizer):
         return evaluate(self.model, self.data)
 
 
-class FedAvgClient:
-    """A FedAvg client: data only; it trains whatever global model it is sent."""
+class _DenseClient:
+    """Evaluation of a client whose model is dense (FedAvg, Local)."""
 
-    def __init__(self, cid: int, data: ClientData):
+    model: nn.Module
+    data: ClientData
+
+    def evaluate(self) -> tuple[float, float]:
+        return evaluate(self.model, self.data)
+
+    def density(self) -> None:
+        return None  # dense: no per-layer densities
+
+
+class FedAvgClient(_DenseClient):
+    """A FedAvg client: its data and a model of the architecture (it may be shared by several clients:
+    every message loads the global state into it before use)."""
+
+    def __init__(self, cid: int, data: ClientData, model: nn.Module):
         self.cid = cid
         self.data = data
+        self.model = model
 
-    def fit(self, model: nn.Module, global_state: Mapping[str, torch.Tensor], hp: LocalTraining,
-            batches: list[torch.Tensor], *, plan: FlopPlan | None = None) -> ClientUpdate:
-        """Load ``global_state`` into ``model`` (a scratch model of the architecture), train, return its full state."""
-        model.load_state_dict(global_state)
-        seconds, loss, flops, failure = train_or_fail(model, self.data, batches, hp, sparse=False, plan=plan)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    def receive(self, global_state: Mapping[str, torch.Tensor]) -> None:
+        """Load the global state into the model (before training, and before evaluating the global model)."""
+        self.model.load_state_dict(global_state)
+
+    def fit(self, hp: LocalTraining, batches: list[torch.Tensor], *, plan: FlopPlan | None = None,
+            **_timing) -> ClientUpdate:
+        """Train the global state received, return the model's full state."""
+        seconds, loss, flops, failure = train_or_fail(self.model, self.data, batches, hp, sparse=False, plan=plan)
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return ClientUpdate(self.cid, state, self.data.num_train, loss, seconds, None, flops,
-                            failure=failure, authors_flops=_authors(plan, model, self.data, hp))
+                            failure=failure, authors_flops=_authors(plan, self.model, self.data, hp))
 
 
-class LocalClient(_KeepsOptimizer):
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}  # nothing personal: the global state is the server's
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor], hp: LocalTraining) -> None:
+        pass
+
+
+class LocalClient(_DenseClient, _KeepsOptimizer):
     """The Local baseline's client: its own dense model, trained on its own data, never communicated.
     ``persistent``: keep one SGD optimizer across rounds."""
 
@@ -388,7 +446,11 @@ class LocalClient(_KeepsOptimizer):
         self.data = data
         self.persistent, self.optimizer = persistent, None
 
-    def fit(self, hp: LocalTraining, batches: list[torch.Tensor], *, plan: FlopPlan | None = None) -> ClientUpdate:
+    def receive(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        pass  # nothing comes down
+
+    def fit(self, hp: LocalTraining, batches: list[torch.Tensor], *, plan: FlopPlan | None = None,
+            **_timing) -> ClientUpdate:
         """Train the own model on ``batches``; the update carries no tensors (nothing goes on the wire).
         A diverged round is undone (the model goes back to its state before it) and reported in ``failure``."""
         start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -403,8 +465,30 @@ class LocalClient(_KeepsOptimizer):
         return ClientUpdate(self.cid, {}, self.data.num_train, loss, seconds, None, flops,
                             failure=failure, authors_flops=_authors(plan, self.model, self.data, hp))
 
-    def evaluate(self) -> tuple[float, float]:
-        return evaluate(self.model, self.data)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The own model (and the kept optimizer's momentum), for checkpoints and a Flower node's state."""
+        tensors = _prefixed("client", self.model.state_dict())
+        if self.persistent:
+            tensors.update(_prefixed("momentum", self.momentum()))
+        return tensors
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor], hp: LocalTraining) -> None:
+        self.model.load_state_dict(_unprefixed("client", tensors))
+        if self.persistent:
+            self.load_momentum(_unprefixed("momentum", tensors), hp)
+
+
+DIFFERENCE = "difference."
+"""Prefix of the last round's global difference in what goes down to a SpaFL client (``lazy-last``)."""
+
+
+def _prefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{name}": t for name, t in tensors.items()}
+
+
+def _unprefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name[len(prefix) + 1:]: t for name, t in tensors.items() if name.startswith(prefix + ".")}
 
 
 def _authors(plan: FlopPlan | None, model: nn.Module, data: ClientData, hp: LocalTraining) -> float:

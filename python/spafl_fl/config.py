@@ -9,15 +9,17 @@ import torch
 
 from spafl_kernels import STES
 
+from .algorithms import ALGORITHMS as _REGISTERED
+from .algorithms import algorithm
 from .client import LocalTraining
 from .data import DATASETS
 from .models import MODELS
 from .userspec import is_spec
 
-ALGORITHMS = ("spafl", "fedavg", "local")
-"""``spafl``: thresholds on the wire, personal weights; ``fedavg``: the dense model averaged (McMahan et
-al.); ``local``: every client trains its own dense model and nothing is communicated (the control
-that shows what SpaFL's shared thresholds add)."""
+ALGORITHMS = tuple(_REGISTERED)
+"""The registered algorithms (``algorithms``): ``spafl``: thresholds on the wire, personal weights;
+``fedavg``: the dense model averaged (McMahan et al.); ``local``: every client trains its own dense model
+and nothing is communicated (the control that shows what SpaFL's shared thresholds add)."""
 
 GLOBAL_UPDATES = ("lazy", "lazy-last", "eager")
 """When a SpaFL client applies the global-threshold update (``apply_threshold_update``) to its weights.
@@ -157,7 +159,7 @@ class RunConfig:
 
     def local_training(self, round_index: int) -> LocalTraining:
         """Round ``round_index``'s local hyperparameters (0-based rounds; lr decays once per round)."""
-        sparse = self.algorithm == "spafl"
+        sparse = algorithm(self.algorithm).sparse
         return LocalTraining(
             epochs=self.local_epochs,
             batch_size=self.batch_size,
@@ -202,7 +204,7 @@ def config_problems(values: dict, flags: bool = False) -> list[str]:
             problems.append(f"{name(key)} must be {what} (got {value!r})")
 
     problems: list[str] = []
-    need("algorithm", lambda v: v in ALGORITHMS, f"one of {', '.join(ALGORITHMS)}")
+    need("algorithm", lambda v: v in _REGISTERED, f"one of {', '.join(_REGISTERED)}")
     need("dataset", lambda v: v in DATASETS or is_spec(v), f"one of {', '.join(DATASETS)} or MODULE:CALLABLE")
     need("model", lambda v: v in MODELS or is_spec(v), f"one of {', '.join(MODELS)} or MODULE:CALLABLE")
     need("skip", lambda v: isinstance(v, str), "comma-separated layer names")

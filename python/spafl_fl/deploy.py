@@ -1,4 +1,4 @@
-"""``spafl-fl deploy-local``: SpaFL on Flower's deployment engine, every part a real process on loopback.
+"""``spafl-fl deploy-local``: a run on Flower's deployment engine, every part a real process on loopback.
 
 One ``flower-superlink --insecure`` and N ``flower-supernode --insecure`` (node config
 ``partition-id=k num-partitions=N state-dir=...``), on free ports, with a private ``FLWR_HOME``; the
@@ -17,7 +17,7 @@ KeyboardInterrupt) and at interpreter exit.
 Layout of ``--out``: the run's files (config.json, metrics.jsonl, summary.json, plots, checkpoint,
 status.json, run.log, deployment.json) and ``deployment/``: ``spafl-app/`` (the app submitted),
 ``flwr-home/`` (FLWR_HOME: the connection ``local``), ``logs/`` (one log per process),
-``nodes/client-k/`` (the SpaFL clients' state, for ``--resume``).
+``nodes/client-k/`` (the clients' state, for ``--resume``).
 """
 
 from __future__ import annotations
@@ -331,11 +331,7 @@ def deploy_local(config: RunConfig, out_dir: str, supernodes: int, *, resume: bo
     ``DeploymentError`` when the run fails (its message says why), ``ValueError``/``OSError`` before
     any process starts when the settings, the folder or its checkpoint cannot make the run."""
     from .flower_app import app_config, write_app
-    from .flower_app.strategy import DEPLOYED_ALGORITHMS
 
-    if config.algorithm not in DEPLOYED_ALGORITHMS:
-        raise ValueError(f"the deployment runs {' and '.join(DEPLOYED_ALGORITHMS)}, not --algorithm "
-                         f"{config.algorithm}; run it with spafl-fl run or spafl-fl flower")
     if supernodes != config.clients:
         raise ValueError(f"one SuperNode per client: {supernodes} SuperNodes for {config.clients} clients")
     out_dir = os.path.abspath(out_dir)

@@ -14,23 +14,19 @@ import numpy as np
 from .checkpoint import atomic_write_bytes
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a server
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_runs(runs: list[tuple[str, list[dict]]], out_dir: str) -> list[str]:
     """Write accuracy.png, density.png, bits.png and time.png for ``runs`` (label, metrics records)
     into ``out_dir``; returns their paths."""
-    plt = _pyplot()
+    # The object API: no pyplot state and no matplotlib.use, so a notebook's backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     paths = []
 
     def figure(name: str, ylabel: str, draw) -> None:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
         for i, (label, records) in enumerate(runs):
             if records:
                 draw(ax, f"C{i}", label, np.array([rec["round"] for rec in records]), records)
@@ -42,7 +38,6 @@ def plot_runs(runs: list[tuple[str, list[dict]]], out_dir: str) -> list[str]:
         path = os.path.join(out_dir, name)
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=110)
-        plt.close(fig)
         atomic_write_bytes(path, png.getvalue())  # replaces a link at path, never writes through it
         paths.append(path)
 

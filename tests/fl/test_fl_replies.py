@@ -14,9 +14,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from helpers_fl import tiny_config  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_fl_flower import FakeGrid, server_identity  # noqa: E402, F401
+from test_fl_flower import app_grid, server_identity  # noqa: E402, F401
 
-from spafl_fl.flower import SpaFLStrategy, client_app, to_array_record  # noqa: E402
+from spafl_fl.flower_app.client import app as client_app  # noqa: E402
+from spafl_fl.flower_app.messages import to_array_record  # noqa: E402
+from spafl_fl.flower_app.strategy import RunStrategy, drive  # noqa: E402
 from spafl_kernels.flops import FLOP_FIELDS  # noqa: E402
 
 CONFIG = tiny_config(rounds=1, measure_baseline=False)
@@ -24,7 +26,7 @@ CONFIG = tiny_config(rounds=1, measure_baseline=False)
 
 def _set_array(field, value):
     def change(content):
-        record = content["thresholds"]
+        record = content["update"]
         name = next(iter(record))
         array = record[name]
         values = {"dtype": array.dtype, "shape": array.shape, "stype": array.stype, "data": array.data,
@@ -89,8 +91,8 @@ EVALUATE = {
 
 def _run(changes: dict, victim_of):
     """One round of SpaFL through the fake Grid; ``changes[phase](content)`` alters the victim's reply."""
-    app = client_app(CONFIG)
-    strategy = SpaFLStrategy(CONFIG)
+    app = client_app
+    strategy = RunStrategy(CONFIG)
     victim = victim_of(strategy)
 
     def tampering(message, context):
@@ -100,7 +102,7 @@ def _run(changes: dict, victim_of):
             change(reply.content)
         return reply
 
-    strategy.start(FakeGrid(tampering, CONFIG.clients), strategy.initial_arrays(), num_rounds=1)
+    drive(strategy, app_grid(CONFIG, app=tampering), timeout=30)
     assert len(strategy.records) == 1  # the round completed
     assert all(bool(torch.isfinite(t).all()) for t in strategy.server.tensors.values())
     record = strategy.records[0]
@@ -146,13 +148,13 @@ def _instruction(kind: str) -> Message:
        arrays=st.dictionaries(st.sampled_from(["fc1.threshold", "x"]), ARRAYS, max_size=2),
        reason=st.one_of(st.none(), st.text(max_size=5), st.integers(), st.floats()))
 def test_train_replies_decode_or_are_refused(server_identity, metrics, arrays, reason):  # noqa: F811
-    from spafl_fl.flower import ReplyError, decode_train_reply
+    from spafl_fl.flower_app.messages import ReplyError, decode_train_reply
 
-    content = RecordDict({"metrics": MetricRecord(metrics), "thresholds": ArrayRecord(arrays)})
+    content = RecordDict({"metrics": MetricRecord(metrics), "update": ArrayRecord(arrays)})
     if reason is not None:
         content["failure"] = ConfigRecord({"reason": reason})
     try:
-        update = decode_train_reply(Message(content, reply_to=_instruction("train")), 3, "thresholds")
+        update = decode_train_reply(Message(content, reply_to=_instruction("train")), 3)
     except ReplyError:
         return
     assert isinstance(update.num_samples, int) and update.num_samples >= 1
@@ -169,7 +171,7 @@ def test_train_replies_decode_or_are_refused(server_identity, metrics, arrays, r
 @given(metrics=st.dictionaries(st.sampled_from(["accuracy", "loss", "density.total", "density.fc1", "density.x",
                                                 "num-examples"]), NUMBERS))
 def test_evaluate_replies_decode_or_are_refused(server_identity, metrics):  # noqa: F811
-    from spafl_fl.flower import ReplyError, decode_evaluate_reply
+    from spafl_fl.flower_app.messages import ReplyError, decode_evaluate_reply
 
     reply = Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=_instruction("evaluate"))
     try:
@@ -191,7 +193,7 @@ def test_fuzzed_replies_never_stop_a_round(server_identity, key, value, phase, e
 def test_to_array_record_round_trips_every_accepted_dtype():
     tensors = {"a": torch.randn(2, 3), "b": torch.arange(4), "c": torch.tensor([True, False]),
                "d": torch.randn(2, dtype=torch.float64), "e": torch.zeros(0, 5)}
-    from spafl_fl.flower import from_array_record
+    from spafl_fl.flower_app.messages import from_array_record
 
     back = from_array_record(to_array_record(tensors))
     assert all(torch.equal(back[k], tensors[k]) and back[k].dtype == tensors[k].dtype for k in tensors)

@@ -183,7 +183,7 @@ def test_flower_app_keeps_a_users_files_and_names_a_file_given_as_folder(tmp_pat
 def test_deploy_local_and_the_server_app_keep_a_users_files(tmp_path, capsys, elsewhere):
     """deploy-local replaced a user's config.json in a non-empty --out; so did the ServerApp in its out-dir."""
     pytest.importorskip("flwr")
-    from spafl_fl.flower_app.strategy import make_strategy
+    from spafl_fl.flower_app.strategy import RunStrategy as make_strategy
 
     out = tmp_path / "out"
     out.mkdir()
@@ -206,7 +206,7 @@ def test_deploy_local_and_the_server_app_keep_a_users_files(tmp_path, capsys, el
 def test_the_simulation_strategy_keeps_a_users_files(tmp_path):
     """SpaFLStrategy(config, out_dir) replaced a user's config.json unless a metrics.jsonl was there."""
     pytest.importorskip("flwr")
-    from spafl_fl.flower import SpaFLStrategy
+    from spafl_fl.flower_app.strategy import RunStrategy as SpaFLStrategy
 
     out = tmp_path / "out"
     out.mkdir()
@@ -262,12 +262,12 @@ def test_too_many_clients_fail_at_once(tmp_path, capsys):
     assert "--clients 100000 is too many for" in err and time.perf_counter() - start < 60
 
 
-@pytest.mark.parametrize("command", ["deploy-local", "flower-app"])
-def test_the_deployment_refuses_local_up_front(tmp_path, capsys, command):
+def test_flower_app_writes_every_algorithm(tmp_path, capsys):
+    """The deployment runs every registered algorithm: flower-app writes an app for Local too."""
     pytest.importorskip("flwr")
-    argv = [command, "--clients", "3", "--sample", "2", "--algorithm", "local", "--out", str(tmp_path / "out")]
-    assert "--algorithm local does not run on Flower's deployment engine" in _usage_error(capsys, argv)
-    assert not (tmp_path / "out").exists()
+    assert main(["flower-app", "--clients", "3", "--sample", "2", "--algorithm", "local", "--out",
+                 str(tmp_path / "app")]) == 0
+    assert 'algorithm = "local"' in (tmp_path / "app" / "pyproject.toml").read_text()
 
 
 # -- metrics files with wrong field types ----------------------------------------------------------
@@ -346,7 +346,8 @@ def test_deployed_resume_checks_every_file_like_the_loop(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
     from test_fl_deploy import deployed_grid
 
-    from spafl_fl.flower_app.strategy import drive, make_strategy
+    from spafl_fl.flower_app.strategy import RunStrategy as make_strategy
+    from spafl_fl.flower_app.strategy import drive
 
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)

@@ -1,17 +1,21 @@
-"""SpaFL as a Flower app for the deployment engine (``flwr run``): a SuperLink, one SuperNode per
-device, the app submitted by ``flwr run``.
+"""The Flower app: one ServerApp and one ClientApp for every algorithm, on Flower's simulation engine and on
+its deployment engine (``flwr run``: a SuperLink, one SuperNode per device).
 
 - ``spafl-app/`` (shipped with the package; ``spafl-fl flower-app DIR`` copies it out) is the app:
   a ``pyproject.toml`` whose ``[tool.flwr.app.components]`` name the module-level apps below and
   whose ``[tool.flwr.app.config]`` holds every ``spafl-fl run`` setting (``RUN_KEYS``: the
   ``RunConfig`` fields with hyphens) plus where the ServerApp writes and how long it waits
   (``DEPLOY_KEYS``). ``flwr run --run-config 'rounds=50 lr=0.01'`` overrides any of them.
-- ``spafl_fl.flower_app.server:app``: the ``ServerApp``; runs SpaFL (``SpaFLStrategy``) or FedAvg
-  (``FedAvgStrategy``) from ``context.run_config``, writes the files of ``spafl-fl run`` into
-  ``out-dir`` on the SuperLink's machine, checkpoints every round and resumes (``resume = true``).
+- ``spafl_fl.flower_app.server:app``: the ``ServerApp``; runs every registered algorithm (``RunStrategy``)
+  from ``context.run_config``, writes the files of ``spafl-fl run`` into ``out-dir`` on the SuperLink's
+  machine, checkpoints every round and resumes (``resume = true``).
 - ``spafl_fl.flower_app.client:app``: the ``ClientApp``; node config ``partition-id`` picks the
-  client (its data partition). With node config ``state-dir``, a SpaFL client also keeps its model
-  on the node's disk, so that a resumed run continues from it.
+  client (its data partition). With node config ``state-dir``, a client keeps its state on the node's
+  disk, so that a resumed run continues from it.
+
+The same two apps run on Flower's simulation engine (``spafl-fl flower``: ``make_server_app`` and
+``make_client_app`` with the run's settings, through ``flwr.simulation.run_simulation``) and on its
+deployment engine (``spafl-fl deploy-local``, ``flwr run``).
 - ``spafl_fl.flower_app.mods.wire_mod``: message sizes and client compute time, for any ClientApp.
 
 The app bundle (FAB) Flower sends carries only text files, not this package and its compiled
@@ -34,12 +38,14 @@ APP_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spafl-a
 RUN_KEYS = {f.name.replace("_", "-"): f.name for f in fields(RunConfig)}
 """run-config key -> ``RunConfig`` field."""
 
-DEPLOY_KEYS = {"out-dir": "", "resume": False, "overwrite": False, "round-timeout": 600.0, "connect-timeout": 300.0}
+DEPLOY_KEYS = {"out-dir": "", "resume": False, "overwrite": False, "round-timeout": 600.0, "connect-timeout": 300.0,
+               "state-dir": ""}
 """run-config keys of the deployment and their defaults: the ServerApp's output folder on the
 SuperLink's machine ("": ``spafl-runs/run-<run id>`` under its working directory; it must be new or
 empty), continue the run found there, replace the files a previous run wrote there (other files are
 kept), seconds a round waits for replies (a node that does not answer in time counts as
-failed), seconds the run waits for all its SuperNodes to connect."""
+failed), seconds the run waits for all its SuperNodes to connect, and where the clients keep their state
+when the node config names no ``state-dir`` ("": in memory only)."""
 
 
 _OPTIONAL = ("data-dir", "preset")
