@@ -40,6 +40,15 @@ def pruned_layers(runs: list[tuple[str, list[dict]]]) -> list[str]:
     return list(names)
 
 
+def weight_share(record: dict, weights: dict[str, int]) -> float | None:
+    """Fraction of the weights of ``weights``' layers (name -> weight count) in active rows, a layer this
+    run keeps dense counting whole; None without per-layer densities."""
+    dens = record.get("density")
+    if not weights or not isinstance(dens, dict) or not any(k in dens for k in weights):
+        return None
+    return sum(n * dens.get(k, 1.0) for k, n in weights.items()) / sum(weights.values())
+
+
 def authors_count(record: dict, layers: list[str]) -> float | None:
     """Mean row density over ``layers`` as the authors count it (every masked layer of their model), a
     layer this run keeps dense counting 1.0; None for a run without per-layer densities (FedAvg, Local)."""
@@ -53,7 +62,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", metavar="LABEL=DIR")
     p.add_argument("--out", required=True)
+    p.add_argument("--layer-weights", default="conv1=500,conv2=25000,fc3=400000,fc4=5000", metavar="NAME=N,...",
+                   help="weights per layer for the weight density (default: LeNet-5 on 28x28 inputs); '' for none")
     args = p.parse_args()
+    weights = {k: int(v) for k, _, v in (item.partition("=") for item in args.layer_weights.split(",") if item)}
     runs = []
     for item in args.runs:
         label, _, folder = item.partition("=")
@@ -65,6 +77,7 @@ def main() -> None:
     for _, records in runs:
         for r in records:
             r["authors_row_density"] = authors_count(r, layers)
+            r["weight_share"] = weight_share(r, weights)
     results = {"layers": layers}
     for label, records in runs:
         results[label] = {
@@ -72,27 +85,37 @@ def main() -> None:
             "accuracy": [r["accuracy"] for r in records],
             "mean_row_density": [r.get("mean_row_density") for r in records],
             "authors_row_density": [r["authors_row_density"] for r in records],
+            "weight_density": [r["weight_share"] for r in records],
             "windows": {f"{a}-{b}": {key: window_mean(records, key, a, b)
-                                     for key in ("accuracy", "mean_row_density", "authors_row_density")}
+                                     for key in ("accuracy", "mean_row_density", "authors_row_density",
+                                                 "weight_share")}
                         for a, b in WINDOWS},
         }
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
 
-    def cell(w: dict) -> str:
-        if w["accuracy"] is None:
-            return "-"
-        dens, counted = w["mean_row_density"], w["authors_row_density"]
-        if dens is None or dens == 1.0 or counted is None:
-            return f"{w['accuracy']:.1f} %"
-        own = "" if abs(dens - counted) < 5e-4 else f" ({dens:.3f} over its pruned layers)"
-        return f"{w['accuracy']:.1f} % / {counted:.3f}{own}"
+    def accuracy_cell(w: dict) -> str:
+        return "-" if w["accuracy"] is None else f"{w['accuracy']:.1f} %"
 
-    lines = ["| rounds | " + " | ".join(label for label, _ in runs) + " |",
-             "|---|" + "---|" * len(runs)]
-    for a, b in WINDOWS:
-        lines.append(f"| {a}-{b} | " + " | ".join(cell(results[label]["windows"][f"{a}-{b}"]) for label, _ in runs)
-                     + " |")
+    def row_cell(w: dict) -> str:
+        dens, counted = w["mean_row_density"], w["authors_row_density"]
+        if w["accuracy"] is None or counted is None:
+            return "-"
+        return f"{counted:.3f}" + ("" if abs(dens - counted) < 5e-4 else f" ({dens:.3f})")
+
+    def weight_cell(w: dict) -> str:
+        return "-" if w["accuracy"] is None or w["weight_share"] is None else f"{w['weight_share']:.3f}"
+
+    header = ["| rounds | " + " | ".join(label for label, _ in runs) + " |", "|---|" + "---|" * len(runs)]
+    lines = []
+    for title, cell in (("Accuracy (mean of the clients' own test splits)", accuracy_cell),
+                        ("Mean row density over every layer of their model, a layer kept dense counting 1 "
+                         "(in parentheses: over the run's pruned layers only)", row_cell),
+                        ("Weight density: the fraction of those layers' weights in active rows", weight_cell)):
+        lines += [f"**{title}**, means of the rounds named", "", *header]
+        lines += [f"| {a}-{b} | " + " | ".join(cell(results[label]["windows"][f"{a}-{b}"]) for label, _ in runs)
+                  + " |" for a, b in WINDOWS]
+        lines.append("")
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
