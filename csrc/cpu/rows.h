@@ -197,6 +197,13 @@ at::Tensor masked_copy(const at::Tensor& src, int64_t outer, const RowSets& rows
   const uint8_t* mask = rows.mask.data();
   at::parallel_for(0, outer, grain(n * inner), [&](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o) {
+      if (inner == 1) {  // columns of a matrix: a select per element, not a memcpy call each
+        const T* sr = s + o * n;
+        T* dr = d + o * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) dr[i] = mask[i] ? sr[i] : T(0);
+        continue;
+      }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t at = (o * n + i) * inner;
         if (mask[i]) {
