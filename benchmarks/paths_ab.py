@@ -7,7 +7,7 @@ paper-model layers of ``spafl-bench`` named by ``--layers``: forward and forward
 their FMNIST code), at each density, times ``dense`` (plain PyTorch op), ``masked`` (the paper's masked
 dense: the reference backend) and ``cpp`` with ``SPAFL_CPU_PATH`` = ``skip``, ``dense`` and ``auto`` (the
 timed choice, which every call of ``auto`` replays after its first sight), all interleaved in one process
-(``spafl_kernels.bench.time_interleaved``; ``--blocks`` such runs, median of their medians with min-max).
+(``spafl_kernels.bench.timing.time_interleaved``; ``--blocks`` such runs, median of their medians with min-max).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import statistics
 
 import torch
 
-from spafl_kernels import bench, paths
+from spafl_kernels import paths
+from spafl_kernels.bench import layers, records, timing
 
 AUTHORS = {
-    "authors-conv1": bench.Layer("conv2d", (64, 1, 28, 28), (20, 1, 5, 5), "authors-lenet5"),
-    "authors-conv2": bench.Layer("conv2d", (64, 20, 12, 12), (50, 20, 5, 5), "authors-lenet5"),
-    "authors-fc3": bench.Layer("linear", (64, 800), (500, 800), "authors-lenet5"),
-    "authors-fc4": bench.Layer("linear", (64, 500), (10, 500), "authors-lenet5"),
+    "authors-conv1": layers.Layer("conv2d", (64, 1, 28, 28), (20, 1, 5, 5), "authors-lenet5"),
+    "authors-conv2": layers.Layer("conv2d", (64, 20, 12, 12), (50, 20, 5, 5), "authors-lenet5"),
+    "authors-fc3": layers.Layer("linear", (64, 800), (500, 800), "authors-lenet5"),
+    "authors-fc4": layers.Layer("linear", (64, 500), (10, 500), "authors-lenet5"),
 }
 CANDIDATES = ("dense", "masked", "skip", "dense-path", "auto")
 
@@ -39,13 +40,13 @@ def _pinned(step, path):
 
 
 def measure(layer: str, density: float, train: bool, reps: int, blocks: int) -> dict:
-    case = bench.make_case(layer, density, "identity")
-    cpp = bench.make_step(case, "cpp", train)
-    steps = {"dense": bench.make_step(case, "dense", train), "masked": bench.make_step(case, "masked", train),
+    case = layers.make_case(layer, density, "identity")
+    cpp = layers.make_step(case, "cpp", train)
+    steps = {"dense": layers.make_step(case, "dense", train), "masked": layers.make_step(case, "masked", train),
              "skip": _pinned(cpp, "skip"), "dense-path": _pinned(cpp, "dense"), "auto": _pinned(cpp, "auto")}
-    runs = [bench.medians(bench.time_interleaved(steps, reps)) for _ in range(blocks)]
+    runs = [timing.medians(timing.time_interleaved(steps, reps)) for _ in range(blocks)]
     os.environ.pop("SPAFL_CPU_PATH", None)
-    spec = bench.LAYERS[layer]
+    spec = layers.LAYERS[layer]
     row = {"layer": layer, "mode": "fwd+bwd" if train else "fwd", "density": density, "active": case.active,
            "rows": spec.w_shape[0], "auto_path": paths.used_paths(spec.op, spec.x_shape, spec.w_shape, case.active)}
     for name in CANDIDATES:
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    bench.LAYERS.update(AUTHORS)
+    layers.LAYERS.update(AUTHORS)
     rows = []
     for layer in args.layers:
         for mode in args.modes:
@@ -95,7 +96,7 @@ def main(argv=None) -> None:
                       f"({r['auto_path']})  {r['auto_vs_dense']:.2f}x dense, {r['auto_vs_masked']:.2f}x masked",
                       flush=True)
     meta = {"threads": args.threads, "reps": args.reps, "blocks": args.blocks,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "machine": bench.machine()}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "machine": records.machine()}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

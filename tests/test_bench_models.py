@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import spafl_kernels as sk
-from spafl_kernels import bench
-from spafl_kernels.bench_models import MODELS, SETUPS, candidate_models, run_models, set_densities, static_model
-from spafl_kernels.models import build_model
+from spafl_kernels.bench import cli
+from spafl_kernels.bench.models import MODELS, SETUPS, candidate_models, run_models, set_densities, static_model
+from spafl_kernels.zoo import build_model
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -50,14 +50,14 @@ def test_cli_models_and_density_from(tmp_path, capsys):
     layers = {name: 0.5 for name, _ in sk.sparse_layers(build_model("mlp", (1, 28, 28), 10))}
     (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "density": {**layers, "total": 0.5}}) + "\n")
     out = tmp_path / "models.json"
-    bench.main(["--models", "mlp", "--densities", "1", "--backends", "torch", "--reps", "1", "--threads", "1",
+    cli.main(["--models", "mlp", "--densities", "1", "--backends", "torch", "--reps", "1", "--threads", "1",
                 "--density-from", str(run), "--json", str(out), "--markdown", str(tmp_path / "m.md")])
     rows = json.loads(out.read_text())["rows"]
     assert {r["density"] for r in rows} == {1.0, "profile"}
     assert "## Targets" in (tmp_path / "m.md").read_text()
     with pytest.raises(SystemExit):
-        bench.main(["--models", "lenet5", "--density-from", str(run)])  # the run trained mlp
+        cli.main(["--models", "lenet5", "--density-from", str(run)])  # the run trained mlp
     assert "add it to --models" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bench.main(["--density-from", str(run)])
+        cli.main(["--density-from", str(run)])
     assert "--density-from needs --models" in capsys.readouterr().err

@@ -9,8 +9,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from spafl_kernels.models import MODELS
-from spafl_kernels.models import build_model as build_zoo_model
+from spafl_kernels.zoo import MODELS
+from spafl_kernels.zoo import build_model as build_zoo_model
 
 from .userspec import build_user_model, is_spec, sparsify_user_model
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from spafl_kernels.model import mapping_problems
+from spafl_kernels.whole_model import mapping_problems
 from spafl_kernels.paths import import_table
 
 from .checkpoint import POINTER, TENSOR_FILE, CheckpointError, load_checkpoint, open_append

@@ -26,12 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flops import FlopCounter
-from .model import sparse_layers
-from .models import MODELS, build_model
-from .modules import SparseConv2d, SparseLayer
+from ..flops import FlopCounter
+from ..modules import SparseConv2d, SparseLayer
+from ..whole_model import sparse_layers
+from ..zoo import MODELS, build_model
+from .records import provenance
+from .timing import medians, time_interleaved
 
 BASELINES = ("dense", "masked", "static")
+DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
+"""Densities a ``--models`` run times unless told otherwise."""
 
 
 @dataclass(frozen=True)
@@ -188,8 +192,6 @@ def run_models(
     """One row per (model, density, candidate): median step seconds, speed-up over dense, masked
     and static, executed FLOPs over dense FLOPs. ``profiles``: per-model layer densities measured in
     a run, timed as density ``"profile"`` besides the uniform ones."""
-    from .bench import medians, time_interleaved
-
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
     for name in models:
@@ -281,8 +283,6 @@ def model_targets(rows: list[dict]) -> list[str]:
 
 
 def write_model_markdown(path: str, rows: list[dict], meta: dict, command: str) -> None:
-    from .bench import provenance
-
     parts = [
         "# Whole training steps of the paper's models", "",
         f"`{command}`", "",
@@ -301,15 +301,13 @@ def write_model_markdown(path: str, rows: list[dict], meta: dict, command: str) 
 
 def plot_models(path: str, rows: list[dict]) -> None:
     """Speed-up over dense against density, one panel per model, the static limit in black."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure state
 
     uniform = [r for r in rows if r["density"] != "profile"]
     models = list(dict.fromkeys(r["model"] for r in uniform))
     candidates = [c for c in dict.fromkeys(r["candidate"] for r in uniform) if c != "dense"]
-    fig, axes = plt.subplots(1, len(models), figsize=(3.8 * len(models), 3.4), squeeze=False)
+    fig = Figure(figsize=(3.8 * len(models), 3.4))
+    axes = fig.subplots(1, len(models), squeeze=False)
     for ax, model in zip(axes.flat, models):
         for i, candidate in enumerate(candidates):
             pts = [r for r in uniform if r["model"] == model and r["candidate"] == candidate]
@@ -326,4 +324,3 @@ def plot_models(path: str, rows: list[dict]) -> None:
     fig.suptitle(f"whole training step, speed-up over dense ({torch.get_num_threads()} threads)")
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
