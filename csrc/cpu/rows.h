@@ -111,7 +111,11 @@ struct RowSets {
 
   template <typename T>
   RowSets(const T* score, int64_t rows, SpaflSte ste, bool with_gates) : n(rows), mask(rows) {
-    if (with_gates) gate.resize(rows);
+    active.reserve(rows);
+    if (with_gates) {
+      gate.resize(rows);
+      graded.reserve(rows);
+    }
     for (int64_t i = 0; i < rows; ++i) {
       mask[i] = !(score[i] <= T(0));  // a NaN score counts as active (semantics.is_active)
       if (mask[i]) active.push_back(i);
