@@ -58,11 +58,11 @@ def row_score(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     2. the lanes fold by halves: for ``w = L, L/2, ..., 2``: ``lane[l] += lane[l + w/2]`` for ``l < w/2``;
     3. ``s = lane[0] / max(n, 1) - tau`` (an IEEE division, then a subtraction, each rounded once).
 
-    Here: ``|W|`` padded with zeros to whole chunks of ``L`` columns (``x + 0 == x``), then one ``[N, L]`` add
-    per chunk in increasing order and ``log2(L)`` halving adds, each an exactly rounded elementwise op, so the
-    bits equal the C++ loop's (csrc/cpu/rows.cpp ``abs_sum``), the CUDA kernel's (csrc/cuda/rows.cuh
-    ``RowScores``) and Triton's (``_score_fwd_kernel``). Differentiable for the reference backend:
-    ``ds/dW = sign(W) / n`` (0 on a row whose sum is not finite), ``ds/dtau = -1``.
+    Here: ``|W|`` in chunks of ``L`` columns, one ``[N, L]`` add per chunk in increasing order (a partial last chunk
+    adds into the first lanes: the others would add 0, and ``x + 0 == x``), then ``log2(L)`` halving adds, each an
+    exactly rounded elementwise op, so the bits equal the C++ loop's (csrc/cpu/rows.cpp ``abs_sum``), the CUDA
+    kernel's (csrc/cuda/rows.cuh ``RowScores``) and Triton's (``_score_fwd_kernel``). Differentiable for the
+    reference backend: ``ds/dW = sign(W) / n`` (0 on a row whose sum is not finite), ``ds/dtau = -1``.
 
     weight: ``[N, ...]`` (any trailing shape; a row is everything after dim 0); threshold: ``[N]``.
     Returns ``[N]`` in ``acc``.
@@ -80,17 +80,20 @@ def _row_mean(weight: torch.Tensor) -> torch.Tensor:
     # Lanes at or past n only ever hold 0 and add nothing (x + 0 == x): fold from the fewest that fold like
     # L lanes, a power of two >= n.
     width = min(score_lanes(acc), 1 << max(n - 1, 0).bit_length())
-    chunks = max(1, -(-n // width))
     # (reshape, not view(N, -1): a weight without rows has no inferable width)
-    lanes = weight.reshape(rows_n, n).abs().to(acc)  # |w| converts exactly
-    if chunks * width != n:
-        lanes = torch.nn.functional.pad(lanes, (0, chunks * width - n))
-    parts = lanes.reshape(rows_n, chunks, width).unbind(1)
-    lane = parts[0]  # 0 + |w| == |w|: the first chunk starts the lanes
-    if chunks > 1:
-        lane = lane + parts[1]
-        for part in parts[2:]:  # chunk by chunk in increasing order, in place: one rounding per add
-            lane.add_(part)
+    lanes = weight.reshape(rows_n, n).abs().to(acc)  # |w| converts exactly; a temporary of our own
+    full = n // width  # whole chunks of L columns, summed in place below; then the partial tail, if any
+    if full == 0:  # n < L (not a power of two): one partial chunk, padded with zeros
+        lane = torch.nn.functional.pad(lanes, (0, width - n))
+    else:
+        parts = lanes[:, : full * width].reshape(rows_n, full, width).unbind(1)
+        lane = parts[0]  # 0 + |w| == |w|: the first chunk starts the lanes
+        if full > 1:
+            lane = lane + parts[1]
+            for part in parts[2:]:  # chunk by chunk in increasing order, in place: one rounding per add
+                lane.add_(part)
+        if n > full * width:
+            lane[:, : n - full * width].add_(lanes[:, full * width :])
     while width > 1:
         width //= 2
         low, high = lane.reshape(rows_n, 2, width).unbind(1)
