@@ -31,6 +31,14 @@ def test_spread_is_p20_p50_p80():
         assert set(t) == {"p20", "p50", "p80"} and t["p20"] <= t["p50"] <= t["p80"]
 
 
+def test_timing_reads_the_clock_it_is_given():
+    """A CPU-time clock (``time.thread_time``) times an oversubscribed machine: every sample comes from it."""
+    ticks = iter(range(1000))
+    samples = timing.interleaved_samples({"a": lambda: None, "b": lambda: None}, reps=3, warmup=0,
+                                         clock=lambda: float(next(ticks)))
+    assert samples == {"a": [1.0] * 3, "b": [1.0] * 3}  # one call per sample (a tick lasts past 10 ms)
+
+
 def test_layer_records_carry_spread_and_provenance(tmp_path, capsys):
     cli.main([*LAYER, "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
     record = json.loads((tmp_path / "r.json").read_text())
