@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -64,7 +65,8 @@ def measure(layer: str, density: float, train: bool, reps: int, blocks: int, clo
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"Median us per call (min-max over {meta['blocks']} interleaved runs of {meta['reps']} reps), "
+    lines = [f"`{meta['command']}`", "", records.provenance(meta["machine"]), "",
+             f"Median us per call (min-max over {meta['blocks']} interleaved runs of {meta['reps']} reps), "
              f"{meta['threads']} threads, {meta['clock']} clock, identity STE; speedups of `cpp` auto over dense and "
              "masked dense.", "",
              "| layer | mode | density | active | dense | masked | cpp skip | cpp dense | cpp auto | auto path "
@@ -107,7 +109,8 @@ def main(argv=None) -> None:
                       f"dense-path {r['dense-path']['median_s'] * 1e6:8.0f}  auto {r['auto']['median_s'] * 1e6:8.0f} "
                       f"({r['auto_path']})  {r['auto_vs_dense']:.2f}x dense, {r['auto_vs_masked']:.2f}x masked",
                       flush=True)
-    meta = {"threads": args.threads, "reps": args.reps, "blocks": args.blocks, "clock": args.clock,
+    meta = {"command": "python benchmarks/paths_ab.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "threads": args.threads, "reps": args.reps, "blocks": args.blocks, "clock": args.clock,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "machine": records.machine()}
     if args.json:
         with open(args.json, "w") as f:
