@@ -5,7 +5,7 @@
 For the layers of the authors' FMNIST LeNet-5 (20 and 50 filters, fc 800 -> 500 -> 10, batch 64) and the
 paper-model layers of ``spafl-bench`` named by ``--layers``: forward and forward+backward (identity STE, as
 their FMNIST code), at each density, times ``dense`` (plain PyTorch op), ``masked`` (the paper's masked
-dense: the reference backend) and ``cpp`` with ``SPAFL_CPU_PATH`` = ``skip``, ``dense`` and ``auto`` (the
+dense: ``spafl_kernels.bench.masked``) and ``cpp`` with ``SPAFL_CPU_PATH`` = ``skip``, ``dense`` and ``auto`` (the
 timed choice, which every call of ``auto`` replays after its first sight), all interleaved in one process
 (``spafl_kernels.bench.timing.time_interleaved``; ``--blocks`` such runs, median of their medians with min-max).
 ``--clock thread --threads 1`` times the calling thread's CPU time instead of wall time, for a machine whose cores

@@ -25,6 +25,7 @@ from ..flops import layer_flops
 from ..functional import sparse_conv2d, sparse_linear
 from ..paths import used_paths
 from ..semantics import fan_in
+from .masked import paper_masked
 from .records import provenance
 from .timing import medians, time_interleaved
 
@@ -71,7 +72,7 @@ LAYER_GROUPS = {
 }
 DENSITIES = (1.0, 0.75, 0.5, 0.25, 0.1, 0.05)
 MODES = ("fwd", "fwd+bwd")
-BASELINES = ("dense", "masked")  # plain PyTorch op; the paper's masked dense (= reference backend)
+BASELINES = ("dense", "masked")  # plain PyTorch op; the paper's masked dense (masked.paper_masked)
 FULL = {"layers": ["all"], "densities": list(DENSITIES), "modes": list(MODES), "stes": ["outer", "identity"], "reps": 7}
 """What a run times unless told otherwise (``--quick``: ``QUICK``)."""
 QUICK = {
@@ -128,21 +129,24 @@ def make_case(layer: str, density: float, ste: str, dtype=torch.float32, device=
 
 def make_step(case: Case, candidate: str, train: bool) -> Callable[[], None]:
     """A no-argument function running one forward (and backward when ``train``) of ``candidate``:
-    ``dense``, ``masked`` or a backend name. Gradients accumulate into ``.grad`` as in training with
-    accumulation, so a candidate pays for every element of the gradients it returns."""
+    ``dense``, ``masked`` (the paper's masked dense, ``masked.paper_masked``) or a backend name. Gradients
+    accumulate into ``.grad`` as in training with accumulation, so a candidate pays for every element of the
+    gradients it returns."""
     spec = LAYERS[case.layer]
     leaves = [t.detach().clone().requires_grad_(train) for t in (case.x, case.weight, case.bias, case.threshold)]
     x, weight, bias, threshold = leaves
-    backend = "reference" if candidate == "masked" else candidate
+    conv = None if spec.op == "linear" else spec.conv
 
     def forward():
-        if spec.op == "linear":
+        if candidate == "masked":
+            return paper_masked(x, weight, bias, threshold, case.ste, conv)
+        if conv is None:
             if candidate == "dense":
                 return F.linear(x, weight, bias)
-            return sparse_linear(x, weight, bias, threshold, ste=case.ste, backend=backend)
+            return sparse_linear(x, weight, bias, threshold, ste=case.ste, backend=candidate)
         if candidate == "dense":
-            return F.conv2d(x, weight, bias, **spec.conv)
-        return sparse_conv2d(x, weight, bias, threshold, ste=case.ste, backend=backend, **spec.conv)
+            return F.conv2d(x, weight, bias, **conv)
+        return sparse_conv2d(x, weight, bias, threshold, ste=case.ste, backend=candidate, **conv)
 
     grad = torch.ones_like(forward()) if train else None
 

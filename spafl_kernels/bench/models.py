@@ -4,7 +4,8 @@ One step = ``zero_grad`` + forward + cross entropy + backward + SGD-momentum ste
 the paper's STE and batch size. Candidates, timed interleaved in one run (medians):
 
 - ``dense``: the same model with plain ``nn.Linear``/``nn.Conv2d`` (what FedAvg trains);
-- ``masked``: the sparse model on the ``reference`` backend (masked dense: the paper's code);
+- ``masked``: the sparse model with every sparse layer computed as the paper's masked dense
+  (``masked.PaperMaskedLayer``: the paper's code);
 - ``static``: every sparse layer physically cut to its active rows (a plain dense op on those rows,
   outputs scattered into zeros), no scores, no STE: what static structured pruning gives. Its time
   is the **static limit**; a backend's ``of static`` is ``t_static / t_backend``;
@@ -30,6 +31,7 @@ from ..flops import FlopCounter
 from ..modules import SparseConv2d, SparseLayer
 from ..whole_model import sparse_layers
 from ..zoo import MODELS, build_model
+from .masked import PaperMaskedLayer
 from .records import provenance
 from .timing import medians, time_interleaved
 
@@ -107,11 +109,16 @@ class _StaticLayer(nn.Module):
 
 def static_model(model: nn.Module) -> nn.Module:
     """A copy of the sparse ``model`` with every sparse layer cut to its active rows (``_StaticLayer``)."""
-    static = copy.deepcopy(model)
-    for name, layer in list(sparse_layers(static)):
+    return _replaced_layers(model, _StaticLayer)
+
+
+def _replaced_layers(model: nn.Module, replace: Callable[[SparseLayer], nn.Module]) -> nn.Module:
+    """A copy of ``model`` with every sparse layer ``layer`` (of the copy) swapped for ``replace(layer)``."""
+    copied = copy.deepcopy(model)
+    for name, layer in list(sparse_layers(copied)):
         parent, _, child = name.rpartition(".")
-        setattr(static.get_submodule(parent), child, _StaticLayer(layer))
-    return static
+        setattr(copied.get_submodule(parent), child, replace(layer))
+    return copied
 
 
 def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
@@ -160,7 +167,7 @@ def candidate_models(
     name: str, density: float | Mapping[str, float], candidates: Sequence[str], device: str = "cpu"
 ) -> tuple[dict[str, nn.Module], nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """``({candidate: model}, the sparse model, (x, target))`` for model ``name`` at ``density``:
-    ``dense`` and ``static`` always, and each of ``candidates`` (``masked`` = the reference backend).
+    ``dense`` and ``static`` always, and each of ``candidates`` (``masked``: ``masked.PaperMaskedLayer``).
     Every candidate starts from the same weights; the batch is the paper's."""
     setup = SETUPS[name]
     gen = torch.Generator().manual_seed(0)
@@ -173,9 +180,12 @@ def candidate_models(
         "static": static_model(sparse),
     }
     for candidate in candidates:
+        if candidate == "masked":
+            models[candidate] = _replaced_layers(sparse, PaperMaskedLayer)
+            continue
         model = copy.deepcopy(sparse)
         for _, layer in sparse_layers(model):
-            layer.backend = "reference" if candidate == "masked" else candidate
+            layer.backend = candidate
         models[candidate] = model
     return models, sparse, (x, target)
 
