@@ -36,6 +36,8 @@ def _usage_error(capsys, argv) -> str:
     (["--backends", "fast"], "--backends: unknown 'fast'"),
     (["--backends", "dense"], "--backends: dense is always timed"),
     (["--densities", "1.5"], "--densities must lie in (0, 1]"),
+    (["--clock", "thread", "--threads", "2"], "--clock thread times the calling thread only"),
+    (["--clock", "cpu"], "invalid choice: 'cpu'"),
 ])
 def test_bad_arguments_stop_before_timing(capsys, no_timing, flags, says):
     assert says in _usage_error(capsys, [*QUICK, *flags])
@@ -67,3 +69,13 @@ def test_valid_outputs_are_written(tmp_path, capsys):
     with open(tmp_path / "r.json") as f:
         assert [row["backend"] for row in json.load(f)["rows"]] == ["masked"]
     assert (tmp_path / "r.md").read_text().startswith("# Sparse layers against dense")
+
+
+def test_thread_clock_is_recorded(tmp_path, capsys):
+    """``--clock thread`` (a loaded machine): the record and the report say the times are CPU time."""
+    cli.main([*QUICK, "--threads", "1", "--clock", "thread", "--json", str(tmp_path / "r.json"), "--markdown",
+              str(tmp_path / "r.md")])
+    with open(tmp_path / "r.json") as f:
+        record = json.load(f)
+    assert record["meta"]["clock"] == "thread" and record["rows"][0]["seconds"] > 0
+    assert "timed in the calling thread's CPU time" in (tmp_path / "r.md").read_text()

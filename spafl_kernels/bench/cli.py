@@ -32,6 +32,7 @@ from .layers import (
 from .models import DENSITIES as MODEL_DENSITIES
 from .models import density_profile, model_table, model_targets, plot_models, run_models, write_model_markdown
 from .records import machine, output_problem, provenance, write_outputs
+from .timing import CLOCKS
 
 
 def argument_problems(args: argparse.Namespace, layers: list[str]) -> list[str]:
@@ -40,6 +41,8 @@ def argument_problems(args: argparse.Namespace, layers: list[str]) -> list[str]:
     problems = []
     if args.reps < 1:
         problems.append(f"--reps must be >= 1 (got {args.reps})")
+    if args.clock == "thread" and (args.threads != 1 or args.device != "cpu"):
+        problems.append("--clock thread times the calling thread only: use it with --threads 1 on the CPU")
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append(f"--device cuda: CUDA is not available here (torch {torch.__version__})")
     bad = [ste for ste in args.stes if ste not in STES]
@@ -91,6 +94,9 @@ def main(argv=None) -> None:
     parser.add_argument("--forward-only", action="store_true", help="same as --modes fwd")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per candidate (default: 7)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: all)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time (default), or thread: the calling thread's CPU time, which counts no time "
+                        "spent waiting for a core (an oversubscribed machine); needs --threads 1 and --device cpu")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak memory of forward+backward on the large layers (one process per "
@@ -148,7 +154,7 @@ def main(argv=None) -> None:
     if problems:
         parser.error("; ".join(problems))
     candidates = list(dict.fromkeys(args.backends)) if args.backends else default_candidates(args.device)
-    meta = {**machine(), "reps": args.reps, "device": args.device,
+    meta = {**machine(), "reps": args.reps, "device": args.device, "clock": args.clock,
             "command": "spafl-bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.models:
         _main_models(args, candidates, meta, profiles, explicit_densities=explicit_densities)
@@ -156,7 +162,7 @@ def main(argv=None) -> None:
     print(f"{provenance(meta)}; {args.reps} reps, medians")
     print(format_table([]))
     rows = run(layers, args.densities, candidates, args.stes, args.modes, args.reps, args.device, args.memory,
-               progress=lambda line: print(line, flush=True))
+               progress=lambda line: print(line, flush=True), clock=CLOCKS[args.clock])
     write_outputs(args, rows, meta, write_markdown, plot)
     for backend in sorted(set(candidates) - set(BASELINES)):
         lines = target_lines(rows, backend)
@@ -170,6 +176,6 @@ def _main_models(args, candidates: list[str], meta: dict, profiles: dict, explic
     print(f"{provenance(meta)}; {args.reps} reps, medians; one training step per model")
     print(model_table([]))
     rows = run_models(args.models, densities, candidates, args.reps, args.device, profiles,
-                      progress=lambda line: print(line, flush=True))
+                      progress=lambda line: print(line, flush=True), clock=CLOCKS[args.clock])
     write_outputs(args, rows, meta, write_model_markdown, plot_models)
     print("\nwhole-model targets (docs/DESIGN.md §5):\n" + "\n".join(model_targets(rows)))

@@ -13,6 +13,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -200,7 +201,7 @@ def default_candidates(device: str) -> list[str]:
 def run(
     layers: Sequence[str], densities: Sequence[float], candidates: Sequence[str], stes: Sequence[str],
     modes: Sequence[str], reps: int, device: str = "cpu", memory: bool = False,
-    progress: Callable[[str], None] = lambda line: None,
+    progress: Callable[[str], None] = lambda line: None, clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict]:
     """One row per (layer, mode, ste, density, candidate): median seconds, speedup over dense,
     fraction of ideal, and with ``memory`` the peak memory of forward+backward of the large layers
@@ -214,7 +215,7 @@ def run(
                 for density in densities:
                     case = make_case(layer, density, ste, device=device)
                     steps = {name: make_step(case, name, train) for name in ("dense", *candidates)}
-                    timings = time_interleaved(steps, reps, sync=sync)
+                    timings = time_interleaved(steps, reps, sync=sync, clock=clock)
                     times = medians(timings)
                     del steps
                     ideal = case.ideal_train if train else case.ideal_forward

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -198,6 +199,7 @@ def run_models(
     device: str = "cpu",
     profiles: Mapping[str, Mapping[str, float]] | None = None,
     progress: Callable[[str], None] = lambda line: None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict]:
     """One row per (model, density, candidate): median step seconds, speed-up over dense, masked
     and static, executed FLOPs over dense FLOPs. ``profiles``: per-model layer densities measured in
@@ -215,7 +217,7 @@ def run_models(
             layers = dict(sparse_layers(sparse))
             active = {n: int(layer.mask().sum()) for n, layer in layers.items()}
             steps = {c: training_step(m, x, target) for c, m in by_candidate.items()}
-            timings = time_interleaved(steps, reps, sync=sync)
+            timings = time_interleaved(steps, reps, sync=sync, clock=clock)
             times = medians(timings)
             weights = sum(layer.weight.numel() for layer in layers.values())
             kept = sum(active[n] * layer.fan_in for n, layer in layers.items())

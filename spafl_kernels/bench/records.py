@@ -55,8 +55,9 @@ def provenance(meta: dict) -> str:
     source = ("no git checkout" if commit is None else
               f"commit {commit[:12]}" + (" with uncommitted changes" if meta.get("git_dirty") else " (clean)"))
     gpu = f", GPU {meta['gpu']}" if meta.get("gpu") else ""
+    clock = ", timed in the calling thread's CPU time" if meta.get("clock") == "thread" else ""
     return (f"spafl-kernels {meta.get('package', '?')}, {source}, measured {meta.get('timestamp', '?')}; "
-            f"torch {meta['torch']}, {meta['threads']} threads, CPU {meta['cpu']}{gpu}")
+            f"torch {meta['torch']}, {meta['threads']} threads, CPU {meta['cpu']}{gpu}{clock}")
 
 
 def output_problem(flag: str, path: str) -> str | None:

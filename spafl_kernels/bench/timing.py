@@ -8,6 +8,9 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
+"""What ``--clock`` names: wall time, or the calling thread's CPU time (``interleaved_samples``)."""
+
 
 def interleaved_samples(
     steps: dict[str, Callable[[], None]], reps: int, warmup: int = 2, min_sample_s: float = 0.01,
