@@ -149,6 +149,6 @@ if __name__ == "__main__":
         ext_modules=ext_modules,
         cmdclass=cmdclass,
         entry_points={
-            "console_scripts": ["spafl-fl = spafl_fl.cli:main", "spafl-bench = spafl_kernels.bench:main"]
+            "console_scripts": ["spafl-fl = spafl_fl.cli:main", "spafl-bench = spafl_kernels.bench.cli:main"]
         },
     )

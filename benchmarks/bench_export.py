@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from spafl_kernels import density, export_dense_with_report
-from spafl_kernels.bench import machine, time_interleaved
-from spafl_kernels.bench_models import SETUPS, set_densities
-from spafl_kernels.models import build_model
+from spafl_kernels.bench.models import SETUPS, set_densities
+from spafl_kernels.bench.records import machine
+from spafl_kernels.bench.timing import time_interleaved
+from spafl_kernels.zoo import build_model
 
 MODELS = ("lenet5", "conv4", "resnet18", "vit")
 BATCHES = (1, 64)

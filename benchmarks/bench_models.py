@@ -1,14 +1,14 @@
 """pytest-benchmark: whole training steps of the paper's models (dense, masked dense, static and every
 backend). The interleaved table with speed-ups and fractions of the static limit comes from
-``spafl-bench --models`` (spafl_kernels/bench_models.py), which builds the same candidates.
+``spafl-bench --models`` (spafl_kernels/bench/models.py), which builds the same candidates.
 Default: lenet5 and mlp at densities 1 and 0.1; ``--bench-full``: every model and density."""
 
 from __future__ import annotations
 
 import torch
 
-import spafl_kernels.bench as bench
-from spafl_kernels.bench_models import MODELS, SETUPS, candidate_models, training_step
+from spafl_kernels.bench import layers, models
+from spafl_kernels.bench.models import MODELS, SETUPS, candidate_models, training_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -18,8 +18,8 @@ def pytest_generate_tests(metafunc):
         return
     full = metafunc.config.getoption("--bench-full")
     metafunc.parametrize("model", MODELS if full else ["lenet5", "mlp"])
-    metafunc.parametrize("density", bench.MODEL_DENSITIES if full else [1.0, 0.1])
-    metafunc.parametrize("candidate", ["dense", "static", *bench.default_candidates(DEVICE)])
+    metafunc.parametrize("density", models.DENSITIES if full else [1.0, 0.1])
+    metafunc.parametrize("candidate", ["dense", "static", *layers.default_candidates(DEVICE)])
 
 
 def test_training_step(benchmark, model, density, candidate):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-import spafl_kernels.bench as bench
+from spafl_kernels.bench import layers
 
 
 def run_case(benchmark, layer: str, density: float, ste: str, mode: str, candidate: str) -> None:
     """Time one forward (+ backward) of ``candidate`` with pytest-benchmark; record the case."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    case = bench.make_case(layer, density, ste, device=device)
-    step = bench.make_step(case, candidate, train=mode == "fwd+bwd")
+    case = layers.make_case(layer, density, ste, device=device)
+    step = layers.make_step(case, candidate, train=mode == "fwd+bwd")
     if device == "cuda":
         inner = step
 

@@ -9,7 +9,9 @@ from ._version import __version__
 from .backends import AUTO_ORDER, BACKEND_NAMES, BackendNotSupportedError
 from .export import ExportReport, export_dense, export_dense_with_report
 from .functional import sparse_conv2d, sparse_linear
-from .model import (
+from .modules import SparseConv2d, SparseLinear
+from .semantics import STES
+from .whole_model import (
     apply_threshold_update,
     density,
     load_thresholds,
@@ -19,8 +21,6 @@ from .model import (
     threshold_penalty,
     thresholds,
 )
-from .modules import SparseConv2d, SparseLinear
-from .semantics import STES
 
 __all__ = [
     "__version__",

@@ -23,7 +23,7 @@ equal the sparse model's (docs/DESIGN.md §2: a pruned row outputs exactly 0, it
 FLOPs before and after per layer, and every constant folded or channel put back for exactness.
 
 Why a graph pass of our own and not Torch-Pruning (``torch-pruning==1.6.1``, evaluated on the models of
-``spafl_kernels.models`` with half of every layer's rows pruned, after turning the sparse layers into
+``spafl_kernels.zoo`` with half of every layer's rows pruned, after turning the sparse layers into
 masked dense ``nn.Linear``/``nn.Conv2d``, since it does not know the ``threshold`` parameter and leaves the
 modules sparse): its dependency graph removes a channel from every layer *coupled* to it, which is right
 for importance pruning but not exact here. LeNet-5 and the MLP came out exact (error 4e-8) once the

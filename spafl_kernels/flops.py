@@ -22,8 +22,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .model import sparse_layers
 from .semantics import is_active, row_score, ste_gate
+from .whole_model import sparse_layers
 
 
 @dataclass

@@ -115,14 +115,21 @@ _CHECKED_MAX = 4096  # entries; emptied when full (a new batch shape is a new ke
 
 
 def _call_key(op: str, ste, backend, tensors: tuple, *constants) -> tuple | None:
-    """Everything the checks of a call read: its op, ``ste``, ``backend``, ``SPAFL_BACKEND``, each tensor
-    argument's type, dtype, device and shape, and the ``repr`` of each constant (so ``1``, ``1.0`` and
-    ``True`` differ). None when an argument is no tensor (the checks then run, and raise)."""
+    """Everything the checks of a call read: its op, ``ste``, ``backend``, ``SPAFL_BACKEND`` (read only for
+    ``"auto"``, as the checks do), the type, dtype, device and shape of x, weight, bias (or None) and threshold
+    (``tensors``), flat (a nested key costs more to build and hash than a small layer's score pass), and the
+    ``repr`` of each constant (so ``1``, ``1.0`` and ``True`` differ). None when an argument is no tensor
+    (the checks then run, and raise)."""
+    env = os.environ.get("SPAFL_BACKEND") if backend == "auto" else None
     try:
-        metas = tuple(None if t is None else (type(t), t.dtype, t.device, t.shape) for t in tensors)
+        x, weight, bias, threshold = tensors
+        return (
+            op, ste, backend, env, type(x), x.dtype, x.device, x.shape, type(weight), weight.dtype, weight.device,
+            weight.shape, None if bias is None else (type(bias), bias.dtype, bias.device, bias.shape),
+            type(threshold), threshold.dtype, threshold.device, threshold.shape, *map(repr, constants),
+        )
     except AttributeError:
         return None
-    return (op, ste, backend, os.environ.get("SPAFL_BACKEND"), metas, *map(repr, constants))
 
 
 def _checked(check: Callable[[], Any], op: str, ste, backend, tensors: tuple, *constants) -> Any:

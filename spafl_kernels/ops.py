@@ -286,5 +286,12 @@ def sparse_op(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], thresh
     if torch.compiler.is_compiling():
         return getattr(torch.ops.spafl, f"{op}_fwd")(x, weight, bias, threshold, *constants)[0]
     if _native_autograd(constants[-1]):
-        return getattr(torch.ops.spafl, f"native_{op}")(x, weight, bias, threshold, *constants[:-1])
+        native = _NATIVE_OPS.get(op)
+        if native is None:  # looked up once: torch.ops' attribute lookup and packet call cost per call
+            native = _NATIVE_OPS[op] = getattr(torch.ops.spafl, f"native_{op}").default
+        return native(x, weight, bias, threshold, *constants[:-1])
     return _EagerSparseOp.apply(x, weight, bias, threshold, op, *constants)[0]
+
+
+_NATIVE_OPS: dict[str, torch._ops.OpOverload] = {}
+"""``torch.ops.spafl.native_<op>.default`` by op name, once used."""

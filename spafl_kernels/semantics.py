@@ -58,37 +58,71 @@ def row_score(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     2. the lanes fold by halves: for ``w = L, L/2, ..., 2``: ``lane[l] += lane[l + w/2]`` for ``l < w/2``;
     3. ``s = lane[0] / max(n, 1) - tau`` (an IEEE division, then a subtraction, each rounded once).
 
-    Here: a loop over column chunks of ``L`` (the last padded with zeros, ``x + 0 == x``) and ``log2(L)``
-    halving adds, each an exactly rounded elementwise op, so the bits equal the C++ loop's (csrc/cpu/rows.cpp
-    ``abs_sum``), the CUDA kernel's (csrc/cuda/rows.cuh ``RowScores``) and Triton's (``_score_fwd_kernel``).
-    Differentiable (``ds/dW = sign(W) / n``, ``ds/dtau = -1``) for the reference backend.
+    Here: ``|W|`` in chunks of ``L`` columns, one ``[N, L]`` add per chunk in increasing order (a partial last chunk
+    adds into the first lanes: the others would add 0, and ``x + 0 == x``), then ``log2(L)`` halving adds, each an
+    exactly rounded elementwise op, so the bits equal the C++ loop's (csrc/cpu/rows.cpp ``abs_sum``), the CUDA
+    kernel's (csrc/cuda/rows.cuh ``RowScores``) and Triton's (``_score_fwd_kernel``). Differentiable for the
+    reference backend: ``ds/dW = sign(W) / n`` (0 on a row whose sum is not finite), ``ds/dtau = -1``.
 
     weight: ``[N, ...]`` (any trailing shape; a row is everything after dim 0); threshold: ``[N]``.
     Returns ``[N]`` in ``acc``.
     """
+    if torch.is_grad_enabled() and (weight.requires_grad or threshold.requires_grad):
+        return _RowScore.apply(weight, threshold)
+    return _row_mean(weight) - threshold.to(acc_dtype(weight.dtype))
+
+
+def _row_mean(weight: torch.Tensor) -> torch.Tensor:
+    """``mean|W_row|`` in ``row_score``'s order, called without a graph (no_grad or an autograd Function's
+    forward). weight: ``[N, ...]`` -> ``[N]`` in acc."""
     acc = acc_dtype(weight.dtype)
-    n = fan_in(weight)
-    rows = weight.reshape(weight.shape[0], n)  # (not -1: a weight without rows has no inferable width)
-    if torch.is_grad_enabled() and weight.requires_grad:
-        # The bits from the loop below (no graph of fan_in / L nodes), the gradient from one L1 norm: the
-        # term added is exactly 0 (a NaN only for an infinite row, where it is dropped).
-        with torch.no_grad():
-            mean = row_score(weight, torch.zeros(weight.shape[0], dtype=acc, device=weight.device))  # m - 0 == m
-        l1 = rows.abs().sum(1, dtype=acc) / max(n, 1)
-        return (mean + (l1 - l1.detach()).nan_to_num(0.0, 0.0, 0.0)) - threshold.to(acc)
-    # Lanes at or past n only ever hold 0 and add nothing (x + 0 == x): start from the fewest that fold
-    # like L lanes, a power of two >= n.
+    rows_n, n = weight.shape[0], fan_in(weight)
+    # Lanes at or past n only ever hold 0 and add nothing (x + 0 == x): fold from the fewest that fold like
+    # L lanes, a power of two >= n.
     width = min(score_lanes(acc), 1 << max(n - 1, 0).bit_length())
-    lane = rows[:, :width].abs().to(acc)  # 0 + |w| == |w|: the first chunk starts the lanes
-    if n < width:
-        lane = torch.nn.functional.pad(lane, (0, width - n))
-    for start in range(width, n, width):  # chunk by chunk, in place: no temporary the size of the weight
-        chunk = rows[:, start : start + width].abs()
-        lane[:, : chunk.shape[1]].add_(chunk)  # in acc: |w| converts exactly, one rounding per add
+    # (reshape, not view(N, -1): a weight without rows has no inferable width)
+    lanes = weight.reshape(rows_n, n).abs().to(acc)  # |w| converts exactly; a temporary of our own
+    full = n // width  # whole chunks of L columns, summed in place below; then the partial tail, if any
+    if full == 0:  # n < L (not a power of two): one partial chunk, padded with zeros
+        lane = torch.nn.functional.pad(lanes, (0, width - n))
+    else:
+        parts = lanes[:, : full * width].reshape(rows_n, full, width).unbind(1)
+        lane = parts[0]  # 0 + |w| == |w|: the first chunk starts the lanes
+        if full > 1:
+            lane = lane + parts[1]
+            for part in parts[2:]:  # chunk by chunk in increasing order, in place: one rounding per add
+                lane.add_(part)
+        if n > full * width:
+            lane[:, : n - full * width].add_(lanes[:, full * width :])
     while width > 1:
         width //= 2
-        lane = lane[:, :width] + lane[:, width : 2 * width]
-    return lane[:, 0] / max(n, 1) - threshold.to(acc)
+        low, high = lane.reshape(rows_n, 2, width).unbind(1)
+        lane = low + high
+    return lane.reshape(rows_n) / max(n, 1)
+
+
+class _RowScore(torch.autograd.Function):
+    """``row_score`` under autograd: the bits from ``_row_mean``, the gradient of ``mean|W| - tau`` (no graph
+    of fan_in / L adds). weight: ``[N, ...]``, threshold: ``[N]`` -> ``[N]`` in acc."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        mean = _row_mean(weight)
+        ctx.save_for_backward(weight, mean)
+        ctx.threshold_dtype = threshold.dtype
+        return mean - threshold.to(mean.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, mean = ctx.saved_tensors
+        grad_weight = grad_threshold = None
+        if ctx.needs_input_grad[0]:
+            # A row whose sum overflowed or holds a NaN passes no gradient to W (its score is not finite).
+            scale = (grad * mean.isfinite()) / max(fan_in(weight), 1)
+            grad_weight = scale.to(weight.dtype).view(-1, *[1] * (weight.dim() - 1)) * weight.sgn()
+        if ctx.needs_input_grad[1]:
+            grad_threshold = (-grad).to(ctx.threshold_dtype)
+        return grad_weight, grad_threshold
 
 
 def ste_gate(score: torch.Tensor, ste: str) -> torch.Tensor:

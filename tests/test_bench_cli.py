@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from spafl_kernels import bench
+from spafl_kernels.bench import cli
 
 QUICK = ["--layers", "lenet5-fc2", "--densities", "1", "--reps", "1", "--modes", "fwd", "--ste", "outer",
          "--backends", "masked"]
@@ -17,12 +17,12 @@ def no_timing(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("timing started before the arguments were checked")
 
-    monkeypatch.setattr(bench, "run", refuse)
+    monkeypatch.setattr(cli, "run", refuse)
 
 
 def _usage_error(capsys, argv) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(argv)
+        cli.main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err, err
     return err
@@ -36,6 +36,8 @@ def _usage_error(capsys, argv) -> str:
     (["--backends", "fast"], "--backends: unknown 'fast'"),
     (["--backends", "dense"], "--backends: dense is always timed"),
     (["--densities", "1.5"], "--densities must lie in (0, 1]"),
+    (["--clock", "thread", "--threads", "2"], "--clock thread times the calling thread only"),
+    (["--clock", "cpu"], "invalid choice: 'cpu'"),
 ])
 def test_bad_arguments_stop_before_timing(capsys, no_timing, flags, says):
     assert says in _usage_error(capsys, [*QUICK, *flags])
@@ -63,7 +65,17 @@ def test_plot_extension_and_one_file_for_two_outputs_are_refused(tmp_path, capsy
 
 
 def test_valid_outputs_are_written(tmp_path, capsys):
-    bench.main([*QUICK, "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
+    cli.main([*QUICK, "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
     with open(tmp_path / "r.json") as f:
         assert [row["backend"] for row in json.load(f)["rows"]] == ["masked"]
     assert (tmp_path / "r.md").read_text().startswith("# Sparse layers against dense")
+
+
+def test_thread_clock_is_recorded(tmp_path, capsys):
+    """``--clock thread`` (a loaded machine): the record and the report say the times are CPU time."""
+    cli.main([*QUICK, "--threads", "1", "--clock", "thread", "--json", str(tmp_path / "r.json"), "--markdown",
+              str(tmp_path / "r.md")])
+    with open(tmp_path / "r.json") as f:
+        record = json.load(f)
+    assert record["meta"]["clock"] == "thread" and record["rows"][0]["seconds"] > 0
+    assert "timed in the calling thread's CPU time" in (tmp_path / "r.md").read_text()

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import spafl_kernels as sk
-from spafl_kernels import bench
-from spafl_kernels.bench_models import MODELS, SETUPS, candidate_models, run_models, set_densities, static_model
-from spafl_kernels.models import build_model
+from spafl_kernels.bench import cli
+from spafl_kernels.bench.layers import LAYERS, make_case
+from spafl_kernels.bench.masked import PaperMaskedLayer, paper_masked
+from spafl_kernels.bench.models import MODELS, SETUPS, candidate_models, run_models, set_densities, static_model
+from spafl_kernels.zoo import build_model
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -32,7 +34,8 @@ def test_candidates_start_from_the_same_weights():
     outputs = {name: model(x) for name, model in models.items()}
     for name, out in outputs.items():
         torch.testing.assert_close(out, outputs["dense"], msg=name)  # density 1: every candidate = dense
-    assert {layer.backend for _, layer in sk.sparse_layers(models["masked"])} == {"reference"}
+    wrapped = [m for m in models["masked"].modules() if isinstance(m, PaperMaskedLayer)]
+    assert [w.layer for w in wrapped] == [layer for _, layer in sk.sparse_layers(models["masked"])]  # every one
 
 
 def test_run_models_rows():
@@ -50,14 +53,37 @@ def test_cli_models_and_density_from(tmp_path, capsys):
     layers = {name: 0.5 for name, _ in sk.sparse_layers(build_model("mlp", (1, 28, 28), 10))}
     (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "density": {**layers, "total": 0.5}}) + "\n")
     out = tmp_path / "models.json"
-    bench.main(["--models", "mlp", "--densities", "1", "--backends", "torch", "--reps", "1", "--threads", "1",
+    cli.main(["--models", "mlp", "--densities", "1", "--backends", "torch", "--reps", "1", "--threads", "1",
                 "--density-from", str(run), "--json", str(out), "--markdown", str(tmp_path / "m.md")])
     rows = json.loads(out.read_text())["rows"]
     assert {r["density"] for r in rows} == {1.0, "profile"}
     assert "## Targets" in (tmp_path / "m.md").read_text()
     with pytest.raises(SystemExit):
-        bench.main(["--models", "lenet5", "--density-from", str(run)])  # the run trained mlp
+        cli.main(["--models", "lenet5", "--density-from", str(run)])  # the run trained mlp
     assert "add it to --models" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bench.main(["--density-from", str(run)])
+        cli.main(["--density-from", str(run)])
     assert "--density-from needs --models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ste", sk.STES)
+@pytest.mark.parametrize("layer", ["lenet5-fc2", "lenet5-conv2", "conv4-conv1"])
+def test_masked_candidate_is_the_reference_away_from_ties(layer, ste):
+    """The ``masked`` baseline (the paper's code: PyTorch's ``abs().mean()`` score) gives the reference's outputs
+    and gradients of x, weight, bias and threshold where no threshold sits on a row's mean."""
+    case = make_case(layer, 0.5, ste, dtype=torch.float64)
+    conv = None if LAYERS[layer].op == "linear" else LAYERS[layer].conv
+    results = []
+    for compute in ("masked", "reference"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (case.x, case.weight, case.bias, case.threshold)]
+        if compute == "masked":
+            y = paper_masked(*leaves, ste, conv)
+        elif conv is None:
+            y = sk.sparse_linear(*leaves, ste=ste, backend="reference")
+        else:
+            y = sk.sparse_conv2d(*leaves, ste=ste, backend="reference", **conv)
+        grads = torch.autograd.grad(y, leaves, torch.randn(y.shape, generator=torch.Generator().manual_seed(1),
+                                                           dtype=y.dtype))
+        results.append((y, *grads))
+    for got, want, what in zip(*results, ("y", "dx", "dweight", "dbias", "dthreshold")):
+        torch.testing.assert_close(got, want, msg=what)

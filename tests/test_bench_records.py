@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import spafl_kernels as sk
-from spafl_kernels import bench
+from spafl_kernels.bench import cli, records, timing
 
 LAYER = ["--layers", "lenet5-fc2", "--densities", "1", "--reps", "3", "--modes", "fwd", "--ste", "outer",
          "--backends", "torch", "--threads", "1"]
@@ -23,16 +23,24 @@ def _git(*args: str) -> str:
 
 
 def test_spread_is_p20_p50_p80():
-    assert bench.spread([5.0, 1.0, 2.0, 4.0, 3.0]) == {"p20": 1.8, "p50": 3.0, "p80": 4.2}
-    assert bench.spread([2.0]) == {"p20": 2.0, "p50": 2.0, "p80": 2.0}
-    timings = bench.time_interleaved({"a": lambda: None, "b": lambda: None}, reps=5, warmup=0,
+    assert timing.spread([5.0, 1.0, 2.0, 4.0, 3.0]) == {"p20": 1.8, "p50": 3.0, "p80": 4.2}
+    assert timing.spread([2.0]) == {"p20": 2.0, "p50": 2.0, "p80": 2.0}
+    timings = timing.time_interleaved({"a": lambda: None, "b": lambda: None}, reps=5, warmup=0,
                                      min_sample_s=0.0)
     for t in timings.values():
         assert set(t) == {"p20", "p50", "p80"} and t["p20"] <= t["p50"] <= t["p80"]
 
 
+def test_timing_reads_the_clock_it_is_given():
+    """A CPU-time clock (``time.thread_time``) times an oversubscribed machine: every sample comes from it."""
+    ticks = iter(range(1000))
+    samples = timing.interleaved_samples({"a": lambda: None, "b": lambda: None}, reps=3, warmup=0,
+                                         clock=lambda: float(next(ticks)))
+    assert samples == {"a": [1.0] * 3, "b": [1.0] * 3}  # one call per sample (a tick lasts past 10 ms)
+
+
 def test_layer_records_carry_spread_and_provenance(tmp_path, capsys):
-    bench.main([*LAYER, "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
+    cli.main([*LAYER, "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")])
     record = json.loads((tmp_path / "r.json").read_text())
     meta = record["meta"]
     assert meta["package"] == sk.__version__ and meta["torch"] == torch.__version__ and meta["cpu"]
@@ -53,7 +61,7 @@ def test_layer_records_carry_spread_and_provenance(tmp_path, capsys):
 
 
 def test_model_records_carry_spread_and_provenance(tmp_path, capsys):
-    bench.main(["--models", "mlp", "--densities", "1", "--backends", "torch", "--reps", "3", "--threads", "1",
+    cli.main(["--models", "mlp", "--densities", "1", "--backends", "torch", "--reps", "3", "--threads", "1",
                 "--json", str(tmp_path / "m.json"), "--markdown", str(tmp_path / "m.md")])
     record = json.loads((tmp_path / "m.json").read_text())
     assert record["meta"]["package"] == sk.__version__ and "git_dirty" in record["meta"]
@@ -70,15 +78,15 @@ def test_dirty_tree_is_recorded(tmp_path):
     package = repo / "spafl_kernels"
     (repo / "benchmarks" / "results").mkdir(parents=True)
     package.mkdir()
-    (package / "bench.py").write_text("x = 1\n")
+    (package / "__init__.py").write_text("x = 1\n")
     (repo / "benchmarks" / "results" / "r.json").write_text("{}\n")
     env = ["-c", "user.name=t", "-c", "user.email=t@example.invalid"]
     for args in (["init", "-q"], ["add", "-A"], [*env, "commit", "-qm", "init"]):
         subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
-    clean = bench.source_state(str(package))
+    clean = records.source_state(str(package))
     assert clean["git_dirty"] is False and len(clean["git_commit"]) == 40
     (repo / "benchmarks" / "results" / "r.json").write_text('{"new": 1}\n')
-    assert bench.source_state(str(package))["git_dirty"] is False
-    (package / "bench.py").write_text("x = 2\n")
-    assert bench.source_state(str(package))["git_dirty"] is True
-    assert bench.source_state(str(tmp_path))["git_commit"] is None  # not a checkout of the package
+    assert records.source_state(str(package))["git_dirty"] is False
+    (package / "__init__.py").write_text("x = 2\n")
+    assert records.source_state(str(package))["git_dirty"] is True
+    assert records.source_state(str(tmp_path))["git_commit"] is None  # not a checkout of the package

@@ -15,9 +15,9 @@ from oracle import _assert_within_oracle_error
 from torch import nn
 
 import spafl_kernels as sk
-from spafl_kernels.bench_models import set_densities
+from spafl_kernels.bench.models import set_densities
 from spafl_kernels.export import export_dense_with_report, standalone_source
-from spafl_kernels.models import build_model
+from spafl_kernels.zoo import build_model
 
 # Small inputs keep the suite quick on 2 cores; each model still runs every op it has at full size.
 SHAPES = {"lenet5": (1, 28, 28), "conv4": (3, 28, 28), "resnet18": (3, 16, 16), "vit": (3, 8, 8)}

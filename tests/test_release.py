@@ -18,7 +18,7 @@ import spafl_fl
 import spafl_kernels as sk
 from spafl_fl.cli import main as fl_main
 from spafl_kernels import _ext
-from spafl_kernels.bench import main as bench_main
+from spafl_kernels.bench.cli import main as bench_main
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,8 +10,12 @@ thresholds from PyTorch's own ``w.abs().mean(1)`` (ties that other summation ord
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from oracle import require_backend
 from torch import nn
 
@@ -131,17 +135,14 @@ def test_threshold_at_torch_mean_prunes_alike_everywhere(backend, dtype):
     check_every_consumer(layer, expected, torch.randn(2, 37, dtype=dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(5, 1), (7, 3), (4, 64), (3, 65), (6, 2, 3, 3), (2, 1000), (0, 5), (0, 0), (3, 0)])
-def test_row_score_is_its_definition(shape, dtype):
-    """``row_score`` against a plain scalar loop of its documented steps (lanes, fold, division)."""
-    weight = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
-    threshold = torch.randn(shape[0], dtype=torch.float64).to(dtype)
-    acc = acc_dtype(dtype)
+def defined_score(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``row_score``'s documented steps (lanes, fold, division) as a plain scalar loop: ``[N, ...]``, ``[N]`` ->
+    ``[N]`` in the accumulation dtype."""
+    acc = acc_dtype(weight.dtype)
     lanes, n = score_lanes(acc), fan_in(weight)
-    rows = weight.reshape(shape[0], n).to(acc)
+    rows = weight.reshape(weight.shape[0], n).to(acc)
     expected = []
-    for i in range(shape[0]):
+    for i in range(weight.shape[0]):
         lane = [torch.zeros((), dtype=acc) for _ in range(lanes)]
         for j in range(n):
             lane[j % lanes] = lane[j % lanes] + rows[i, j].abs()
@@ -150,9 +151,43 @@ def test_row_score_is_its_definition(shape, dtype):
             width //= 2
             lane = [lane[k] + lane[k + width] for k in range(width)]
         expected.append(lane[0] / max(n, 1) - threshold[i].to(acc))
+    return torch.stack(expected) if expected else torch.zeros(0, dtype=acc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 1), (7, 3), (4, 64), (3, 65), (6, 2, 3, 3), (2, 1000), (0, 5), (0, 0), (3, 0)])
+def test_row_score_is_its_definition(shape, dtype):
+    """``row_score`` against a plain scalar loop of its documented steps (lanes, fold, division)."""
+    weight = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
+    threshold = torch.randn(shape[0], dtype=torch.float64).to(dtype)
     got = row_score(weight, threshold)
-    assert got.dtype == acc and got.shape == (shape[0],)
-    assert torch.equal(got, torch.stack(expected) if expected else got.new_zeros(0))
+    assert got.dtype == acc_dtype(dtype) and got.shape == (shape[0],)
+    assert torch.equal(got, defined_score(weight, threshold))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(0, 4),
+    trailing=st.lists(st.integers(1, 9), min_size=1, max_size=3).filter(lambda dims: math.prod(dims) <= 300),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    layout=st.sampled_from(["contiguous", "transposed", "channels_last"]),
+    scale=st.sampled_from([1e-30, 1.0, 1e30]),
+    grad=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_row_score_bits_on_odd_shapes(rows, trailing, dtype, layout, scale, grad, seed):
+    """Odd widths (a partial chunk, several chunks plus a tail), tiny and huge magnitudes (sums that overflow
+    to inf in 16-bit), strided weights, with and without autograd: the bits of the scalar definition."""
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(rows, *trailing, generator=g, dtype=torch.float64) * scale).to(dtype)
+    threshold = torch.randn(rows, generator=g, dtype=torch.float64).to(dtype)
+    if layout == "transposed" and weight.dim() == 2:
+        weight = weight.t().contiguous().t()
+    elif layout == "channels_last" and weight.dim() == 4:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    expected = defined_score(weight, threshold)
+    weight.requires_grad_(grad)
+    assert torch.equal(row_score(weight, threshold), expected)
 
 
 def test_row_score_gradient():
@@ -163,6 +198,26 @@ def test_row_score_gradient():
     dw, dt = torch.autograd.grad(row_score(weight, threshold), (weight, threshold), g)
     torch.testing.assert_close(dw, g[:, None] * weight.sign() / 70)
     torch.testing.assert_close(dt, -g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_score_gradient_bits_and_non_finite_rows(dtype):
+    """The gradient in bits, as autograd gives it for ``abs().sum(dtype=acc) / n`` (the cast back to the weight's
+    dtype included); a row holding an infinity or a NaN passes no gradient to its weights; a threshold alone
+    asks for its gradient; the gradient is itself differentiable (a hessian-vector product runs)."""
+    weight = torch.randn(5, 3, 7, dtype=torch.float64).to(dtype)
+    weight[1, 0, 2], weight[3, 2, 6] = float("inf"), float("nan")
+    weight.requires_grad_(True)
+    threshold = torch.randn(5, dtype=torch.float64).to(dtype).requires_grad_(True)
+    g = torch.randn(5, dtype=torch.float32)
+    dw, dt = torch.autograd.grad(row_score(weight, threshold), (weight, threshold), g, create_graph=True)
+    finite = torch.tensor([1.0, 0, 1, 0, 1])
+    expected = ((g * finite) / 21).to(dtype)[:, None, None] * weight.detach().sgn()
+    assert torch.equal(dw, expected) and torch.equal(dt, (-g).to(dtype))
+    (dg,) = torch.autograd.grad((dw.float() * torch.randn(5, 3, 7)).sum(), threshold, allow_unused=True)
+    assert dg is None or not dg.any()
+    (only_tau,) = torch.autograd.grad(row_score(weight.detach(), threshold), threshold, g)
+    assert torch.equal(only_tau, (-g).to(dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

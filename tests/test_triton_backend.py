@@ -275,7 +275,7 @@ def test_tf32_on_cuda(op):
 @pytest.mark.parametrize("layer", ["linear-large", "conv-large"])
 def test_full_size_layers_on_cuda(layer, density):
     """The benchmark's large layers (docs/DESIGN.md §5) in float32 against the float64 oracle."""
-    from spafl_kernels.bench import make_case
+    from spafl_kernels.bench.layers import make_case
 
     case = make_case(layer, density, "identity", device="cpu")
     tensors = {"x": case.x.double(), "weight": case.weight.double(), "threshold": case.threshold.double(),

@@ -192,9 +192,10 @@ Tensor conv2d_fwd_skip(const Tensor& x, const Tensor& w, const std::optional<Ten
   for (int d = 0; d < 2; ++d) {
     out_sizes[2 + d] = geo.out_size(d, x.size(2 + d), w.size(2 + d));
   }
-  // Reused heap memory, zero-filled: the layer after (ReLU, pooling, batch norm) reads every plane, and
-  // faulting in fresh pages for them costs more than the fill.
-  y = at::zeros(out_sizes, x.options());
+  // Reused heap memory (the layer after reads every plane: faulting in fresh pages costs more than writing
+  // them), each element written once: the active planes by the scatters below, the pruned ones zeroed here.
+  y = at::empty(out_sizes, x.options());
+  zero_pruned_planes(y.mutable_data_ptr<scalar_t>(), out_sizes[0], rows, out_sizes[2] * out_sizes[3]);
   const Tensor b = bias ? bias->contiguous() : Tensor();
   const int64_t plane = out_sizes[2] * out_sizes[3];
   const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;

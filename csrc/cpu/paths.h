@@ -55,8 +55,10 @@ inline int64_t batch_bucket(int64_t m) {
 }
 
 // Runs `first()` or `second()` (each returning the call's result), as `pinned` (0 or 1) says or else as
-// the table says for `key`; on the signature's first sight, both twice (interleaved, so each also warms
-// up), and the faster (its faster run) is recorded and its result returned.
+// the table says for `key`; on the signature's first sight, both kTimedRounds times (interleaved, so each
+// also warms up), and the faster (its fastest run) is recorded and its result returned. Three rounds, not
+// two: on a shared machine one descheduled run of each could pick a path twice as slow.
+constexpr int kTimedRounds = 3;
 template <typename First, typename Second>
 auto choose(const ChoiceKey& key, int64_t pinned, First&& first, Second&& second) -> decltype(first()) {
   if (pinned == 0) return first();
@@ -65,7 +67,7 @@ auto choose(const ChoiceKey& key, int64_t pinned, First&& first, Second&& second
   using Clock = std::chrono::steady_clock;
   decltype(first()) results[2];
   double seconds[2] = {1e30, 1e30};
-  for (int round = 0; round < 2; ++round) {
+  for (int round = 0; round < kTimedRounds; ++round) {
     for (int which = 0; which < 2; ++which) {
       const auto start = Clock::now();
       results[which] = which == 0 ? first() : second();

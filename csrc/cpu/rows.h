@@ -111,7 +111,11 @@ struct RowSets {
 
   template <typename T>
   RowSets(const T* score, int64_t rows, SpaflSte ste, bool with_gates) : n(rows), mask(rows) {
-    if (with_gates) gate.resize(rows);
+    active.reserve(rows);
+    if (with_gates) {
+      gate.resize(rows);
+      graded.reserve(rows);
+    }
     for (int64_t i = 0; i < rows; ++i) {
       mask[i] = !(score[i] <= T(0));  // a NaN score counts as active (semantics.is_active)
       if (mask[i]) active.push_back(i);
@@ -197,6 +201,13 @@ at::Tensor masked_copy(const at::Tensor& src, int64_t outer, const RowSets& rows
   const uint8_t* mask = rows.mask.data();
   at::parallel_for(0, outer, grain(n * inner), [&](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o) {
+      if (inner == 1) {  // columns of a matrix: a select per element, not a memcpy call each
+        const T* sr = s + o * n;
+        T* dr = d + o * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) dr[i] = mask[i] ? sr[i] : T(0);
+        continue;
+      }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t at = (o * n + i) * inner;
         if (mask[i]) {

@@ -1,5 +1,5 @@
 """The models a run trains: the paper's (LeNet-5, Conv4, half-width ResNet-18, ViT, MLP; defined in
-``spafl_kernels.models``, which the layer and model benchmarks use too) or a user's ``MODULE:CALLABLE``
+``spafl_kernels.zoo``, which the layer and model benchmarks use too) or a user's ``MODULE:CALLABLE``
 (``userspec``), sparsified here for SpaFL."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from spafl_kernels.models import MODELS
-from spafl_kernels.models import build_model as build_zoo_model
+from spafl_kernels.zoo import MODELS
+from spafl_kernels.zoo import build_model as build_zoo_model
 
 from .userspec import build_user_model, is_spec, sparsify_user_model
 

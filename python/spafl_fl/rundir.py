@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from spafl_kernels.model import mapping_problems
 from spafl_kernels.paths import import_table
+from spafl_kernels.whole_model import mapping_problems
 
 from .checkpoint import POINTER, TENSOR_FILE, CheckpointError, load_checkpoint, open_append
 from .config import RunConfig

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spafl_kernels.model import mapping_problems
+from spafl_kernels.whole_model import mapping_problems
 
 from .client import ClientUpdate
 

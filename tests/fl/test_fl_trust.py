@@ -306,7 +306,7 @@ def test_metrics_with_wrong_types_are_named_by_file_and_line(finished, capsys, f
 
 @pytest.mark.parametrize("density", ["0.5", None, {"total": "x"}, {"fc": True}])
 def test_bench_density_from_names_a_damaged_last_round(finished, capsys, density):
-    from spafl_kernels import bench
+    from spafl_kernels.bench import cli as bench
 
     path = finished / "metrics.jsonl"
     lines = path.read_text().splitlines()
@@ -320,7 +320,7 @@ def test_bench_density_from_names_a_damaged_last_round(finished, capsys, density
 
 def test_bench_quick_keeps_the_flags_given(monkeypatch, capsys):
     """--quick replaced an explicit --reps, --layers and --densities with its own."""
-    from spafl_kernels import bench
+    from spafl_kernels.bench import cli as bench
 
     seen = {}
 

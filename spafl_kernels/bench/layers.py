@@ -1,19 +1,13 @@
-"""Layer benchmark: sparse backends against dense and masked dense, side by side in one run.
+"""Single layers of ``spafl-bench``: sparse backends against dense and masked dense, side by side in one run.
 
-``spafl-bench --help`` (or ``python -m spafl_kernels.bench``). Every candidate is timed interleaved with
-the others (round-robin over repetitions, medians), so drift on a shared machine hits them alike. The
-figure of merit is the fraction of ideal (docs/DESIGN.md §5): ``(t_dense / t_sparse) / ideal_speedup``, where
-the ideal speedup is the ratio of dense to skipping FLOPs (``flops.layer_flops``). A run prints a
-table and can write JSON, a Markdown report with the docs/DESIGN.md §5 targets, and a PNG of speedup against
-density with the ideal line.
+The figure of merit is the fraction of ideal (docs/DESIGN.md §5): ``(t_dense / t_sparse) / ideal_speedup``, where
+the ideal speedup is the ratio of dense to skipping FLOPs (``flops.layer_flops``). A run gives one row per layer,
+mode, STE, density and candidate; ``write_markdown`` adds the docs/DESIGN.md §5 targets and ``plot`` the speedup
+against density with the ideal line.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import datetime
-import json
 import math
 import os
 import statistics
@@ -26,16 +20,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ._version import __version__
-from .backends import BACKEND_NAMES, get_backend
-from .backends.base import CallSpec
-from .bench_models import density_profile, model_table, model_targets, plot_models, run_models, write_model_markdown
-from .flops import layer_flops
-from .functional import sparse_conv2d, sparse_linear
-from .models import MODELS
-from .paths import used_paths
-from .selfcheck import cpu_model
-from .semantics import STES, fan_in
+from ..backends import BACKEND_NAMES, get_backend
+from ..backends.base import CallSpec
+from ..flops import layer_flops
+from ..functional import sparse_conv2d, sparse_linear
+from ..paths import used_paths
+from ..semantics import fan_in
+from .masked import paper_masked
+from .records import provenance
+from .timing import medians, time_interleaved
 
 
 @dataclass(frozen=True)
@@ -80,8 +73,7 @@ LAYER_GROUPS = {
 }
 DENSITIES = (1.0, 0.75, 0.5, 0.25, 0.1, 0.05)
 MODES = ("fwd", "fwd+bwd")
-BASELINES = ("dense", "masked")  # plain PyTorch op; the paper's masked dense (= reference backend)
-MODEL_DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
+BASELINES = ("dense", "masked")  # plain PyTorch op; the paper's masked dense (masked.paper_masked)
 FULL = {"layers": ["all"], "densities": list(DENSITIES), "modes": list(MODES), "stes": ["outer", "identity"], "reps": 7}
 """What a run times unless told otherwise (``--quick``: ``QUICK``)."""
 QUICK = {
@@ -138,21 +130,24 @@ def make_case(layer: str, density: float, ste: str, dtype=torch.float32, device=
 
 def make_step(case: Case, candidate: str, train: bool) -> Callable[[], None]:
     """A no-argument function running one forward (and backward when ``train``) of ``candidate``:
-    ``dense``, ``masked`` or a backend name. Gradients accumulate into ``.grad`` as in training with
-    accumulation, so a candidate pays for every element of the gradients it returns."""
+    ``dense``, ``masked`` (the paper's masked dense, ``masked.paper_masked``) or a backend name. Gradients
+    accumulate into ``.grad`` as in training with accumulation, so a candidate pays for every element of the
+    gradients it returns."""
     spec = LAYERS[case.layer]
     leaves = [t.detach().clone().requires_grad_(train) for t in (case.x, case.weight, case.bias, case.threshold)]
     x, weight, bias, threshold = leaves
-    backend = "reference" if candidate == "masked" else candidate
+    conv = None if spec.op == "linear" else spec.conv
 
     def forward():
-        if spec.op == "linear":
+        if candidate == "masked":
+            return paper_masked(x, weight, bias, threshold, case.ste, conv)
+        if conv is None:
             if candidate == "dense":
                 return F.linear(x, weight, bias)
-            return sparse_linear(x, weight, bias, threshold, ste=case.ste, backend=backend)
+            return sparse_linear(x, weight, bias, threshold, ste=case.ste, backend=candidate)
         if candidate == "dense":
-            return F.conv2d(x, weight, bias, **spec.conv)
-        return sparse_conv2d(x, weight, bias, threshold, ste=case.ste, backend=backend, **spec.conv)
+            return F.conv2d(x, weight, bias, **conv)
+        return sparse_conv2d(x, weight, bias, threshold, ste=case.ste, backend=candidate, **conv)
 
     grad = torch.ones_like(forward()) if train else None
 
@@ -164,57 +159,6 @@ def make_step(case: Case, candidate: str, train: bool) -> Callable[[], None]:
                 forward()
 
     return step
-
-
-def interleaved_samples(
-    steps: dict[str, Callable[[], None]], reps: int, warmup: int = 2, min_sample_s: float = 0.01,
-    sync: Callable[[], None] = lambda: None,
-) -> dict[str, list[float]]:
-    """``reps`` samples of seconds per call of each step, timed round-robin so that drift hits all alike.
-
-    A sample runs a step enough times to last about ``min_sample_s`` (counted on the first step), so
-    that microsecond layers are not lost in timer and scheduler noise.
-    """
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    sync()
-    first = next(iter(steps.values()))
-    start = time.perf_counter()
-    first()
-    sync()
-    calls = max(1, math.ceil(min_sample_s / max(time.perf_counter() - start, 1e-7)))
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                step()
-            sync()
-            samples[name].append((time.perf_counter() - start) / calls)
-    return samples
-
-
-def time_interleaved(
-    steps: dict[str, Callable[[], None]], reps: int, warmup: int = 2, min_sample_s: float = 0.01,
-    sync: Callable[[], None] = lambda: None,
-) -> dict[str, dict[str, float]]:
-    """Seconds per call of each step (``spread``: p20, p50, p80 of ``interleaved_samples``)."""
-    samples = interleaved_samples(steps, reps, warmup, min_sample_s, sync)
-    return {name: spread(times) for name, times in samples.items()}
-
-
-def spread(times: Sequence[float]) -> dict[str, float]:
-    """``{"p20", "p50", "p80"}`` of ``times`` (seconds): the median is the figure, the 20th and 80th
-    percentiles say how far to trust it."""
-    if len(times) < 2:
-        return dict.fromkeys(("p20", "p50", "p80"), float(times[0]))
-    p20, _, _, p80 = statistics.quantiles(times, n=5, method="inclusive")
-    return {"p20": p20, "p50": statistics.median(times), "p80": p80}
-
-
-def medians(timings: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {name: t["p50"] for name, t in timings.items()}
 
 
 def peak_rss_delta(layer: str, density: float, ste: str, candidate: str) -> int:
@@ -229,7 +173,7 @@ def peak_rss_delta(layer: str, density: float, ste: str, candidate: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def _memory_probe(layer: str, density: float, ste: str, candidate: str) -> None:
+def memory_probe(layer: str, density: float, ste: str, candidate: str) -> None:
     def status(key: str) -> int:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
@@ -257,7 +201,7 @@ def default_candidates(device: str) -> list[str]:
 def run(
     layers: Sequence[str], densities: Sequence[float], candidates: Sequence[str], stes: Sequence[str],
     modes: Sequence[str], reps: int, device: str = "cpu", memory: bool = False,
-    progress: Callable[[str], None] = lambda line: None,
+    progress: Callable[[str], None] = lambda line: None, clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict]:
     """One row per (layer, mode, ste, density, candidate): median seconds, speedup over dense,
     fraction of ideal, and with ``memory`` the peak memory of forward+backward of the large layers
@@ -271,7 +215,7 @@ def run(
                 for density in densities:
                     case = make_case(layer, density, ste, device=device)
                     steps = {name: make_step(case, name, train) for name in ("dense", *candidates)}
-                    timings = time_interleaved(steps, reps, sync=sync)
+                    timings = time_interleaved(steps, reps, sync=sync, clock=clock)
                     times = medians(timings)
                     del steps
                     ideal = case.ideal_train if train else case.ideal_forward
@@ -378,46 +322,6 @@ def target_lines(rows: list[dict], backend: str) -> list[str]:
     return lines
 
 
-def source_state(folder: str = os.path.dirname(os.path.abspath(__file__))) -> dict:
-    """``{"git_commit", "git_dirty"}`` of the checkout this package runs from (None for both when it is not a
-    git checkout, e.g. an installed wheel). Dirty: uncommitted changes to tracked files outside
-    benchmarks/results/ (where a run writes its own records)."""
-    def git(*args: str) -> str | None:
-        try:
-            proc = subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, check=False,
-                                  timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return proc.stdout.strip() if proc.returncode == 0 else None
-
-    if git("ls-files", "--error-unmatch", os.path.basename(__file__)) is None:  # not this package's checkout
-        return {"git_commit": None, "git_dirty": None}
-    top = git("rev-parse", "--show-toplevel")
-    changes = git("-C", top or ".", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                  ":(exclude)benchmarks/results")
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": None if changes is None else bool(changes)}
-
-
-def machine() -> dict:
-    """What a record needs to be trusted: versions, source state, time, threads, CPU and GPU model."""
-    cpu = cpu_model()
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"package": __version__, **source_state(),
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "cuda_version": torch.version.cuda, "threads": torch.get_num_threads(),
-            "cpu": cpu, "gpu": gpu, "cuda": gpu}
-
-
-def provenance(meta: dict) -> str:
-    """One line for a report: package, commit (and whether the tree was dirty), time, machine."""
-    commit = meta.get("git_commit")
-    source = ("no git checkout" if commit is None else
-              f"commit {commit[:12]}" + (" with uncommitted changes" if meta.get("git_dirty") else " (clean)"))
-    gpu = f", GPU {meta['gpu']}" if meta.get("gpu") else ""
-    return (f"spafl-kernels {meta.get('package', '?')}, {source}, measured {meta.get('timestamp', '?')}; "
-            f"torch {meta['torch']}, {meta['threads']} threads, CPU {meta['cpu']}{gpu}")
-
-
 def write_markdown(path: str, rows: list[dict], meta: dict, command: str) -> None:
     backends = sorted({r["backend"] for r in rows} - set(BASELINES))
     parts = [
@@ -440,10 +344,7 @@ def write_markdown(path: str, rows: list[dict], meta: dict, command: str) -> Non
 def plot(path: str, rows: list[dict]) -> None:
     """Speedup over dense against density, one panel per layer: solid = forward+backward, dotted =
     forward; black = the ideal. Uses the first STE in ``rows``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure state
 
     ste = rows[0]["ste"]
     rows = [r for r in rows if r["ste"] == ste]
@@ -451,7 +352,8 @@ def plot(path: str, rows: list[dict]) -> None:
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     cols = min(4, len(layers))
     grid = math.ceil(len(layers) / cols)
-    fig, axes = plt.subplots(grid, cols, figsize=(4.2 * cols, 3.4 * grid), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * grid))
+    axes = fig.subplots(grid, cols, squeeze=False)
     for ax, layer in zip(axes.flat, layers):
         for mode, style in (("fwd+bwd", "-"), ("fwd", ":")):
             sel = [r for r in rows if r["layer"] == layer and r["mode"] == mode]
@@ -477,180 +379,3 @@ def plot(path: str, rows: list[dict]) -> None:
     fig.suptitle(f"speedup over dense (STE {ste}, {torch.get_num_threads()} threads)")
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _output_problem(flag: str, path: str) -> str | None:
-    """Why ``path`` cannot be written by the end of a run (None when it can), checked before timing."""
-    if os.path.isdir(path):
-        return f"{flag} {path} is a folder; give a file name"
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        return f"{flag} {path}: folder {folder} does not exist"
-    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        return f"{flag} {path} is not writable"
-    if flag == "--plot":
-        try:
-            import matplotlib.figure
-        except ImportError:
-            return "--plot needs matplotlib: pip install matplotlib"
-        kinds = matplotlib.figure.Figure().canvas.get_supported_filetypes()
-        if os.path.splitext(path)[1].lstrip(".").lower() not in kinds:
-            return f"--plot {path}: the file name must end in one of {', '.join('.' + k for k in sorted(kinds))}"
-    return None
-
-
-def argument_problems(args: argparse.Namespace, layers: list[str]) -> list[str]:
-    """Why the flags cannot make a run (each naming its flag), found before any timing; empty if none.
-    (``--threads`` is checked before, as it is applied first.)"""
-    problems = []
-    if args.reps < 1:
-        problems.append(f"--reps must be >= 1 (got {args.reps})")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        problems.append(f"--device cuda: CUDA is not available here (torch {torch.__version__})")
-    bad = [ste for ste in args.stes if ste not in STES]
-    if bad:
-        problems.append(f"--ste: unknown {bad}; choose from {list(STES)}")
-    ops = sorted({LAYERS[name].op for name in layers if name in LAYERS})
-    for name in args.backends or []:
-        if name == "dense":
-            problems.append("--backends: dense is always timed (it is the baseline); list the others")
-        elif name != "masked" and name not in BACKEND_NAMES:
-            problems.append(f"--backends: unknown {name!r}; choose from {['masked', *BACKEND_NAMES]}")
-        elif name != "masked":
-            reasons = [f"{op}: {why}" for op in ops
-                       for why in get_backend(name).not_supported_reasons(CallSpec(op, args.device, torch.float32))]
-            if reasons:
-                problems.append(f"--backends: {name} cannot run here ({'; '.join(reasons)})")
-    outputs = {flag: path for flag, path in (("--json", args.json), ("--markdown", args.markdown),
-                                             ("--plot", args.plot)) if path}
-    for flag, path in outputs.items():
-        problem = _output_problem(flag, path)
-        if problem:
-            problems.append(problem)
-    same = [flag for flag, path in outputs.items()
-            if [os.path.abspath(p) for p in outputs.values()].count(os.path.abspath(path)) > 1]
-    if same:
-        problems.append(f"{' and '.join(same)} name the same file")
-    return problems
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="spafl-bench",
-        description="Time sparse layers against dense (plain PyTorch op) and masked dense (the paper's "
-        "code), interleaved, and print median time, speedup over dense and fraction of ideal.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--layers", "--layer", nargs="+", default=None,
-                        help=f"layer names or groups {sorted(LAYER_GROUPS)} (default: all); "
-                        f"layers: {', '.join(LAYERS)}")
-    parser.add_argument("--densities", type=float, nargs="+", default=None,
-                        help="fractions of active rows (default: 1 0.75 0.5 0.25 0.1 0.05)")
-    parser.add_argument("--backends", nargs="+", default=None,
-                        help="candidates besides dense: 'masked' and backend names (default: masked and every "
-                        "backend that runs on the device)")
-    parser.add_argument("--ste", "--stes", dest="stes", nargs="+", default=None,
-                        help="straight-through estimators (default: outer identity)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
-                        help="forward only, and/or forward+backward (default: fwd fwd+bwd)")
-    parser.add_argument("--forward-only", action="store_true", help="same as --modes fwd")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per candidate (default: 7)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: all)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="(default: cpu)")
-    parser.add_argument("--memory", action="store_true",
-                        help="also measure peak memory of forward+backward on the large layers (one process per "
-                        "candidate; CPU, Linux)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"CI smoke run (under 2 minutes): layers {QUICK['layers']}, densities "
-                        f"{QUICK['densities']}, forward+backward, outer STE, {QUICK['reps']} reps; flags given "
-                        "explicitly win")
-    parser.add_argument("--json", help="write the rows and run metadata to this JSON file")
-    parser.add_argument("--markdown", help="write a Markdown report (targets + table) to this file")
-    parser.add_argument("--plot", help="draw speedup against density (PNG) to this file (needs matplotlib)")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
-                        help="time whole training steps of these paper models instead of single layers (dense, "
-                        "masked dense, the static limit and every backend; densities from --densities, "
-                        f"default {list(MODEL_DENSITIES)})")
-    parser.add_argument("--density-from", metavar="RUN_DIR",
-                        help="with --models: also time the per-layer densities of the last round of this "
-                        "spafl-fl run (its model must be among --models)")
-    parser.add_argument("--memory-probe", nargs=4, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1 (got {args.threads})")
-    torch.set_num_threads(args.threads)
-    if args.memory_probe:
-        layer, density, ste, candidate = args.memory_probe
-        _memory_probe(layer, float(density), ste, candidate)
-        return
-    explicit_densities = args.densities is not None
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:  # a flag given explicitly wins over --quick
-            setattr(args, key, copy.copy(value))
-    if args.forward_only:
-        args.modes = ["fwd"]
-    layers = list(dict.fromkeys(name for item in args.layers for name in LAYER_GROUPS.get(item, [item])))
-    for name in layers:
-        if name not in LAYERS:
-            parser.error(f"unknown layer {name!r}; choose from {sorted(LAYERS)} or {sorted(LAYER_GROUPS)}")
-    for density in args.densities:
-        if not 0.0 < density <= 1.0:
-            parser.error(f"--densities must lie in (0, 1], got {density}")
-    problems = argument_problems(args, layers)
-    profiles = {}
-    if args.density_from:
-        if not args.models:
-            problems.append("--density-from needs --models")
-        else:
-            try:
-                model, profile = density_profile(args.density_from)
-            except ValueError as error:
-                problems.append(str(error))
-            else:
-                if model not in args.models:
-                    problems.append(f"--density-from: that run trained {model!r}; add it to --models")
-                profiles[model] = profile
-    if problems:
-        parser.error("; ".join(problems))
-    candidates = list(dict.fromkeys(args.backends)) if args.backends else default_candidates(args.device)
-    meta = {**machine(), "reps": args.reps, "device": args.device,
-            "command": "spafl-bench " + " ".join(sys.argv[1:] if argv is None else argv)}
-    if args.models:
-        _main_models(args, candidates, meta, profiles, explicit_densities=explicit_densities)
-        return
-    print(f"{provenance(meta)}; {args.reps} reps, medians")
-    print(format_table([]))
-    rows = run(layers, args.densities, candidates, args.stes, args.modes, args.reps, args.device, args.memory,
-               progress=lambda line: print(line, flush=True))
-    _write_outputs(args, rows, meta, write_markdown, plot)
-    for backend in sorted(set(candidates) - set(BASELINES)):
-        lines = target_lines(rows, backend)
-        if lines:
-            print(f"\ntargets, {backend} (forward+backward, outer STE):\n" + "\n".join(lines))
-
-
-def _write_outputs(args, rows: list[dict], meta: dict, markdown: Callable, draw: Callable) -> None:
-    """The ``--json``, ``--markdown`` (with ``markdown``) and ``--plot`` (with ``draw``) files asked for."""
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    if args.markdown:
-        markdown(args.markdown, rows, meta, meta["command"])
-    if args.plot:
-        draw(args.plot, rows)
-
-
-def _main_models(args, candidates: list[str], meta: dict, profiles: dict, explicit_densities: bool) -> None:
-    """``spafl-bench --models``: whole training steps (``bench_models``)."""
-    densities = args.densities if explicit_densities else list(MODEL_DENSITIES)
-    print(f"{provenance(meta)}; {args.reps} reps, medians; one training step per model")
-    print(model_table([]))
-    rows = run_models(args.models, densities, candidates, args.reps, args.device, profiles,
-                      progress=lambda line: print(line, flush=True))
-    _write_outputs(args, rows, meta, write_model_markdown, plot_models)
-    print("\nwhole-model targets (docs/DESIGN.md §5):\n" + "\n".join(model_targets(rows)))
-
-
-if __name__ == "__main__":
-    main()

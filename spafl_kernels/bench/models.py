@@ -4,7 +4,8 @@ One step = ``zero_grad`` + forward + cross entropy + backward + SGD-momentum ste
 the paper's STE and batch size. Candidates, timed interleaved in one run (medians):
 
 - ``dense``: the same model with plain ``nn.Linear``/``nn.Conv2d`` (what FedAvg trains);
-- ``masked``: the sparse model on the ``reference`` backend (masked dense: the paper's code);
+- ``masked``: the sparse model with every sparse layer computed as the paper's masked dense
+  (``masked.PaperMaskedLayer``: the paper's code);
 - ``static``: every sparse layer physically cut to its active rows (a plain dense op on those rows,
   outputs scattered into zeros), no scores, no STE: what static structured pruning gives. Its time
   is the **static limit**; a backend's ``of static`` is ``t_static / t_backend``;
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,12 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flops import FlopCounter
-from .model import sparse_layers
-from .models import MODELS, build_model
-from .modules import SparseConv2d, SparseLayer
+from ..flops import FlopCounter
+from ..modules import SparseConv2d, SparseLayer
+from ..whole_model import sparse_layers
+from ..zoo import MODELS, build_model
+from .masked import PaperMaskedLayer
+from .records import provenance
+from .timing import medians, time_interleaved
 
 BASELINES = ("dense", "masked", "static")
+DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
+"""Densities a ``--models`` run times unless told otherwise."""
 
 
 @dataclass(frozen=True)
@@ -103,11 +110,16 @@ class _StaticLayer(nn.Module):
 
 def static_model(model: nn.Module) -> nn.Module:
     """A copy of the sparse ``model`` with every sparse layer cut to its active rows (``_StaticLayer``)."""
-    static = copy.deepcopy(model)
-    for name, layer in list(sparse_layers(static)):
+    return _replaced_layers(model, _StaticLayer)
+
+
+def _replaced_layers(model: nn.Module, replace: Callable[[SparseLayer], nn.Module]) -> nn.Module:
+    """A copy of ``model`` with every sparse layer ``layer`` (of the copy) swapped for ``replace(layer)``."""
+    copied = copy.deepcopy(model)
+    for name, layer in list(sparse_layers(copied)):
         parent, _, child = name.rpartition(".")
-        setattr(static.get_submodule(parent), child, _StaticLayer(layer))
-    return static
+        setattr(copied.get_submodule(parent), child, replace(layer))
+    return copied
 
 
 def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
@@ -156,7 +168,7 @@ def candidate_models(
     name: str, density: float | Mapping[str, float], candidates: Sequence[str], device: str = "cpu"
 ) -> tuple[dict[str, nn.Module], nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """``({candidate: model}, the sparse model, (x, target))`` for model ``name`` at ``density``:
-    ``dense`` and ``static`` always, and each of ``candidates`` (``masked`` = the reference backend).
+    ``dense`` and ``static`` always, and each of ``candidates`` (``masked``: ``masked.PaperMaskedLayer``).
     Every candidate starts from the same weights; the batch is the paper's."""
     setup = SETUPS[name]
     gen = torch.Generator().manual_seed(0)
@@ -169,9 +181,12 @@ def candidate_models(
         "static": static_model(sparse),
     }
     for candidate in candidates:
+        if candidate == "masked":
+            models[candidate] = _replaced_layers(sparse, PaperMaskedLayer)
+            continue
         model = copy.deepcopy(sparse)
         for _, layer in sparse_layers(model):
-            layer.backend = "reference" if candidate == "masked" else candidate
+            layer.backend = candidate
         models[candidate] = model
     return models, sparse, (x, target)
 
@@ -184,12 +199,11 @@ def run_models(
     device: str = "cpu",
     profiles: Mapping[str, Mapping[str, float]] | None = None,
     progress: Callable[[str], None] = lambda line: None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict]:
     """One row per (model, density, candidate): median step seconds, speed-up over dense, masked
     and static, executed FLOPs over dense FLOPs. ``profiles``: per-model layer densities measured in
     a run, timed as density ``"profile"`` besides the uniform ones."""
-    from .bench import medians, time_interleaved
-
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
     for name in models:
@@ -203,7 +217,7 @@ def run_models(
             layers = dict(sparse_layers(sparse))
             active = {n: int(layer.mask().sum()) for n, layer in layers.items()}
             steps = {c: training_step(m, x, target) for c, m in by_candidate.items()}
-            timings = time_interleaved(steps, reps, sync=sync)
+            timings = time_interleaved(steps, reps, sync=sync, clock=clock)
             times = medians(timings)
             weights = sum(layer.weight.numel() for layer in layers.values())
             kept = sum(active[n] * layer.fan_in for n, layer in layers.items())
@@ -281,8 +295,6 @@ def model_targets(rows: list[dict]) -> list[str]:
 
 
 def write_model_markdown(path: str, rows: list[dict], meta: dict, command: str) -> None:
-    from .bench import provenance
-
     parts = [
         "# Whole training steps of the paper's models", "",
         f"`{command}`", "",
@@ -301,15 +313,13 @@ def write_model_markdown(path: str, rows: list[dict], meta: dict, command: str) 
 
 def plot_models(path: str, rows: list[dict]) -> None:
     """Speed-up over dense against density, one panel per model, the static limit in black."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure state
 
     uniform = [r for r in rows if r["density"] != "profile"]
     models = list(dict.fromkeys(r["model"] for r in uniform))
     candidates = [c for c in dict.fromkeys(r["candidate"] for r in uniform) if c != "dense"]
-    fig, axes = plt.subplots(1, len(models), figsize=(3.8 * len(models), 3.4), squeeze=False)
+    fig = Figure(figsize=(3.8 * len(models), 3.4))
+    axes = fig.subplots(1, len(models), squeeze=False)
     for ax, model in zip(axes.flat, models):
         for i, candidate in enumerate(candidates):
             pts = [r for r in uniform if r["model"] == model and r["candidate"] == candidate]
@@ -326,4 +336,3 @@ def plot_models(path: str, rows: list[dict]) -> None:
     fig.suptitle(f"whole training step, speed-up over dense ({torch.get_num_threads()} threads)")
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
