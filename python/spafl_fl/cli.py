@@ -21,7 +21,7 @@ import sys
 
 from spafl_kernels import BACKEND_NAMES, STES, __version__
 
-from .checkpoint import POINTER, read_json_object
+from .checkpoint import read_json_object
 from .config import (
     ALGORITHMS,
     BATCH_ORDERS,
@@ -34,11 +34,12 @@ from .config import (
     RunConfig,
     config_problems,
     run_only_problems,
+    threads_problems,
 )
 from .data import DATASETS
 from .models import MODELS
-from .rundir import METRICS, PLOTS, claim_out_dir, clear_outputs, read_metrics
-from .simulation import SUMMARY_KEYS
+from .results import compare_table, load_run, savings_report, si
+from .rundir import PLOTS, claim_out_dir, clear_outputs
 
 _DEFAULTS = RunConfig()  # every run flag's default
 EXIT_INTERRUPTED = 130  # what a shell reports for a command stopped by Ctrl-C (128 + SIGINT)
@@ -174,103 +175,8 @@ def flag_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def threads_problems(threads) -> list[str]:
-    """``--threads`` above this machine's CPU count (torch crashes creating very many threads)."""
-    cpus = os.cpu_count() or 1
-    if isinstance(threads, int) and threads > cpus:
-        return [f"--threads must be at most this machine's {cpus} CPUs (got {threads})"]
-    return []
-
-
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(**_values(args))
-
-
-def _si(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}".rstrip()
-
-
-def savings_report(summary: dict, config: dict) -> str:
-    """The run's savings in a few lines: accuracy, density, bits vs FedAvg, FLOPs vs dense, time vs masked dense."""
-    compute = f"backend {config['resolved_backend']}" if config.get("resolved_backend") else "dense layers"
-    lines = [f"{summary['algorithm']} on {config['dataset']} with {config['model']}: {summary['rounds']} rounds, "
-             f"{config['clients']} clients ({config['sample']} per round), {compute}"]
-    if summary["accuracy"] is None:
-        return lines[0] + "\n  (no rounds run)"
-    lines.append(f"  accuracy        {summary['accuracy']:.2f} % (mean of the clients' own test splits)")
-    lines.append(f"  density         {summary['density']:.3f} weight density (fraction of sparse-layer weights in "
-                 "active rows)")
-    if summary.get("mean_row_density") is not None:
-        lines.append(f"                  {summary['mean_row_density']:.3f} mean row density (mean over layers of the "
-                     "fraction of active rows: the authors' 'density')")
-    wire = summary["uplink_bits"] + summary["downlink_bits"]
-    fedavg = 2 * summary["dense_uplink_bits"]  # FedAvg: the full state down to and up from each sampled client
-    bits = f"  bits on wire    up {_si(summary['uplink_bits'], 'b')} + down {_si(summary['downlink_bits'], 'b')}"
-    if summary["algorithm"] != "fedavg" and wire:
-        bits += f" vs FedAvg (same model and rounds) {_si(fedavg, 'b')}: {fedavg / wire:.3g}x fewer"
-    lines.append(bits)
-    lines.append(f"  train FLOPs     executed {_si(summary['train_flops'])} vs dense "
-                 f"{_si(summary['dense_train_flops'])} ({summary['train_flops'] / summary['dense_train_flops']:.3f}x);"
-                 " paper formula "
-                 f"{_si(summary['paper_train_flops'])}")
-    if summary.get("authors_flops_per_client"):
-        lines.append(f"  authors' FLOPs  {_si(summary['authors_flops_per_client'])} per client (their count: 1 per "
-                     "multiply-add, end-of-round density for the whole round, averaged over all clients)")
-    base = summary["baseline_train_seconds"]
-    time_line = f"  train time      {summary['train_seconds']:.2f} s"
-    if base:
-        speedup = base / summary["train_seconds"]
-        verdict = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
-        time_line += f" vs {base:.2f} s masked dense (reference) on the same batches: {verdict} (measured)"
-    lines.append(time_line)
-    return "\n".join(lines)
-
-
-def _load_run(folder: str) -> tuple[dict, dict, list[dict]]:
-    """summary.json, config.json and the metrics records of a finished run; ``ValueError`` naming the
-    folder or file when it is missing, unfinished or damaged."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"{folder} is not a run folder (no such folder)")
-    paths = {name: os.path.join(folder, name) for name in ("config.json", METRICS, "summary.json")}
-    missing = [name for name, path in paths.items() if not os.path.isfile(path)]
-    if missing:
-        unfinished = "summary.json" in missing and os.path.isfile(os.path.join(folder, POINTER))
-        hint = "; it is unfinished: continue it with spafl-fl run ... --resume" if unfinished else ""
-        raise ValueError(f"{folder} is not a finished run: missing {', '.join(missing)}{hint}")
-    summary = read_json_object(paths["summary.json"], SUMMARY_KEYS)
-    numbers = [k for k in SUMMARY_KEYS if k != "algorithm" and not (
-        summary[k] is None and k in ("accuracy", "density", "baseline_train_seconds")) and not (
-        isinstance(summary[k], (int, float)) and not isinstance(summary[k], bool))]
-    if numbers:
-        raise ValueError(f"{paths['summary.json']} is damaged: {numbers} are not numbers")
-    config = read_json_object(paths["config.json"], ("dataset", "model", "clients", "sample"))
-    return summary, config, read_metrics(paths[METRICS])
-
-
-def compare_table(runs: list[tuple[str, dict, dict]]) -> str:
-    """One row per run (folder, summary, config)."""
-    header = ["run", "algorithm", "backend", "data/model", "rounds", "acc %", "density", "row density",
-              "wire bits", "FedAvg bits", "train FLOPs", "dense FLOPs", "authors FLOPs/client", "train s",
-              "masked-dense s"]
-    rows = [header]
-    for folder, s, c in runs:
-        rows.append([
-            folder, s["algorithm"], str(c.get("resolved_backend") or "dense"), f"{c['dataset']}/{c['model']}",
-            str(s["rounds"]), "-" if s["accuracy"] is None else f"{s['accuracy']:.2f}",
-            "-" if s["density"] is None else f"{s['density']:.3f}",
-            "-" if s.get("mean_row_density") is None else f"{s['mean_row_density']:.3f}",
-            _si(s["uplink_bits"] + s["downlink_bits"]), _si(2 * s["dense_uplink_bits"]),
-            _si(s["train_flops"]), _si(s["dense_train_flops"]), _si(s.get("authors_flops_per_client")),
-            f"{s['train_seconds']:.2f}",
-            "-" if s["baseline_train_seconds"] is None else f"{s['baseline_train_seconds']:.2f}",
-        ])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def _command(argv: list[str], drop: tuple[str, ...] = (), add: str | None = None) -> str:
@@ -369,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 def _compare(usage: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``spafl-fl compare``: every folder is read and checked before anything is printed or written."""
     try:
-        loaded = [(d, *_load_run(d)) for d in args.dirs]
+        loaded = [(d, *load_run(d)) for d in args.dirs]
         if args.plots:
             claim_out_dir(args.plots, overwrite=args.overwrite, resumable=False,
                           what="the plots a previous compare wrote", outputs=lambda name: name in PLOTS)
@@ -463,12 +369,12 @@ def _deploy_local(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    summary, described, _ = _load_run(args.out)
+    summary, described, _ = load_run(args.out)
     print(savings_report(summary, described))
     traffic = record.get("flower_network_traffic") or {}
-    print(f"  Flower carried  up {_si(record.get('uplink_wire_bits'), 'b')} + down "
-          f"{_si(record.get('downlink_wire_bits'), 'b')} (messages serialised); the SuperLink counted in "
-          f"{_si(8 * traffic.get('inbound-bytes', 0), 'b')}, out {_si(8 * traffic.get('outbound-bytes', 0), 'b')}")
+    print(f"  Flower carried  up {si(record.get('uplink_wire_bits'), 'b')} + down "
+          f"{si(record.get('downlink_wire_bits'), 'b')} (Flower's count of the records); the SuperLink counted in "
+          f"{si(8 * traffic.get('inbound-bytes', 0), 'b')}, out {si(8 * traffic.get('outbound-bytes', 0), 'b')}")
     print(f"  time            clients computed {record.get('client_compute_seconds', 0):.1f} s; the run took "
           f"{record['wall_seconds']:.1f} s (processes, network, queues)")
     print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, deployment.json, plots")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -282,3 +283,11 @@ def device_problem(device) -> str | None:
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         return f"{device!r}: there are {torch.cuda.device_count()} CUDA devices"
     return None
+
+
+def threads_problems(threads) -> list[str]:
+    """``--threads`` above this machine's CPU count (torch crashes creating very many threads)."""
+    cpus = os.cpu_count() or 1
+    if isinstance(threads, int) and threads > cpus:
+        return [f"--threads must be at most this machine's {cpus} CPUs (got {threads})"]
+    return []
