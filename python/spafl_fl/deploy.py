@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 from .checkpoint import atomic_write_text, open_append
 from .config import RunConfig
+from .core import WIRE_KEYS
 from .data import load_dataset
 from .rundir import DEPLOYMENT_FOLDER, claim_out_dir, clear_outputs, deployment_output, read_metrics, read_resume
 from .userspec import importable_env
@@ -303,9 +304,6 @@ def wait_for_run(deployment: LocalDeployment, run_id: int, out_dir: str, timeout
                     raise DeploymentError(f"Flower reports the run {status} and the ServerApp wrote no "
                                           f"{STATUS} (see {deployment.logs}/superlink.log)")
         time.sleep(0.5)
-
-
-WIRE_KEYS = ("uplink_wire_bits", "downlink_wire_bits", "client_compute_seconds", "client_cpu_seconds")
 
 
 def wire_totals(out_dir: str) -> dict:

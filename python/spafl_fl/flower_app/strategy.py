@@ -9,8 +9,8 @@ written with a checkpoint by the run recorder (``recorder.RunRecorder``).
 
 Records keep the keys of ``spafl-fl run``: ``uplink_bits`` / ``downlink_bits`` are the array payloads the
 algorithm needs, exactly as the in-process loop counts them. Beside them, what Flower carried:
-``uplink_wire_bits`` / ``downlink_wire_bits`` (every message of the round as Flower serialises it, metadata and
-record names included: ``mods.message_bytes``) and ``client_compute_seconds`` / ``client_cpu_seconds`` (the
+``uplink_wire_bits`` / ``downlink_wire_bits`` (every message of the round, its records' bytes as Flower's
+``count_bytes`` gives them: ``mods.message_bytes``) and ``client_compute_seconds`` / ``client_cpu_seconds`` (the
 clients' handler time from ``wire_mod``), apart from the round's ``wall_seconds``, which also holds the network,
 the SuperLink's queues and the start of each ClientApp process.
 """
