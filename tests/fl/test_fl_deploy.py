@@ -75,6 +75,42 @@ def test_shipped_app_is_a_valid_flower_app_with_every_setting(tmp_path):
         write_app(folder)
 
 
+def test_the_app_keeps_any_string_setting(tmp_path):
+    """The app's settings go through a TOML writer: a folder name with a newline, quotes, a backslash or a control
+    character comes back as it was (hand-made TOML wrote a newline raw, which no TOML reader accepts)."""
+    odd = 'runs/new\nline "quoted" back\\slash \x01 \u00e9'
+    folder = write_app(str(tmp_path / "odd-app"), app_config(tiny_config(), out_dir=odd))
+    with open(os.path.join(folder, "pyproject.toml"), "rb") as f:
+        shipped = tomllib.load(f)
+    assert from_run_config(shipped["tool"]["flwr"]["app"]["config"]) == (tiny_config(), {**DEPLOY_KEYS, "out-dir": odd})
+    assert shipped["tool"]["flwr"]["app"]["components"]["serverapp"] == "spafl_fl.flower_app.server:app"
+
+
+def test_every_install_requirement_is_pinned_for_ci_and_the_fresh_install():
+    """setup.py's install_requires (tomli_w among them: the app's TOML writer) are in the Makefile's pinned TOOLS and
+    in what dist-check installs into its fresh virtual environment before the wheel (installed with --no-deps)."""
+    import ast
+    import re
+
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.keyword) and n.arg == "install_requires")
+    required = {re.split(r"[<>=!~ ]", requirement)[0] for requirement in ast.literal_eval(call.value)}
+    assert "tomli_w" in required
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        makefile = f.read()
+    variables = dict(re.findall(r"^(\w+) \S?= (.*)$", makefile, re.M))
+
+    def expand(text: str) -> str:
+        return re.sub(r"\$\((\w+)\)", lambda m: expand(variables.get(m.group(1), "")), text)
+
+    tools = expand(re.search(r"^TOOLS := ((?:.*\\\n)*.*)$", makefile, re.M).group(1))
+    fresh = expand(re.search(r"^\t\$\(DIST\)/venv/bin/pip install .* torch==.*$", makefile, re.M).group(0))
+    for name in required - {"torch"}:
+        assert re.search(rf"\b{name}==", tools), f"{name} is not pinned in TOOLS"
+        assert re.search(rf"\b{name}==", fresh), f"dist-check's fresh venv does not install {name}"
+
+
 def test_wire_mod_measures_messages_and_compute(server_identity):  # noqa: F811
     def handler(message, context):
         time.sleep(0.01)

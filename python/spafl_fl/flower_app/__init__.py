@@ -28,6 +28,8 @@ from __future__ import annotations
 import os
 from dataclasses import fields
 
+import tomli_w
+
 from ..checkpoint import atomic_write_bytes, atomic_write_text
 from ..config import RunConfig
 from ..rundir import claim_out_dir
@@ -86,15 +88,6 @@ def from_run_config(run_config) -> tuple[RunConfig, dict]:
     return RunConfig(**values), deploy
 
 
-def toml_value(value) -> str:
-    """``value`` as a TOML literal (bool, int, float, str)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 CONFIG_HEADER = "[tool.flwr.app.config]\n"
 
 
@@ -108,8 +101,8 @@ def app_pyproject(values: dict) -> str:
     """The app's pyproject.toml (``APP_TEMPLATE``'s) with ``values`` as its ``[tool.flwr.app.config]``."""
     with open(os.path.join(APP_TEMPLATE, "pyproject.toml")) as f:
         template = f.read()
-    head = template[:template.index(CONFIG_HEADER) + len(CONFIG_HEADER)]
-    return head + "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items())
+    head = template[:template.index(CONFIG_HEADER)]  # the comments and the app's own tables, kept as written
+    return head + tomli_w.dumps({"tool": {"flwr": {"app": {"config": values}}}})
 
 
 def write_app(folder: str, values: dict | None = None, overwrite: bool = False) -> str:
