@@ -30,9 +30,11 @@ from .config import (
     COLLAPSE_GUARDS,
     GLOBAL_UPDATES,
     PRESETS,
+    RUN_ONLY,
     SPLITS,
     RunConfig,
     config_problems,
+    default_classifier,
     run_only_problems,
     threads_problems,
 )
@@ -54,13 +56,24 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+RUN_ONLY_FLAGS = ("--no-progress", *(f"--{key.replace('_', '-')}" for key in RUN_ONLY))
+"""Flags whose behaviour only ``spafl-fl run`` has: the Flower commands' help leaves them out."""
 _RUN_HELP = "run SpaFL, FedAvg or Local and write config.json, metrics.jsonl, summary.json, plots"
 
 
 def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argparse.ArgumentParser:
-    """The ``run`` subcommand's flags, for ``run`` and for ``flower`` (same flags, another engine)."""
+    """The run flags, for ``run`` and for the Flower engines (``flower``, ``deploy-local``, ``flower-app``). What only
+    ``run`` implements (the authors' behaviours, lazy-last, the progress bar) is listed in ``run``'s help only: the
+    Flower commands still parse the authors' flags, to refuse them with a message that names ``run``, and take
+    ``--no-progress``, so that a ``run`` command line works unchanged there."""
     p = sub.add_parser(command, help=help_text, description=help_text, formatter_class=_HelpFormatter)
-    add = p.add_argument
+    in_run = command == "run"
+
+    def add(*names, **options):
+        if not in_run and names[0] in RUN_ONLY_FLAGS:
+            options["help"] = argparse.SUPPRESS
+        return p.add_argument(*names, **options)
+
     add("--algorithm", choices=ALGORITHMS, default=_DEFAULTS.algorithm,
         help="spafl (thresholds on the wire) or fedavg (dense model, full state on the wire)")
     add("--dataset", default=_DEFAULTS.dataset, metavar="NAME|MODULE:CALLABLE",
@@ -108,10 +121,11 @@ def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argpar
     once.add_argument("--overwrite", action="store_true",
                       help="replace the files a previous run wrote in DIR (other files are kept)")
     add("--no-progress", action="store_true", help="no progress bar")
-    add("--global-update", choices=GLOBAL_UPDATES, default=_DEFAULTS.global_update,
+    lazy_last = "lazy-last: only the last round's change (the authors' FMNIST code); " if in_run else ""
+    add("--global-update", choices=GLOBAL_UPDATES if in_run else tuple(u for u in GLOBAL_UPDATES if u != "lazy-last"),
+        default=_DEFAULTS.global_update,
         help="lazy: a client applies the whole global threshold change since it last trained when next "
-        "sampled; lazy-last: only the last round's change (the authors' FMNIST code); eager: every client after "
-        "every round (their CIFAR code)")
+        f"sampled; {lazy_last}eager: every client after every round (their CIFAR code)")
     add("--split", choices=SPLITS, default=_DEFAULTS.split,
         help="dirichlet: our seeded Dirichlet split; authors: the authors' Non_iid_split and client sampling, "
         "draw for draw (a held-out test set where the dataset has none)")
@@ -124,9 +138,10 @@ def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argpar
     add("--collapse-guard", choices=COLLAPSE_GUARDS, default=_DEFAULTS.collapse_guard,
         help="after-step: reset a layer at or under --min-density after each step; before-forward: reset it "
         "before the forward that follows one that kept that few rows, evaluation included (the authors' code)")
-    add("--classifier", choices=CLASSIFIERS, default=_DEFAULTS.classifier,
+    add("--classifier", choices=CLASSIFIERS, default=None,
         help="the last Linear of lenet5, conv4 and mlp: dense (kept dense and personal, as the paper keeps the "
-        "resnet18 and vit classifiers) or sparse (pruned like the others, as the authors' lenet5 code)")
+        "resnet18 and vit classifiers) or sparse (pruned like the others, as the authors' lenet5 code) (default: "
+        "dense; a MODULE:CALLABLE model's layers are all sparse but those in --skip)")
     add("--input-scale", type=float, default=_DEFAULTS.input_scale,
         help="multiply the [0, 1] images by this (255: the raw pixels the authors trained on)")
     add("--preset", choices=tuple(PRESETS), default=None,
@@ -157,7 +172,8 @@ def _values(args: argparse.Namespace) -> dict:
         min_density=args.min_density, seed=args.seed, device=args.device, threads=args.threads,
         measure_baseline=not args.no_baseline, global_update=args.global_update, input_scale=args.input_scale,
         preset=args.preset, skip=args.skip, split=args.split, client_optimizer=args.client_optimizer,
-        collapse_guard=args.collapse_guard, batch_order=args.batch_order, classifier=args.classifier,
+        collapse_guard=args.collapse_guard, batch_order=args.batch_order,
+        classifier=args.classifier or default_classifier(args.model),
     )
 
 
@@ -334,8 +350,9 @@ def _deploy_parser(sub) -> None:
                 "into --out, to run on SuperNodes you start yourself (README: Run across machines)")
     p = sub.choices["flower-app"]
     p.add_argument("--out-dir", default="", help="where the ServerApp writes the run, on the SuperLink's machine")
-    p.add_argument("--round-timeout", type=float, default=600.0)
-    p.add_argument("--connect-timeout", type=float, default=300.0)
+    p.add_argument("--round-timeout", type=float, default=600.0,
+                   help="seconds a round waits for the replies (a node that does not answer counts as failed)")
+    p.add_argument("--connect-timeout", type=float, default=300.0, help="seconds the run waits for its SuperNodes")
 
 
 def _deploy_local(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

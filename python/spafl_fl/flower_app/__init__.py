@@ -31,7 +31,7 @@ from dataclasses import fields
 import tomli_w
 
 from ..checkpoint import atomic_write_bytes, atomic_write_text
-from ..config import RunConfig
+from ..config import RunConfig, default_classifier
 from ..rundir import claim_out_dir
 
 APP_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spafl-app")
@@ -50,14 +50,17 @@ failed), seconds the run waits for all its SuperNodes to connect, and where the 
 when the node config names no ``state-dir`` ("": in memory only)."""
 
 
-_OPTIONAL = ("data-dir", "preset")
-"""Run-config keys whose ``RunConfig`` value may be None, written as "" (TOML has no null)."""
+_OPTIONAL = ("data-dir", "preset", "classifier")
+"""Run-config keys whose ``RunConfig`` value may be None, written as "" (TOML has no null); a classifier that is
+its model's default is written as "" too, so that an app whose ``model`` is changed gets that model's default."""
 
 
 def to_run_config(config: RunConfig, **deploy) -> dict:
     """``config`` (and ``DEPLOY_KEYS`` values, by field name with underscores) as run-config values
     (TOML has no null: ``data_dir=None`` is "")."""
     values = {key: getattr(config, name) for key, name in RUN_KEYS.items()}
+    if config.classifier == default_classifier(config.model):
+        values["classifier"] = None
     for key in _OPTIONAL:
         values[key] = values[key] or ""
     for name, value in deploy.items():
