@@ -261,6 +261,76 @@ def test_deploy_local_matches_spafl_fl_run(tmp_path):
     assert records[out][-1]["density"]["total"] < 1.0
 
 
+def _deploy(out, *flags: str) -> subprocess.CompletedProcess:
+    """``spafl-fl deploy-local --supernodes 3`` with RUN_FLAGS and ``flags`` (the last of a flag wins) into ``out``."""
+    return subprocess.run([sys.executable, "-m", "spafl_fl", "deploy-local", "--supernodes", "3", *RUN_FLAGS,
+                           "--round-timeout", "120", "--connect-timeout", "120", "--timeout", "240", *flags,
+                           "--out", str(out)], env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _finished_deployment(done: subprocess.CompletedProcess, out) -> None:
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "deployment.json") as f:
+        record = json.load(f)
+    assert record["flower_status"] == "finished:completed"
+    assert not _leftovers(record, str(out)), "processes of the deployment still run"
+
+
+def _same_run(deployed, *flags: str) -> None:
+    """The deployed run's metrics.jsonl and summary.json are those of ``spafl-fl run`` with the same flags: the same
+    clients, bits and record keys, accuracy and train loss within 1e-6 (one torch thread everywhere)."""
+    reference = deployed.parent / "in-process"
+    subprocess.run([sys.executable, "-m", "spafl_fl", "run", "--clients", "3", *RUN_FLAGS, *flags, "--no-progress",
+                    "--out", str(reference)], env=_env(), check=True, capture_output=True, timeout=240)
+    records, summaries = {}, {}
+    for folder in (deployed, reference):
+        with open(folder / "metrics.jsonl") as f:
+            records[folder] = [json.loads(line) for line in f]
+        with open(folder / "summary.json") as f:
+            summaries[folder] = json.load(f)
+    for got, want in zip(records[deployed], records[reference], strict=True):
+        assert set(got) == set(want)
+        assert got["round"] == want["round"] and got["sampled"] == want["sampled"] and got["rejected"] == []
+        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
+        assert (got["train_loss"] is None) == (want["train_loss"] is None)
+        if want["train_loss"] is not None:
+            assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-6)
+        assert got["density"] == pytest.approx(want["density"], abs=1e-9)
+        for key in ("uplink_bits", "downlink_bits", "dense_uplink_bits", "train_flops", "dense_train_flops"):
+            assert got[key] == want[key], key
+    got, want = summaries[deployed], summaries[reference]
+    assert list(got) == list(want) and got["rounds"] == want["rounds"]
+    assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
+    for key in ("weight_density", "mean_row_density", "authors_train_flops", "authors_flops_per_client"):
+        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["fedavg", "local"])
+def test_deploy_local_runs_fedavg_and_local_like_spafl_fl_run(tmp_path, algorithm):
+    """FedAvg (full state both ways) and Local (nothing sent) on real processes give `spafl-fl run`'s numbers, and
+    the command reads its own run back (FedAvg's summary lacked its densities and ended in a traceback)."""
+    out = tmp_path / "deployed"
+    start = time.perf_counter()
+    done = _deploy(out, f"--algorithm={algorithm}")
+    print(f"deploy-local {algorithm}, 3 SuperNodes, 2 rounds: {time.perf_counter() - start:.1f} s")
+    _finished_deployment(done, out)
+    assert f"{algorithm} on digits with mlp" in done.stdout
+    _same_run(out, f"--algorithm={algorithm}")
+
+
+@pytest.mark.slow
+def test_deploy_local_resumes_like_an_uninterrupted_run(tmp_path):
+    """Stopped after round 1, resumed to round 2 (the SuperNodes reload their clients from the node state): the
+    numbers of an uninterrupted `spafl-fl run`."""
+    out = tmp_path / "deployed"
+    _finished_deployment(_deploy(out, "--rounds=1"), out)
+    with open(out / "metrics.jsonl") as f:
+        assert [json.loads(line)["round"] for line in f] == [1]
+    _finished_deployment(_deploy(out, "--resume"), out)
+    _same_run(out)
+
+
 def _node_pid(marker: str, partition: int) -> int | None:
     for name in os.listdir("/proc"):
         if name.isdigit():
