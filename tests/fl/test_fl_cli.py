@@ -112,7 +112,8 @@ ONLY = {"run": {"--split", "--batch-order", "--client-optimizer", "--collapse-gu
         "deploy-local": {"--supernodes", "--timeout"}, "flower-app": {"--out-dir"}, "compare": {"--plots"},
         "reproduce": {"--datasets", "--bits-rounds"}, "export": {"--client"}}
 """Flags one subcommand has and no other may list."""
-SAMPLES = {"--dataset": ["digits"], "--model": ["lenet5"], "--skip": ["head", "--model", "mymodels:build"], "--clients": ["4"], "--sample": ["2"],
+SAMPLES = {"--dataset": ["digits"], "--model": ["lenet5"], "--skip": ["head", "--model", "mymodels:build"],
+           "--clients": ["4"], "--sample": ["2"],
            "--rounds": ["3"], "--local-epochs": ["2"], "--batch-size": ["16"], "--lr": ["0.01"], "--lr-decay": ["0.99"],
            "--momentum": ["0.5"], "--weight-decay": ["0.001"], "--clip": ["5"], "--th-coeff": ["0.01"],
            "--th-warmup": ["2"], "--alpha": ["0.3"], "--test-fraction": ["0.3"], "--min-density": ["0.1"],

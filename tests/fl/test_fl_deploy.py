@@ -123,6 +123,10 @@ def test_wire_mod_measures_messages_and_compute(server_identity):  # noqa: F811
     assert wire["in-bytes"] == message_bytes(message) == 8 + len("round")  # Flower counts a number as 8 bytes
     assert wire["out-bytes"] == 4 * 100 + len("a")  # the raw float32 buffer and its key
     assert wire["compute-seconds"] >= 0.01
+    # Flower's own count raises on an empty string or list: a client's empty failure reason must not stop a round
+    odd = ConfigRecord({"reason": "", "none": [], "text": "abc", "n": 2})
+    assert message_bytes(Message(RecordDict({"c": odd}), dst_node_id=5, message_type="train")) == (
+        len("reason") + len("none") + len("text") + 3 + len("n") + 8)
 
 
 def test_wire_mod_uses_only_public_flower_apis():

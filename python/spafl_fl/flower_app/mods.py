@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from flwr.app import Context, Message, MetricRecord
+from flwr.app import ConfigRecord, Context, Message, MetricRecord
 
 WIRE = "wire"
 
@@ -32,7 +32,18 @@ WIRE = "wire"
 def message_bytes(message: Message) -> int:
     """Bytes of ``message``'s records as Flower counts them (``count_bytes`` of each record, as Flower's
     ``message_size_mod`` sums them): array buffers, numbers, strings and keys, without the metadata."""
-    return sum(record.count_bytes() for record in message.content.values())
+    return sum(_record_bytes(record) for record in message.content.values())
+
+
+def _record_bytes(record) -> int:
+    """``record.count_bytes()``; Flower's count raises on an empty string, bytes or list in a ``ConfigRecord``
+    (which a client may send): those count 0 bytes here, their keys as Flower counts keys."""
+    try:
+        return record.count_bytes()
+    except (ValueError, IndexError):
+        return sum(len(key) + (ConfigRecord({key: value}).count_bytes() - len(key) if len(value) else 0)
+                   if isinstance(value, (str, bytes, list)) else ConfigRecord({key: value}).count_bytes()
+                   for key, value in record.items())
 
 
 def wire_mod(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
