@@ -9,7 +9,8 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 NUMPY := numpy==2.4.6
 SAFETENSORS := safetensors==0.8.0
-TOOLS := $(NUMPY) $(SAFETENSORS) pytest==9.2.0 hypothesis==6.170.17 pytest-benchmark==5.3.1 ruff==0.17.6 triton==3.9.0 \
+TOMLI_W := tomli_w==1.2.0
+TOOLS := $(NUMPY) $(SAFETENSORS) $(TOMLI_W) pytest==9.2.0 hypothesis==6.170.17 pytest-benchmark==5.3.1 ruff==0.17.6 triton==3.9.0 \
 	tqdm==4.70.1 matplotlib==3.11.2 mlxtend==0.25.0 scikit-learn==1.9.1 \
 	'flwr[simulation]==1.42.0' ray==2.55.1 clang-format==23.1.3
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
@@ -54,8 +55,8 @@ triton-check: install
 
 # What a user installs: the sdist from this checkout, a wheel built from that sdist (against the venv's
 # torch, as a user builds it), installed with the pinned torch into a fresh virtual environment (plus
-# numpy, and safetensors, which importing spafl_fl needs), then tools/smoke_wheel.py run there, outside
-# the source tree (docs/DESIGN.md §9).
+# numpy, tomli_w and safetensors, which importing spafl_fl and its Flower app needs), then
+# tools/smoke_wheel.py run there, outside the source tree (docs/DESIGN.md §9).
 DIST ?= build/dist
 dist-check: $(BIN)/.tools
 	rm -rf $(DIST)
@@ -63,7 +64,7 @@ dist-check: $(BIN)/.tools
 	MAX_JOBS=2 $(BIN)/pip wheel -q --disable-pip-version-check --no-build-isolation --no-deps -w $(DIST) \
 		$(DIST)/spafl_kernels-*.tar.gz
 	$(PYTHON) -m venv $(DIST)/venv
-	$(DIST)/venv/bin/pip install -q --disable-pip-version-check torch==$(TORCH_VERSION) $(NUMPY) $(SAFETENSORS)
+	$(DIST)/venv/bin/pip install -q --disable-pip-version-check torch==$(TORCH_VERSION) $(NUMPY) $(SAFETENSORS) $(TOMLI_W)
 	$(DIST)/venv/bin/pip install -q --disable-pip-version-check --no-deps $(DIST)/spafl_kernels-*.whl
 	cd $(DIST) && venv/bin/python -I $(CURDIR)/tools/smoke_wheel.py
 

@@ -134,7 +134,8 @@ if __name__ == "__main__":
         # The Flower app folder (`flwr run` reads its pyproject.toml): data, not a Python package.
         package_data={"spafl_kernels": ["py.typed"], "spafl_fl": ["py.typed"], "spafl_fl.flower_app": ["spafl-app/*"]},
         python_requires=">=3.10",
-        install_requires=["torch>=2.4", "numpy"],
+        # tomli_w: spafl-fl writes the Flower app's pyproject.toml and Flower's connection file
+        install_requires=["torch>=2.4", "numpy", "tomli_w>=1.0,<2"],
         extras_require={
             "test": ["pytest", "pytest-benchmark", "hypothesis"],
             "triton": ["triton"],

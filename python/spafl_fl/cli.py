@@ -21,7 +21,7 @@ import sys
 
 from spafl_kernels import BACKEND_NAMES, STES, __version__
 
-from .checkpoint import POINTER, read_json_object
+from .checkpoint import read_json_object
 from .config import (
     ALGORITHMS,
     BATCH_ORDERS,
@@ -30,15 +30,18 @@ from .config import (
     COLLAPSE_GUARDS,
     GLOBAL_UPDATES,
     PRESETS,
+    RUN_ONLY,
     SPLITS,
     RunConfig,
     config_problems,
+    default_classifier,
     run_only_problems,
+    threads_problems,
 )
 from .data import DATASETS
 from .models import MODELS
-from .rundir import METRICS, PLOTS, claim_out_dir, clear_outputs, read_metrics
-from .simulation import SUMMARY_KEYS
+from .results import compare_table, load_run, savings_report, si
+from .rundir import PLOTS, claim_out_dir, clear_outputs
 
 _DEFAULTS = RunConfig()  # every run flag's default
 EXIT_INTERRUPTED = 130  # what a shell reports for a command stopped by Ctrl-C (128 + SIGINT)
@@ -53,13 +56,24 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+RUN_ONLY_FLAGS = ("--no-progress", *(f"--{key.replace('_', '-')}" for key in RUN_ONLY))
+"""Flags whose behaviour only ``spafl-fl run`` has: the Flower commands' help leaves them out."""
 _RUN_HELP = "run SpaFL, FedAvg or Local and write config.json, metrics.jsonl, summary.json, plots"
 
 
 def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argparse.ArgumentParser:
-    """The ``run`` subcommand's flags, for ``run`` and for ``flower`` (same flags, another engine)."""
+    """The run flags, for ``run`` and for the Flower engines (``flower``, ``deploy-local``, ``flower-app``). What only
+    ``run`` implements (the authors' behaviours, lazy-last, the progress bar) is listed in ``run``'s help only: the
+    Flower commands still parse the authors' flags, to refuse them with a message that names ``run``, and take
+    ``--no-progress``, so that a ``run`` command line works unchanged there."""
     p = sub.add_parser(command, help=help_text, description=help_text, formatter_class=_HelpFormatter)
-    add = p.add_argument
+    in_run = command == "run"
+
+    def add(*names, **options):
+        if not in_run and names[0] in RUN_ONLY_FLAGS:
+            options["help"] = argparse.SUPPRESS
+        return p.add_argument(*names, **options)
+
     add("--algorithm", choices=ALGORITHMS, default=_DEFAULTS.algorithm,
         help="spafl (thresholds on the wire) or fedavg (dense model, full state on the wire)")
     add("--dataset", default=_DEFAULTS.dataset, metavar="NAME|MODULE:CALLABLE",
@@ -107,10 +121,11 @@ def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argpar
     once.add_argument("--overwrite", action="store_true",
                       help="replace the files a previous run wrote in DIR (other files are kept)")
     add("--no-progress", action="store_true", help="no progress bar")
-    add("--global-update", choices=GLOBAL_UPDATES, default=_DEFAULTS.global_update,
+    lazy_last = "lazy-last: only the last round's change (the authors' FMNIST code); " if in_run else ""
+    add("--global-update", choices=GLOBAL_UPDATES if in_run else tuple(u for u in GLOBAL_UPDATES if u != "lazy-last"),
+        default=_DEFAULTS.global_update,
         help="lazy: a client applies the whole global threshold change since it last trained when next "
-        "sampled; lazy-last: only the last round's change (the authors' FMNIST code); eager: every client after "
-        "every round (their CIFAR code)")
+        f"sampled; {lazy_last}eager: every client after every round (their CIFAR code)")
     add("--split", choices=SPLITS, default=_DEFAULTS.split,
         help="dirichlet: our seeded Dirichlet split; authors: the authors' Non_iid_split and client sampling, "
         "draw for draw (a held-out test set where the dataset has none)")
@@ -123,9 +138,10 @@ def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argpar
     add("--collapse-guard", choices=COLLAPSE_GUARDS, default=_DEFAULTS.collapse_guard,
         help="after-step: reset a layer at or under --min-density after each step; before-forward: reset it "
         "before the forward that follows one that kept that few rows, evaluation included (the authors' code)")
-    add("--classifier", choices=CLASSIFIERS, default=_DEFAULTS.classifier,
+    add("--classifier", choices=CLASSIFIERS, default=None,
         help="the last Linear of lenet5, conv4 and mlp: dense (kept dense and personal, as the paper keeps the "
-        "resnet18 and vit classifiers) or sparse (pruned like the others, as the authors' lenet5 code)")
+        "resnet18 and vit classifiers) or sparse (pruned like the others, as the authors' lenet5 code) (default: "
+        "dense; a MODULE:CALLABLE model's layers are all sparse but those in --skip)")
     add("--input-scale", type=float, default=_DEFAULTS.input_scale,
         help="multiply the [0, 1] images by this (255: the raw pixels the authors trained on)")
     add("--preset", choices=tuple(PRESETS), default=None,
@@ -156,7 +172,8 @@ def _values(args: argparse.Namespace) -> dict:
         min_density=args.min_density, seed=args.seed, device=args.device, threads=args.threads,
         measure_baseline=not args.no_baseline, global_update=args.global_update, input_scale=args.input_scale,
         preset=args.preset, skip=args.skip, split=args.split, client_optimizer=args.client_optimizer,
-        collapse_guard=args.collapse_guard, batch_order=args.batch_order, classifier=args.classifier,
+        collapse_guard=args.collapse_guard, batch_order=args.batch_order,
+        classifier=args.classifier or default_classifier(args.model),
     )
 
 
@@ -174,103 +191,8 @@ def flag_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def threads_problems(threads) -> list[str]:
-    """``--threads`` above this machine's CPU count (torch crashes creating very many threads)."""
-    cpus = os.cpu_count() or 1
-    if isinstance(threads, int) and threads > cpus:
-        return [f"--threads must be at most this machine's {cpus} CPUs (got {threads})"]
-    return []
-
-
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(**_values(args))
-
-
-def _si(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}".rstrip()
-
-
-def savings_report(summary: dict, config: dict) -> str:
-    """The run's savings in a few lines: accuracy, density, bits vs FedAvg, FLOPs vs dense, time vs masked dense."""
-    compute = f"backend {config['resolved_backend']}" if config.get("resolved_backend") else "dense layers"
-    lines = [f"{summary['algorithm']} on {config['dataset']} with {config['model']}: {summary['rounds']} rounds, "
-             f"{config['clients']} clients ({config['sample']} per round), {compute}"]
-    if summary["accuracy"] is None:
-        return lines[0] + "\n  (no rounds run)"
-    lines.append(f"  accuracy        {summary['accuracy']:.2f} % (mean of the clients' own test splits)")
-    lines.append(f"  density         {summary['density']:.3f} weight density (fraction of sparse-layer weights in "
-                 "active rows)")
-    if summary.get("mean_row_density") is not None:
-        lines.append(f"                  {summary['mean_row_density']:.3f} mean row density (mean over layers of the "
-                     "fraction of active rows: the authors' 'density')")
-    wire = summary["uplink_bits"] + summary["downlink_bits"]
-    fedavg = 2 * summary["dense_uplink_bits"]  # FedAvg: the full state down to and up from each sampled client
-    bits = f"  bits on wire    up {_si(summary['uplink_bits'], 'b')} + down {_si(summary['downlink_bits'], 'b')}"
-    if summary["algorithm"] != "fedavg" and wire:
-        bits += f" vs FedAvg (same model and rounds) {_si(fedavg, 'b')}: {fedavg / wire:.3g}x fewer"
-    lines.append(bits)
-    lines.append(f"  train FLOPs     executed {_si(summary['train_flops'])} vs dense "
-                 f"{_si(summary['dense_train_flops'])} ({summary['train_flops'] / summary['dense_train_flops']:.3f}x);"
-                 " paper formula "
-                 f"{_si(summary['paper_train_flops'])}")
-    if summary.get("authors_flops_per_client"):
-        lines.append(f"  authors' FLOPs  {_si(summary['authors_flops_per_client'])} per client (their count: 1 per "
-                     "multiply-add, end-of-round density for the whole round, averaged over all clients)")
-    base = summary["baseline_train_seconds"]
-    time_line = f"  train time      {summary['train_seconds']:.2f} s"
-    if base:
-        speedup = base / summary["train_seconds"]
-        verdict = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
-        time_line += f" vs {base:.2f} s masked dense (reference) on the same batches: {verdict} (measured)"
-    lines.append(time_line)
-    return "\n".join(lines)
-
-
-def _load_run(folder: str) -> tuple[dict, dict, list[dict]]:
-    """summary.json, config.json and the metrics records of a finished run; ``ValueError`` naming the
-    folder or file when it is missing, unfinished or damaged."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"{folder} is not a run folder (no such folder)")
-    paths = {name: os.path.join(folder, name) for name in ("config.json", METRICS, "summary.json")}
-    missing = [name for name, path in paths.items() if not os.path.isfile(path)]
-    if missing:
-        unfinished = "summary.json" in missing and os.path.isfile(os.path.join(folder, POINTER))
-        hint = "; it is unfinished: continue it with spafl-fl run ... --resume" if unfinished else ""
-        raise ValueError(f"{folder} is not a finished run: missing {', '.join(missing)}{hint}")
-    summary = read_json_object(paths["summary.json"], SUMMARY_KEYS)
-    numbers = [k for k in SUMMARY_KEYS if k != "algorithm" and not (
-        summary[k] is None and k in ("accuracy", "density", "baseline_train_seconds")) and not (
-        isinstance(summary[k], (int, float)) and not isinstance(summary[k], bool))]
-    if numbers:
-        raise ValueError(f"{paths['summary.json']} is damaged: {numbers} are not numbers")
-    config = read_json_object(paths["config.json"], ("dataset", "model", "clients", "sample"))
-    return summary, config, read_metrics(paths[METRICS])
-
-
-def compare_table(runs: list[tuple[str, dict, dict]]) -> str:
-    """One row per run (folder, summary, config)."""
-    header = ["run", "algorithm", "backend", "data/model", "rounds", "acc %", "density", "row density",
-              "wire bits", "FedAvg bits", "train FLOPs", "dense FLOPs", "authors FLOPs/client", "train s",
-              "masked-dense s"]
-    rows = [header]
-    for folder, s, c in runs:
-        rows.append([
-            folder, s["algorithm"], str(c.get("resolved_backend") or "dense"), f"{c['dataset']}/{c['model']}",
-            str(s["rounds"]), "-" if s["accuracy"] is None else f"{s['accuracy']:.2f}",
-            "-" if s["density"] is None else f"{s['density']:.3f}",
-            "-" if s.get("mean_row_density") is None else f"{s['mean_row_density']:.3f}",
-            _si(s["uplink_bits"] + s["downlink_bits"]), _si(2 * s["dense_uplink_bits"]),
-            _si(s["train_flops"]), _si(s["dense_train_flops"]), _si(s.get("authors_flops_per_client")),
-            f"{s['train_seconds']:.2f}",
-            "-" if s["baseline_train_seconds"] is None else f"{s['baseline_train_seconds']:.2f}",
-        ])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def _command(argv: list[str], drop: tuple[str, ...] = (), add: str | None = None) -> str:
@@ -369,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 def _compare(usage: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``spafl-fl compare``: every folder is read and checked before anything is printed or written."""
     try:
-        loaded = [(d, *_load_run(d)) for d in args.dirs]
+        loaded = [(d, *load_run(d)) for d in args.dirs]
         if args.plots:
             claim_out_dir(args.plots, overwrite=args.overwrite, resumable=False,
                           what="the plots a previous compare wrote", outputs=lambda name: name in PLOTS)
@@ -428,8 +350,9 @@ def _deploy_parser(sub) -> None:
                 "into --out, to run on SuperNodes you start yourself (README: Run across machines)")
     p = sub.choices["flower-app"]
     p.add_argument("--out-dir", default="", help="where the ServerApp writes the run, on the SuperLink's machine")
-    p.add_argument("--round-timeout", type=float, default=600.0)
-    p.add_argument("--connect-timeout", type=float, default=300.0)
+    p.add_argument("--round-timeout", type=float, default=600.0,
+                   help="seconds a round waits for the replies (a node that does not answer counts as failed)")
+    p.add_argument("--connect-timeout", type=float, default=300.0, help="seconds the run waits for its SuperNodes")
 
 
 def _deploy_local(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -463,12 +386,12 @@ def _deploy_local(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    summary, described, _ = _load_run(args.out)
+    summary, described, _ = load_run(args.out)
     print(savings_report(summary, described))
     traffic = record.get("flower_network_traffic") or {}
-    print(f"  Flower carried  up {_si(record.get('uplink_wire_bits'), 'b')} + down "
-          f"{_si(record.get('downlink_wire_bits'), 'b')} (messages serialised); the SuperLink counted in "
-          f"{_si(8 * traffic.get('inbound-bytes', 0), 'b')}, out {_si(8 * traffic.get('outbound-bytes', 0), 'b')}")
+    print(f"  Flower carried  up {si(record.get('uplink_wire_bits'), 'b')} + down "
+          f"{si(record.get('downlink_wire_bits'), 'b')} (Flower's count of the records); the SuperLink counted in "
+          f"{si(8 * traffic.get('inbound-bytes', 0), 'b')}, out {si(8 * traffic.get('outbound-bytes', 0), 'b')}")
     print(f"  time            clients computed {record.get('client_compute_seconds', 0):.1f} s; the run took "
           f"{record['wall_seconds']:.1f} s (processes, network, queues)")
     print(f"results in {args.out}: config.json, metrics.jsonl, summary.json, deployment.json, plots")

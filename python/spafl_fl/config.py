@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -122,12 +123,14 @@ class RunConfig:
     input_scale: float = 1.0  # inputs are multiplied by it (255: the raw pixels the authors' code trains on)
     preset: str | None = None  # the PRESETS entry the values came from (a record; flags given override it)
     skip: str = ""  # comma-separated layers of a MODULE:CALLABLE model that stay dense
-    classifier: str = "dense"  # one of CLASSIFIERS
+    classifier: str | None = None  # one of CLASSIFIERS; None: default_classifier(model)
 
     def skip_names(self) -> list[str]:
         return [name.strip() for name in self.skip.split(",") if name.strip()]
 
     def __post_init__(self) -> None:
+        if self.classifier is None:
+            self.classifier = default_classifier(self.model)
         problems = config_problems(self.to_dict())
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
@@ -180,6 +183,12 @@ MAX_THREADS = 1024
 this machine's CPU count."""
 MAX_LR = 1e6
 """Largest learning rate of any round (``lr * lr_decay**r``): beyond it SGD's step overflows float32."""
+
+
+def default_classifier(model: str) -> str:
+    """The classifier setting a run gets unless it names one: ``dense`` for the paper's models; ``sparse`` for a
+    ``MODULE:CALLABLE`` model, every layer of which is sparse but those named in ``skip``."""
+    return "sparse" if is_spec(model) else "dense"
 
 
 def _number(value, integer: bool = False) -> bool:
@@ -282,3 +291,11 @@ def device_problem(device) -> str | None:
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         return f"{device!r}: there are {torch.cuda.device_count()} CUDA devices"
     return None
+
+
+def threads_problems(threads) -> list[str]:
+    """``--threads`` above this machine's CPU count (torch crashes creating very many threads)."""
+    cpus = os.cpu_count() or 1
+    if isinstance(threads, int) and threads > cpus:
+        return [f"--threads must be at most this machine's {cpus} CPUs (got {threads})"]
+    return []

@@ -32,8 +32,8 @@ SUMMARY_KEYS = ("algorithm", "rounds", "accuracy", "density", "uplink_bits", "do
                 "train_flops", "dense_train_flops", "paper_train_flops", "train_seconds", "baseline_train_seconds",
                 "weight_density", "mean_row_density", "authors_train_flops", "authors_flops_per_client")
 WIRE_KEYS = ("uplink_wire_bits", "downlink_wire_bits", "client_compute_seconds", "client_cpu_seconds")
-"""What Flower carried in a round (every message serialised, per direction) and the clients' handler time;
-null in the in-process loop, which carries nothing."""
+"""What Flower carried in a round (its ``count_bytes`` of every message's records, per direction) and the clients'
+handler time; null in the in-process loop, which carries nothing."""
 TIMING_KEYS = ("train_seconds", "baseline_train_seconds", "wall_seconds", "client_compute_seconds",
                "client_cpu_seconds")
 """Record keys that measure time: they differ between any two runs; everything else is reproducible."""

@@ -34,8 +34,11 @@ import time
 import urllib.request
 from collections.abc import Callable
 
+import tomli_w
+
 from .checkpoint import atomic_write_text, open_append
 from .config import RunConfig
+from .core import WIRE_KEYS
 from .data import load_dataset
 from .rundir import DEPLOYMENT_FOLDER, claim_out_dir, clear_outputs, deployment_output, read_metrics, read_resume
 from .userspec import importable_env
@@ -167,9 +170,9 @@ class LocalDeployment:
             os.makedirs(path, exist_ok=True)
         ports = free_ports(1 + self.supernodes)
         self.port = ports[0]
+        connection = {"address": f"127.0.0.1:{self.port}", "insecure": True}
         atomic_write_text(os.path.join(self.home, "config.toml"),
-                          f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                          f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+                          tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}))
         # Runtime dependency installation would `uv sync` the app's dependencies: a second torch.
         self._spawn("superlink", [_tool("flower-superlink"), "--insecure", "--host", "127.0.0.1",
                                   "--port", str(self.port), "--disable-runtime-dependency-installation"])
@@ -303,9 +306,6 @@ def wait_for_run(deployment: LocalDeployment, run_id: int, out_dir: str, timeout
                     raise DeploymentError(f"Flower reports the run {status} and the ServerApp wrote no "
                                           f"{STATUS} (see {deployment.logs}/superlink.log)")
         time.sleep(0.5)
-
-
-WIRE_KEYS = ("uplink_wire_bits", "downlink_wire_bits", "client_compute_seconds", "client_cpu_seconds")
 
 
 def wire_totals(out_dir: str) -> dict:

@@ -121,3 +121,23 @@ class RunRecorder:
 
             plot_runs([(label, self.records)], self.out_dir)
         return summary
+
+
+class Recorded:
+    """What an engine's run (``Simulation``, the Flower ``RunStrategy``) tells of its ``recorder``."""
+
+    recorder: RunRecorder
+
+    @property
+    def records(self) -> list[dict]:
+        """The records of the rounds done, the resumed ones included."""
+        return self.recorder.records
+
+    @property
+    def rounds_done(self) -> int:
+        return self.recorder.rounds_done
+
+    @property
+    def checkpointed(self) -> int:
+        """Rounds in the checkpoint on disk."""
+        return self.recorder.checkpointed

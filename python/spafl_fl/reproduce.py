@@ -16,7 +16,8 @@ import shlex
 import sys
 
 from .checkpoint import atomic_write_text
-from .config import PRESETS, RunConfig
+from .config import PRESETS, RunConfig, threads_problems
+from .results import load_run, si
 
 DATASET_PRESET = {"mnist5k": "fmnist-lenet5", "digits": "fmnist-lenet5", "fmnist": "fmnist-lenet5",
                   "cifar10": "cifar10-conv4"}
@@ -106,14 +107,13 @@ def _run_or_load(config: RunConfig, folder: str, progress: bool,
                  overwrite: bool = False) -> tuple[dict, dict, list[dict]]:
     """Run ``config`` in ``folder`` (resuming a stopped run; reading a finished one back; with
     ``overwrite``, replacing what a run wrote there)."""
-    from .cli import _load_run
     from .simulation import Simulation
 
     if overwrite:
         simulation = Simulation(config, folder, overwrite=True)
         return simulation.run(progress=progress), simulation.describe(), simulation.records
     if os.path.isfile(os.path.join(folder, "summary.json")):
-        summary, described, records = _load_run(folder)
+        summary, described, records = load_run(folder)
         if summary["rounds"] == config.rounds and all(described.get(k) == v for k, v in config.to_dict().items()):
             return summary, described, records
         raise FileExistsError(f"{folder} holds another run; remove it or choose another --out")
@@ -123,12 +123,6 @@ def _run_or_load(config: RunConfig, folder: str, progress: bool,
     return summary, simulation.describe(), simulation.records
 
 
-def _si(value: float | None, unit: str = "") -> str:
-    from .cli import _si as si
-
-    return si(value, unit)
-
-
 def _row(label: str, s: dict) -> list[str]:
     wire = s["uplink_bits"] + s["downlink_bits"]
     fedavg = 2 * s["dense_uplink_bits"]
@@ -136,9 +130,9 @@ def _row(label: str, s: dict) -> list[str]:
     base = s["baseline_train_seconds"]
     return [
         label, f"{s['accuracy']:.2f}", f"{s['weight_density']:.3f}", f"{s['mean_row_density']:.3f}",
-        _si(s["uplink_bits"], "b"), _si(s["downlink_bits"], "b"), ratio,
-        _si(s["train_flops"]), _si(s["dense_train_flops"]), _si(s["paper_train_flops"]),
-        _si(s["authors_flops_per_client"]), f"{s['train_seconds']:.1f}",
+        si(s["uplink_bits"], "b"), si(s["downlink_bits"], "b"), ratio,
+        si(s["train_flops"]), si(s["dense_train_flops"]), si(s["paper_train_flops"]),
+        si(s["authors_flops_per_client"]), f"{s['train_seconds']:.1f}",
         "-" if base is None else f"{base:.1f} ({base / s['train_seconds']:.2f}x)",
     ]
 
@@ -171,9 +165,9 @@ def _bits_section(bits: list[tuple[str, dict, dict]]) -> list[str]:
              "| run | thresholds | dense state bits | bits up | bits down | FedAvg bits | FedAvg / this |",
              "|---|---|---|---|---|---|---|"]
     for label, s, c in bits:
-        lines.append(f"| {label} | {c['thresholds']} | {_si(c['dense_state_bits'], 'b')} | "
-                     f"{_si(s['uplink_bits'], 'b')} | {_si(s['downlink_bits'], 'b')} | "
-                     f"{_si(2 * s['dense_uplink_bits'], 'b')} | {_bits_ratio(s):.0f}x |")
+        lines.append(f"| {label} | {c['thresholds']} | {si(c['dense_state_bits'], 'b')} | "
+                     f"{si(s['uplink_bits'], 'b')} | {si(s['downlink_bits'], 'b')} | "
+                     f"{si(2 * s['dense_uplink_bits'], 'b')} | {_bits_ratio(s):.0f}x |")
     return [*lines, ""]
 
 
@@ -262,7 +256,6 @@ def write_report(out: str, command: str, results: dict[str, dict[str, tuple[str,
 
 
 def reproduce(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .cli import threads_problems
     from .plots import plot_runs
     from .rundir import claim_out_dir
 

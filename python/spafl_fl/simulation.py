@@ -52,13 +52,13 @@ from .core import (  # noqa: F401  (re-exported: the names this module has alway
     round_record,
     summarize,
 )
-from .recorder import RunRecorder
+from .recorder import Recorded, RunRecorder
 from .server import Server
 
 log = logging.getLogger("spafl_fl")
 
 
-class Simulation:
+class Simulation(Recorded):
     """A run of ``config``; with ``out_dir``, it writes config.json, metrics.jsonl and a checkpoint
     after every round there, and ``resume=True`` continues from the checkpoint found there.
 
@@ -93,18 +93,6 @@ class Simulation:
         if self.recorder.resuming:
             self._resume()
         self.recorder.start(self.describe())
-
-    @property
-    def records(self) -> list[dict]:
-        return self.recorder.records
-
-    @property
-    def rounds_done(self) -> int:
-        return self.recorder.rounds_done
-
-    @property
-    def checkpointed(self) -> int:
-        return self.recorder.checkpointed
 
     @property
     def global_model(self) -> torch.nn.Module:

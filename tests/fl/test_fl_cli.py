@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -102,3 +103,74 @@ def test_reproduce_writes_one_page(tmp_path, capsys):
     before = (out / "runs" / "digits" / "spafl" / "metrics.jsonl").read_text()
     assert main([*argv, "--resume"]) == 0
     assert (out / "runs" / "digits" / "spafl" / "metrics.jsonl").read_text() == before
+
+
+# -- each subcommand's help lists exactly what it accepts -----------------------------------------------------
+
+COMMANDS = ("run", "flower", "deploy-local", "flower-app", "compare", "reproduce", "export")
+ONLY = {"run": {"--split", "--batch-order", "--client-optimizer", "--collapse-guard"},
+        "deploy-local": {"--supernodes", "--timeout"}, "flower-app": {"--out-dir"}, "compare": {"--plots"},
+        "reproduce": {"--datasets", "--bits-rounds"}, "export": {"--client"}}
+"""Flags one subcommand has and no other may list."""
+SAMPLES = {"--dataset": ["digits"], "--model": ["lenet5"], "--skip": ["head", "--model", "mymodels:build"],
+           "--clients": ["4"], "--sample": ["2"],
+           "--rounds": ["3"], "--local-epochs": ["2"], "--batch-size": ["16"], "--lr": ["0.01"], "--lr-decay": ["0.99"],
+           "--momentum": ["0.5"], "--weight-decay": ["0.001"], "--clip": ["5"], "--th-coeff": ["0.01"],
+           "--th-warmup": ["2"], "--alpha": ["0.3"], "--test-fraction": ["0.3"], "--min-density": ["0.1"],
+           "--seed": ["7"], "--device": ["cpu"], "--threads": ["1"], "--input-scale": ["255"], "--supernodes": ["4"],
+           "--round-timeout": ["30"], "--connect-timeout": ["30"], "--timeout": ["100"], "--out-dir": ["/srv/run"],
+           "--bits-rounds": ["1"], "--client": ["1"]}
+"""A value each flag accepts (besides the choices its help lists)."""
+
+
+class Reached(Exception):
+    """The command got past its flag checks to the work itself."""
+
+
+def _listed(capsys, command: str) -> tuple[str, dict[str, list[str] | None]]:
+    """``command --help``'s text and its options: flag -> the choices its help shows (None: none shown)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("options:"):]
+    found = re.findall(r"^  (?:-h, )?(--[\w-]+)(?: \{([^}]*)\})?", options, re.M)
+    return text, {flag: choices.split(",") if choices else None for flag, choices in found if flag != "--help"}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_lists_only_the_flags_the_subcommand_accepts(command, capsys, tmp_path, monkeypatch):
+    def reached(*args, **kwargs):
+        raise Reached(args)
+
+    for name in ("_flower", "_deploy_local", "_flower_app", "_compare", "_export"):
+        monkeypatch.setattr(f"spafl_fl.cli.{name}", reached)
+    monkeypatch.setattr("spafl_fl.reproduce.reproduce", reached)
+    monkeypatch.setattr("spafl_fl.simulation.Simulation", reached)
+    out = str(tmp_path / "out")
+    base = {"compare": [str(tmp_path)], "export": [str(tmp_path), "--client", "0", "--out", out + ".safetensors"]}
+    text, listed = _listed(capsys, command)
+    assert listed
+    for flag, choices in listed.items():
+        if flag == "--out":
+            continue  # in every base command line
+        if flag == "--data-dir":
+            values = [["--datasets" if command == "reproduce" else "--dataset", "fmnist", flag, str(tmp_path)]]
+        elif flag == "--plots":
+            values = [[flag, str(tmp_path / "plots")]]
+        elif choices:
+            values = [[flag, choice] for choice in choices]
+        elif flag in SAMPLES:
+            values = [[flag, *SAMPLES[flag]]]
+        else:
+            values = [[flag]]  # a switch
+        for given in values:
+            argv = [command, *base.get(command, ["--out", out]), *given]
+            with pytest.raises(Reached):
+                main(argv)
+            assert "error" not in capsys.readouterr().err, argv
+    for other, flags in ONLY.items():
+        if other != command:
+            assert not flags & set(listed), f"{command} --help lists {sorted(flags & set(listed))} of {other}"
+    if command in ("flower", "deploy-local", "flower-app"):
+        assert "--no-progress" not in listed and "lazy-last" not in text  # only `run` has them

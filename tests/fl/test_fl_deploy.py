@@ -75,6 +75,42 @@ def test_shipped_app_is_a_valid_flower_app_with_every_setting(tmp_path):
         write_app(folder)
 
 
+def test_the_app_keeps_any_string_setting(tmp_path):
+    """The app's settings go through a TOML writer: a folder name with a newline, quotes, a backslash or a control
+    character comes back as it was (hand-made TOML wrote a newline raw, which no TOML reader accepts)."""
+    odd = 'runs/new\nline "quoted" back\\slash \x01 \u00e9'
+    folder = write_app(str(tmp_path / "odd-app"), app_config(tiny_config(), out_dir=odd))
+    with open(os.path.join(folder, "pyproject.toml"), "rb") as f:
+        shipped = tomllib.load(f)
+    assert from_run_config(shipped["tool"]["flwr"]["app"]["config"]) == (tiny_config(), {**DEPLOY_KEYS, "out-dir": odd})
+    assert shipped["tool"]["flwr"]["app"]["components"]["serverapp"] == "spafl_fl.flower_app.server:app"
+
+
+def test_every_install_requirement_is_pinned_for_ci_and_the_fresh_install():
+    """setup.py's install_requires (tomli_w among them: the app's TOML writer) are in the Makefile's pinned TOOLS and
+    in what dist-check installs into its fresh virtual environment before the wheel (installed with --no-deps)."""
+    import ast
+    import re
+
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.keyword) and n.arg == "install_requires")
+    required = {re.split(r"[<>=!~ ]", requirement)[0] for requirement in ast.literal_eval(call.value)}
+    assert "tomli_w" in required
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        makefile = f.read()
+    variables = dict(re.findall(r"^(\w+) \S?= (.*)$", makefile, re.M))
+
+    def expand(text: str) -> str:
+        return re.sub(r"\$\((\w+)\)", lambda m: expand(variables.get(m.group(1), "")), text)
+
+    tools = expand(re.search(r"^TOOLS := ((?:.*\\\n)*.*)$", makefile, re.M).group(1))
+    fresh = expand(re.search(r"^\t\$\(DIST\)/venv/bin/pip install .* torch==.*$", makefile, re.M).group(0))
+    for name in required - {"torch"}:
+        assert re.search(rf"\b{name}==", tools), f"{name} is not pinned in TOOLS"
+        assert re.search(rf"\b{name}==", fresh), f"dist-check's fresh venv does not install {name}"
+
+
 def test_wire_mod_measures_messages_and_compute(server_identity):  # noqa: F811
     def handler(message, context):
         time.sleep(0.01)
@@ -84,9 +120,26 @@ def test_wire_mod_measures_messages_and_compute(server_identity):  # noqa: F811
     message = Message(RecordDict({"c": ConfigRecord({"round": 1})}), dst_node_id=5, message_type="train")
     reply = wire_mod(message, context, handler)
     wire = reply.content.metric_records[WIRE]
-    assert wire["in-bytes"] == message_bytes(message)
-    assert wire["out-bytes"] > 400  # the 400 array bytes plus the records' and message's own
+    assert wire["in-bytes"] == message_bytes(message) == 8 + len("round")  # Flower counts a number as 8 bytes
+    assert wire["out-bytes"] == 4 * 100 + len("a")  # the raw float32 buffer and its key
     assert wire["compute-seconds"] >= 0.01
+    # Flower's own count raises on an empty string or list: a client's empty failure reason must not stop a round
+    odd = ConfigRecord({"reason": "", "none": [], "text": "abc", "n": 2})
+    assert message_bytes(Message(RecordDict({"c": odd}), dst_node_id=5, message_type="train")) == (
+        len("reason") + len("none") + len("text") + 3 + len("n") + 8)
+
+
+def test_wire_mod_uses_only_public_flower_apis():
+    """The mod imports only Flower's public packages (a private helper moves between releases)."""
+    import ast
+
+    import spafl_fl.flower_app.mods as mods
+
+    with open(mods.__file__) as f:
+        tree = ast.parse(f.read())
+    used = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    used |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert {m for m in used if m.split(".")[0] == "flwr"} <= {"flwr.app", "flwr.clientapp", "flwr.serverapp"}
 
 
 def test_deployed_app_rejects_a_tampered_update(tmp_path, server_identity):  # noqa: F811
@@ -210,6 +263,76 @@ def test_deploy_local_matches_spafl_fl_run(tmp_path):
         assert set(got) == set(want)
         assert got["rejected"] == []
     assert records[out][-1]["density"]["total"] < 1.0
+
+
+def _deploy(out, *flags: str) -> subprocess.CompletedProcess:
+    """``spafl-fl deploy-local --supernodes 3`` with RUN_FLAGS and ``flags`` (the last of a flag wins) into ``out``."""
+    return subprocess.run([sys.executable, "-m", "spafl_fl", "deploy-local", "--supernodes", "3", *RUN_FLAGS,
+                           "--round-timeout", "120", "--connect-timeout", "120", "--timeout", "240", *flags,
+                           "--out", str(out)], env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _finished_deployment(done: subprocess.CompletedProcess, out) -> None:
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "deployment.json") as f:
+        record = json.load(f)
+    assert record["flower_status"] == "finished:completed"
+    assert not _leftovers(record, str(out)), "processes of the deployment still run"
+
+
+def _same_run(deployed, *flags: str) -> None:
+    """The deployed run's metrics.jsonl and summary.json are those of ``spafl-fl run`` with the same flags: the same
+    clients, bits and record keys, accuracy and train loss within 1e-6 (one torch thread everywhere)."""
+    reference = deployed.parent / "in-process"
+    subprocess.run([sys.executable, "-m", "spafl_fl", "run", "--clients", "3", *RUN_FLAGS, *flags, "--no-progress",
+                    "--out", str(reference)], env=_env(), check=True, capture_output=True, timeout=240)
+    records, summaries = {}, {}
+    for folder in (deployed, reference):
+        with open(folder / "metrics.jsonl") as f:
+            records[folder] = [json.loads(line) for line in f]
+        with open(folder / "summary.json") as f:
+            summaries[folder] = json.load(f)
+    for got, want in zip(records[deployed], records[reference], strict=True):
+        assert set(got) == set(want)
+        assert got["round"] == want["round"] and got["sampled"] == want["sampled"] and got["rejected"] == []
+        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
+        assert (got["train_loss"] is None) == (want["train_loss"] is None)
+        if want["train_loss"] is not None:
+            assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-6)
+        assert got["density"] == pytest.approx(want["density"], abs=1e-9)
+        for key in ("uplink_bits", "downlink_bits", "dense_uplink_bits", "train_flops", "dense_train_flops"):
+            assert got[key] == want[key], key
+    got, want = summaries[deployed], summaries[reference]
+    assert list(got) == list(want) and got["rounds"] == want["rounds"]
+    assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
+    for key in ("weight_density", "mean_row_density", "authors_train_flops", "authors_flops_per_client"):
+        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["fedavg", "local"])
+def test_deploy_local_runs_fedavg_and_local_like_spafl_fl_run(tmp_path, algorithm):
+    """FedAvg (full state both ways) and Local (nothing sent) on real processes give `spafl-fl run`'s numbers, and
+    the command reads its own run back (FedAvg's summary lacked its densities and ended in a traceback)."""
+    out = tmp_path / "deployed"
+    start = time.perf_counter()
+    done = _deploy(out, f"--algorithm={algorithm}")
+    print(f"deploy-local {algorithm}, 3 SuperNodes, 2 rounds: {time.perf_counter() - start:.1f} s")
+    _finished_deployment(done, out)
+    assert f"{algorithm} on digits with mlp" in done.stdout
+    _same_run(out, f"--algorithm={algorithm}")
+
+
+@pytest.mark.slow
+def test_deploy_local_resumes_like_an_uninterrupted_run(tmp_path):
+    """Stopped after round 1, resumed to round 2 (the SuperNodes reload their clients from the node state): the
+    numbers of an uninterrupted `spafl-fl run`."""
+    out = tmp_path / "deployed"
+    _finished_deployment(_deploy(out, "--rounds=1"), out)
+    with open(out / "metrics.jsonl") as f:
+        assert [json.loads(line)["round"] for line in f] == [1]
+    _finished_deployment(_deploy(out, "--resume"), out)
+    _same_run(out)
 
 
 def _node_pid(marker: str, partition: int) -> int | None:

@@ -68,3 +68,23 @@ def test_classifier_option_is_checked():
         RunConfig(classifier="head")
     with pytest.raises(ValueError, match="name your model's classifier in skip"):
         RunConfig(classifier="dense", model="mymod:build")
+
+
+def test_a_user_model_runs_without_naming_a_classifier(capsys, tmp_path):
+    """The dense-classifier default is the paper's models': a MODULE:CALLABLE model (all layers sparse but --skip)
+    needs no --classifier, on the command line, in RunConfig and in the Flower app's run config."""
+    from helpers_fl import usage_error
+
+    from spafl_fl import RunConfig
+    from spafl_fl.flower_app import app_config, from_run_config
+
+    assert RunConfig().classifier == "dense" and RunConfig(model="mymod:build").classifier == "sparse"
+    assert from_run_config({**app_config(), "model": "mymod:build"})[0].classifier == "sparse"
+    assert from_run_config(app_config(RunConfig(model="mlp", classifier="sparse")))[0].classifier == "sparse"
+    # the command gets past the flags to the import of the missing module
+    err = usage_error(capsys, ["run", "--model", "no_such_module_here:build", "--out", str(tmp_path / "r")])
+    error = err.strip().splitlines()[-1]
+    assert "cannot import 'no_such_module_here'" in error and "classifier" not in error
+    err = usage_error(capsys, ["run", "--model", "no_such_module_here:build", "--classifier", "dense",
+                               "--out", str(tmp_path / "r")])
+    assert "--classifier dense applies to the paper's models" in err

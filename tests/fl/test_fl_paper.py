@@ -25,7 +25,7 @@ def test_lazy_update_reaches_only_sampled_clients_when_they_train(monkeypatch):
         return original(client, tensors)
 
     monkeypatch.setattr(SpaFLClient, "receive_global", spy)
-    n_bits = 32 * (300 + 100 + 10)
+    n_bits = 32 * (300 + 100)  # the two sparse layers' thresholds; the dense classifier is never sent
     for r in range(3):
         start = {k: v.clone() for k, v in sim.server.tensors.items()}
         held = {c.cid: copy.deepcopy(c.global_thresholds) for c in sim.clients}
@@ -92,7 +92,8 @@ def test_both_densities_are_recorded_and_differ():
     record = sim.run_round(0)
     dens = record["density"]
     assert record["weight_density"] == dens["total"]
-    assert record["mean_row_density"] == pytest.approx((dens["hidden.0"] + dens["hidden.1"] + dens["out"]) / 3)
+    assert set(dens) == {"hidden.0", "hidden.1", "total"}  # the dense classifier is no sparse layer
+    assert record["mean_row_density"] == pytest.approx((dens["hidden.0"] + dens["hidden.1"]) / 2)
     summary = summarize([record], "spafl")
     assert summary["weight_density"] == summary["density"] == dens["total"]
     assert summary["mean_row_density"] == record["mean_row_density"]

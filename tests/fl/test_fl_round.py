@@ -38,13 +38,13 @@ def test_spafl_round_moves_thresholds_and_sends_only_them(spafl_round):
     for client, old in zip(sim.clients, before):
         if client.cid not in record["sampled"]:
             # an unsampled client keeps its own thresholds until it is sampled
-            assert torch.equal(client.model.out.threshold, old.out.threshold)
+            assert torch.equal(client.model.hidden[1].threshold, old.hidden[1].threshold)
 
 
 def test_spafl_round_accounting(spafl_round):
     _, _, record = spafl_round
     assert 0 < record["accuracy"] <= 100 and record["loss"] > 0
-    assert set(record["density"]) == {"hidden.0", "hidden.1", "out", "total"}
+    assert set(record["density"]) == {"hidden.0", "hidden.1", "total"}  # the dense classifier has no density
     assert 0 < record["train_flops"] <= record["dense_train_flops"]
     assert record["paper_train_flops"] > 0
     assert record["train_seconds"] > 0 and record["baseline_train_seconds"] > 0
@@ -101,7 +101,9 @@ def test_client_replay_times_the_reference_backend(monkeypatch):
     batches = make_batches(client.data.num_train, 1, 64, torch.Generator().manual_seed(0))
     update = client.fit(sim.config.local_training(0), batches, measure_baseline=True)
     assert update.baseline_seconds > 0
-    assert used.count("reference") == used.count("auto") == 3 * len(batches)
+    n_sparse = len(list(sk.sparse_layers(client.model)))
+    assert n_sparse == 2  # hidden.0, hidden.1; the classifier stays dense
+    assert used.count("reference") == used.count("auto") == n_sparse * len(batches)
     assert all(layer.backend == "auto" for _, layer in sk.sparse_layers(client.model))
 
 
@@ -112,10 +114,10 @@ def test_malformed_client_update_is_rejected_in_a_run(monkeypatch):
 
     def broken_fit(*args, **kwargs):
         update = honest_fit(*args, **kwargs)
-        update.tensors["out"] = torch.full_like(update.tensors["out"], float("nan"))
+        update.tensors["hidden.1"] = torch.full_like(update.tensors["hidden.1"], float("nan"))
         return update
 
     monkeypatch.setattr(sim.clients[victim], "fit", broken_fit)
     record = sim.run_round(0)
-    assert record["rejected"] == [{"client": victim, "reason": "out: non-finite values"}]
+    assert record["rejected"] == [{"client": victim, "reason": "hidden.1: non-finite values"}]
     assert all(torch.isfinite(t).all() for t in sim.server.tensors.values())

@@ -28,8 +28,10 @@ from __future__ import annotations
 import os
 from dataclasses import fields
 
+import tomli_w
+
 from ..checkpoint import atomic_write_bytes, atomic_write_text
-from ..config import RunConfig
+from ..config import RunConfig, default_classifier
 from ..rundir import claim_out_dir
 
 APP_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spafl-app")
@@ -48,14 +50,17 @@ failed), seconds the run waits for all its SuperNodes to connect, and where the 
 when the node config names no ``state-dir`` ("": in memory only)."""
 
 
-_OPTIONAL = ("data-dir", "preset")
-"""Run-config keys whose ``RunConfig`` value may be None, written as "" (TOML has no null)."""
+_OPTIONAL = ("data-dir", "preset", "classifier")
+"""Run-config keys whose ``RunConfig`` value may be None, written as "" (TOML has no null); a classifier that is
+its model's default is written as "" too, so that an app whose ``model`` is changed gets that model's default."""
 
 
 def to_run_config(config: RunConfig, **deploy) -> dict:
     """``config`` (and ``DEPLOY_KEYS`` values, by field name with underscores) as run-config values
     (TOML has no null: ``data_dir=None`` is "")."""
     values = {key: getattr(config, name) for key, name in RUN_KEYS.items()}
+    if config.classifier == default_classifier(config.model):
+        values["classifier"] = None
     for key in _OPTIONAL:
         values[key] = values[key] or ""
     for name, value in deploy.items():
@@ -86,15 +91,6 @@ def from_run_config(run_config) -> tuple[RunConfig, dict]:
     return RunConfig(**values), deploy
 
 
-def toml_value(value) -> str:
-    """``value`` as a TOML literal (bool, int, float, str)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 CONFIG_HEADER = "[tool.flwr.app.config]\n"
 
 
@@ -108,8 +104,8 @@ def app_pyproject(values: dict) -> str:
     """The app's pyproject.toml (``APP_TEMPLATE``'s) with ``values`` as its ``[tool.flwr.app.config]``."""
     with open(os.path.join(APP_TEMPLATE, "pyproject.toml")) as f:
         template = f.read()
-    head = template[:template.index(CONFIG_HEADER) + len(CONFIG_HEADER)]
-    return head + "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items())
+    head = template[:template.index(CONFIG_HEADER)]  # the comments and the app's own tables, kept as written
+    return head + tomli_w.dumps({"tool": {"flwr": {"app": {"config": values}}}})
 
 
 def write_app(folder: str, values: dict | None = None, overwrite: bool = False) -> str:

@@ -7,11 +7,10 @@
 
 Every message through the mod gets, in its reply, a ``MetricRecord`` named ``WIRE`` ("wire") with:
 
-- ``in-bytes``: the size of the message the node received, as Flower serialises it (every object of
-  its tree deflated: the message and its metadata, the record dict, each record, each array and its
-  chunks);
-- ``out-bytes``: the same for the reply, measured before this record is added (the record itself
-  adds about 100 bytes);
+- ``in-bytes``: the size of the message the node received, as Flower's public ``count_bytes`` of each of
+  its records counts it (what ``flwr.clientapp.mod.message_size_mod`` logs: the arrays' buffers, 8 bytes
+  a number, a config string's length, and every key), the message's metadata left out;
+- ``out-bytes``: the same for the reply, measured before this record is added;
 - ``compute-seconds`` / ``cpu-seconds``: wall-clock and process CPU time of the handler (and of the
   mods inside this one), so that the time a round spends computing on the clients can be told apart
   from the time it spends waiting for the network and for the ClientApp process to start.
@@ -23,21 +22,31 @@ e.g. the instructions a strategy sends.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
-from flwr.app import Context, Message, MetricRecord
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.app import ConfigRecord, Context, Message, MetricRecord
 
 WIRE = "wire"
 
 
 def message_bytes(message: Message) -> int:
-    """Bytes Flower carries for ``message``: the deflated size of every object of its tree (each object
-    travels once per message: arrays, records and the message with its metadata)."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+    """Bytes of ``message``'s records as Flower counts them (``count_bytes`` of each record, as Flower's
+    ``message_size_mod`` sums them): array buffers, numbers, strings and keys, without the metadata."""
+    return sum(_record_bytes(record) for record in message.content.values())
 
 
-def wire_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+def _record_bytes(record) -> int:
+    """``record.count_bytes()``; Flower's count raises on an empty string, bytes or list in a ``ConfigRecord``
+    (which a client may send): those count 0 bytes here, their keys as Flower counts keys."""
+    try:
+        return record.count_bytes()
+    except (ValueError, IndexError):
+        return sum(len(key) + (ConfigRecord({key: value}).count_bytes() - len(key) if len(value) else 0)
+                   if isinstance(value, (str, bytes, list)) else ConfigRecord({key: value}).count_bytes()
+                   for key, value in record.items())
+
+
+def wire_mod(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Measure the incoming message, run the handler, measure the reply; add the ``WIRE`` record to it."""
     received = message_bytes(message)
     wall, cpu = time.perf_counter(), time.process_time()

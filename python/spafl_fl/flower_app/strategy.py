@@ -9,8 +9,8 @@ written with a checkpoint by the run recorder (``recorder.RunRecorder``).
 
 Records keep the keys of ``spafl-fl run``: ``uplink_bits`` / ``downlink_bits`` are the array payloads the
 algorithm needs, exactly as the in-process loop counts them. Beside them, what Flower carried:
-``uplink_wire_bits`` / ``downlink_wire_bits`` (every message of the round as Flower serialises it, metadata and
-record names included: ``mods.message_bytes``) and ``client_compute_seconds`` / ``client_cpu_seconds`` (the
+``uplink_wire_bits`` / ``downlink_wire_bits`` (every message of the round, its records' bytes as Flower's
+``count_bytes`` gives them: ``mods.message_bytes``) and ``client_compute_seconds`` / ``client_cpu_seconds`` (the
 clients' handler time from ``wire_mod``), apart from the round's ``wall_seconds``, which also holds the network,
 the SuperLink's queues and the start of each ClientApp process.
 """
@@ -35,7 +35,7 @@ from ..algorithms import algorithm
 from ..client import ClientUpdate
 from ..config import RunConfig, run_only_problems
 from ..core import WIRE_KEYS, average_evaluation, describe_run, prepare_run, round_record
-from ..recorder import RunRecorder
+from ..recorder import Recorded, RunRecorder
 from ..rundir import DEPLOYMENT_FOLDER, deployment_output
 from ..server import Server
 from .messages import (
@@ -73,7 +73,7 @@ class _Round:
     wire: dict = field(default_factory=lambda: {key: 0 for key in WIRE_KEYS})
 
 
-class RunStrategy:
+class RunStrategy(Recorded):
     """The server of a run of ``config`` on Flower, for every registered algorithm; with ``out_dir``, the files
     of ``spafl-fl run`` and a checkpoint per round there (``resume``: continue the run there; ``overwrite``:
     replace what a previous run wrote). ``engine`` is written into config.json."""
@@ -105,14 +105,6 @@ class RunStrategy:
             self.server.tensors = {k[len("server."):]: v for k, v in tensors.items() if k.startswith("server.")}
             self.resumed_after = self.recorder.rounds_done
         self.recorder.start(self.description)
-
-    @property
-    def records(self) -> list[dict]:
-        return self.recorder.records
-
-    @property
-    def rounds_done(self) -> int:
-        return self.recorder.rounds_done
 
     @property
     def label(self) -> str:
