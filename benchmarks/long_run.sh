@@ -16,11 +16,11 @@ declare -A flags=(
     [spafl-lazy]=""
     [spafl-lazy-last]="--global-update lazy-last"
     [spafl-eager]="--global-update eager"
-    [spafl-sparse-classifier]="--classifier sparse"
-    [spafl-persistent]="--client-optimizer persistent"
+    [spafl-fresh]="--client-optimizer fresh"
+    [spafl-sparse-classifier]="--classifier sparse --client-optimizer fresh"
     [spafl-masked]="--backend reference"
 )
-order=(fedavg local spafl-lazy spafl-lazy-last spafl-eager spafl-sparse-classifier spafl-persistent spafl-masked)
+order=(fedavg local spafl-lazy spafl-lazy-last spafl-eager spafl-fresh spafl-sparse-classifier spafl-masked)
 for name in "${@:-${order[@]}}"; do
     [ -n "${flags[$name]+set}" ] || { echo "unknown variant $name (one of ${order[*]})" >&2; exit 2; }
     [ -f "$out/$name/summary.json" ] && continue

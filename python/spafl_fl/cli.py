@@ -133,8 +133,8 @@ def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argpar
         help="seeded: per (seed, round, client); authors: drawn as the authors' DataLoaders draw torch's "
         "generator (with --split authors: their batches)")
     add("--client-optimizer", choices=CLIENT_OPTIMIZERS, default=_DEFAULTS.client_optimizer,
-        help="fresh: a new SGD optimizer every round; persistent: each client keeps its optimizer and momentum "
-        "across rounds (the authors' code)")
+        help="persistent: each client keeps its SGD optimizer and momentum across rounds (the authors' code); "
+        "fresh: a new SGD optimizer every round")
     add("--collapse-guard", choices=COLLAPSE_GUARDS, default=_DEFAULTS.collapse_guard,
         help="after-step: reset a layer at or under --min-density after each step; before-forward: reset it "
         "before the forward that follows one that kept that few rows, evaluation included (the authors' code)")

@@ -215,7 +215,7 @@ def test_a_run_saved_before_these_settings_existed_resumes(tmp_path):
     assert Simulation(tiny_config(rounds=2, measure_baseline=False), out, resume=True).rounds_done == 1
 
 
-def test_flags_reach_the_config_and_flower_refuses_them(tmp_path, capsys):
+def test_flags_reach_the_config_and_flower_refuses_the_run_only_ones(tmp_path, capsys):
     out = str(tmp_path / "run")
     flags = ["--split", "authors", "--client-optimizer", "persistent", "--collapse-guard", "before-forward",
              "--global-update", "lazy-last", "--batch-order", "authors"]
@@ -223,7 +223,7 @@ def test_flags_reach_the_config_and_flower_refuses_them(tmp_path, capsys):
     with open(os.path.join(out, "config.json")) as f:
         saved = json.load(f)
     assert {k: saved[k] for k in AUTHORS} == AUTHORS
-    assert len(run_only_problems(RunConfig(**AUTHORS).to_dict())) == 5
+    assert len(run_only_problems(RunConfig(**AUTHORS).to_dict())) == 3  # split, batch order, lazy-last
     with pytest.raises(SystemExit):
         main(["flower", *tiny_flags(1), "--split", "authors", "--out", str(tmp_path / "f")])
     assert "--split authors runs only in spafl-fl run" in capsys.readouterr().err

@@ -108,7 +108,7 @@ def test_reproduce_writes_one_page(tmp_path, capsys):
 # -- each subcommand's help lists exactly what it accepts -----------------------------------------------------
 
 COMMANDS = ("run", "flower", "deploy-local", "flower-app", "compare", "reproduce", "export")
-ONLY = {"run": {"--split", "--batch-order", "--client-optimizer", "--collapse-guard"},
+ONLY = {"run": {"--split", "--batch-order"},
         "deploy-local": {"--supernodes", "--timeout"}, "flower-app": {"--out-dir"}, "compare": {"--plots"},
         "reproduce": {"--datasets", "--bits-rounds"}, "export": {"--client"}}
 """Flags one subcommand has and no other may list."""

@@ -144,14 +144,15 @@ NEW_KEYS = {"rejected_evaluations", "uplink_wire_bits", "downlink_wire_bits", "c
 @pytest.mark.parametrize("name", ["spafl-lazy", "spafl-eager", "fedavg-lazy", "local-lazy"])
 def test_run_gives_the_numbers_it_gave_before_the_core(name, monkeypatch):
     """metrics.jsonl of ``spafl-fl run --dataset digits --model mlp --clients 3 --sample 2 --rounds 2 --local-epochs 1
-    --seed 5 --threads 1 --no-baseline --classifier sparse --algorithm A --global-update U`` as written before the
+    --seed 5 --threads 1 --no-baseline --classifier sparse --client-optimizer fresh --algorithm A --global-update U``
+    as written before the
     engine-neutral core (SPAFL_CPU_PATH=skip): every field but the timings is the same, and the records only gained
     the keys every engine now shares (what Flower carried: null here)."""
     monkeypatch.setenv("SPAFL_CPU_PATH", "skip")
     algorithm, update = name.split("-")
     config = RunConfig(dataset="digits", model="mlp", clients=3, sample=2, rounds=2, local_epochs=1, seed=5,
                        threads=1, measure_baseline=False, algorithm=algorithm, global_update=update,
-                       classifier="sparse")
+                       classifier="sparse", client_optimizer="fresh")
     sim = Simulation(config)
     sim.run()
     with open(os.path.join(REGRESSION, f"{name}.jsonl")) as f:

@@ -194,3 +194,29 @@ def test_cli_run_and_flower_give_the_same_metrics(tmp_path, algorithm):
         assert got["sampled"] == want["sampled"] and got["uplink_bits"] == want["uplink_bits"]
         assert got["downlink_bits"] == want["downlink_bits"]
         assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("algorithm, optimizer, guard", [("spafl", "persistent", "after-step"),
+                                                         ("spafl", "fresh", "before-forward"),
+                                                         ("local", "persistent", "after-step")])
+def test_app_keeps_the_optimizer_and_the_guard_as_the_loop_does(tmp_path, server_identity, algorithm, optimizer,
+                                                                guard):
+    """A kept optimizer (momentum) and the authors' collapse guard live in the client's state, so the app's
+    nodes carry them between rounds, and through a resume, exactly as the in-process loop does."""
+    # A strong penalty and a high floor, so that layers collapse and the two guards differ.
+    options = dict(measure_baseline=False, algorithm=algorithm, client_optimizer=optimizer, collapse_guard=guard,
+                   min_density=0.5, th_coeff=2.0, clients=3, sample=2)
+    out, nodes = str(tmp_path / "run"), tmp_path / "nodes"
+    first = tiny_config(rounds=2, **options)
+    drive(RunStrategy(first, out), app_grid(first, state_dir=nodes), timeout=60)
+    config = tiny_config(rounds=4, **options)
+    resumed = RunStrategy(config, out, resume=True)
+    drive(resumed, app_grid(config, state_dir=nodes), timeout=60)
+    reference = Simulation(config)
+    reference.run()
+    got = [(r["accuracy"], r["train_loss"], r.get("mean_row_density")) for r in resumed.records]
+    assert got == [(r["accuracy"], r["train_loss"], r.get("mean_row_density")) for r in reference.records]
+    other = {"client_optimizer": "fresh", "collapse_guard": "after-step"}
+    fresh = Simulation(tiny_config(rounds=4, **{**options, **other}))
+    fresh.run()
+    assert [r["train_loss"] for r in fresh.records] != [r["train_loss"] for r in reference.records]
