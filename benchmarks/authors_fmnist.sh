@@ -15,18 +15,13 @@ ours() { local name=$1; shift; [ -f "$out/$name/summary.json" ] || "$py" -m spaf
 [ -f "$out/authors/metrics.jsonl" ] && [ "$(wc -l < "$out/authors/metrics.jsonl")" -ge "$rounds" ] || \
     "$py" "$here/benchmarks/authors_fmnist.py" --authors "$authors" --out "$out/authors" --rounds "$rounds"
 ours ours-split-authors --split authors
-ours ours-split-authors-persistent --split authors --client-optimizer persistent
-ours ours-split-authors-sparse-classifier --split authors --classifier sparse
-ours local-split-authors --algorithm local --split authors
+ours ours-split-authors-fresh --split authors --client-optimizer fresh
+ours ours-split-authors-before --split authors --classifier sparse --client-optimizer fresh
+ours local-split-authors --algorithm local --split authors --client-optimizer fresh
 ours ours
-ours ours-sparse-classifier --classifier sparse
-ours local --algorithm local
 ours replica --split authors --global-update lazy-last --client-optimizer persistent \
     --collapse-guard before-forward --batch-order authors --backend reference --classifier sparse
 "$py" "$here/benchmarks/compare_authors.py" --out "$out/compare" "their loop=$out/authors" \
-    "ours, their split=$out/ours-split-authors" \
-    "ours + persistent optimizer, their split=$out/ours-split-authors-persistent" \
-    "ours + sparse classifier, their split=$out/ours-split-authors-sparse-classifier" \
-    "Local, their split=$out/local-split-authors" \
-    "ours, our split=$out/ours" "ours + sparse classifier, our split=$out/ours-sparse-classifier" \
-    "Local, our split=$out/local" "ours + every authors' option=$out/replica"
+    "ours=$out/ours-split-authors" "ours, fresh optimizer=$out/ours-split-authors-fresh" \
+    "ours before=$out/ours-split-authors-before" "Local=$out/local-split-authors" \
+    "ours, our split=$out/ours" "ours + every authors' option=$out/replica"
