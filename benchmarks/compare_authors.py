@@ -18,7 +18,19 @@ import os
 
 import numpy as np
 
-WINDOWS = ((1, 3), (28, 30), (40, 42), (98, 100))
+WINDOWS = "1-3,28-30,40-42,98-100"
+"""The rounds whose means the tables give (``--windows``)."""
+
+
+def parse_windows(text: str) -> list[tuple[int, int]]:
+    """``"1-3,28-30"`` -> ``[(1, 3), (28, 30)]``; SystemExit naming a malformed or empty window."""
+    windows = []
+    for item in text.split(","):
+        first, _, last = item.strip().partition("-")
+        if not (first.isdigit() and last.isdigit() and 1 <= int(first) <= int(last)):
+            raise SystemExit(f"--windows: {item!r} is not FIRST-LAST with 1 <= FIRST <= LAST")
+        windows.append((int(first), int(last)))
+    return windows
 
 
 def read(folder: str) -> list[dict]:
@@ -62,9 +74,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", metavar="LABEL=DIR")
     p.add_argument("--out", required=True)
+    p.add_argument("--windows", default=WINDOWS, metavar="A-B,...",
+                   help=f"the rounds whose means the tables give (default {WINDOWS})")
     p.add_argument("--layer-weights", default="conv1=500,conv2=25000,fc3=400000,fc4=5000", metavar="NAME=N,...",
                    help="weights per layer for the weight density (default: LeNet-5 on 28x28 inputs); '' for none")
     args = p.parse_args()
+    windows = parse_windows(args.windows)
     weights = {k: int(v) for k, _, v in (item.partition("=") for item in args.layer_weights.split(",") if item)}
     runs = []
     for item in args.runs:
@@ -89,7 +104,7 @@ def main() -> None:
             "windows": {f"{a}-{b}": {key: window_mean(records, key, a, b)
                                      for key in ("accuracy", "mean_row_density", "authors_row_density",
                                                  "weight_share")}
-                        for a, b in WINDOWS},
+                        for a, b in windows},
         }
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -114,7 +129,7 @@ def main() -> None:
                         ("Weight density: the fraction of those layers' weights in active rows", weight_cell)):
         lines += [f"**{title}**, means of the rounds named", "", *header]
         lines += [f"| {a}-{b} | " + " | ".join(cell(results[label]["windows"][f"{a}-{b}"]) for label, _ in runs)
-                  + " |" for a, b in WINDOWS]
+                  + " |" for a, b in windows]
         lines.append("")
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -128,7 +143,7 @@ def main() -> None:
 
     layer_lines = [f"Row density per layer ({' / '.join(layers)}) after the round named", "",
                    "| round | " + " | ".join(label for label, _ in runs) + " |", "|---|" + "---|" * len(runs)]
-    layer_lines += [f"| {b} | " + " | ".join(layer_cell(records, b) for _, records in runs) + " |" for _, b in WINDOWS]
+    layer_lines += [f"| {b} | " + " | ".join(layer_cell(records, b) for _, records in runs) + " |" for _, b in windows]
     with open(os.path.join(args.out, "layers.md"), "w") as f:
         f.write("\n".join(layer_lines) + "\n")
 

@@ -3,8 +3,8 @@
 #   benchmarks/long_run.sh OUT_DIR [ROUNDS [VARIANT...]]
 # ROUNDS defaults to 300; VARIANTs (default: all, in this order) are the names below, so two shells can
 # share the work. Every run resumes where it stopped and is skipped once finished; one thread each.
-# Then `spafl-fl compare` (accuracy, both densities, bits, FLOPs, time per round, plots) into OUT_DIR/compare
-# once every variant has finished.
+# Once every variant has finished: `spafl-fl compare` (final accuracy, both densities, bits, FLOPs, train time,
+# plots) into OUT_DIR/compare, and the per-window tables and per-round plots into OUT_DIR/rounds.
 set -euo pipefail
 out=$1; rounds=${2:-300}; shift $(( $# < 2 ? $# : 2 ))
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,4 +30,8 @@ for name in "${@:-${order[@]}}"; do
         $([ -f "$out/$name/checkpoint.json" ] && echo --resume)
 done
 for name in "${order[@]}"; do [ -f "$out/$name/summary.json" ] || exit 0; done
-"$py" -m spafl_fl compare "${order[@]/#/$out/}" --plots "$out/compare"
+"$py" -m spafl_fl compare "${order[@]/#/$out/}" --plots "$out/compare" --overwrite
+labels=()
+for name in "${order[@]}"; do labels+=("$name=$out/$name"); done
+"$py" "$here/benchmarks/compare_authors.py" --out "$out/rounds" --windows "1-3,28-30,98-100,$((rounds - 2))-$rounds" \
+    "${labels[@]}"
