@@ -75,7 +75,8 @@ def _run_parser(sub, command: str = "run", help_text: str = _RUN_HELP) -> argpar
         return p.add_argument(*names, **options)
 
     add("--algorithm", choices=ALGORITHMS, default=_DEFAULTS.algorithm,
-        help="spafl (thresholds on the wire) or fedavg (dense model, full state on the wire)")
+        help="spafl (thresholds on the wire), fedavg (dense model, full state on the wire) or local (each client "
+        "trains its own dense model, nothing on the wire)")
     add("--dataset", default=_DEFAULTS.dataset, metavar="NAME|MODULE:CALLABLE",
         help=f"one of {', '.join(DATASETS)}: bundled data (mnist5k, digits, synthetic) or files read from "
         "--data-dir (fmnist, cifar10); or your own: MODULE:CALLABLE with CALLABLE() -> (x_train, y_train, "
