@@ -46,11 +46,16 @@ def test_run_models_rows():
     assert torch_row["vs_dense"] > 0 and torch_row["of_static"] > 0 and torch_row["flops_vs_dense"] < 1
 
 
-def test_cli_models_and_density_from(tmp_path, capsys):
+@pytest.mark.parametrize("classifier", [None, "sparse", "dense"])
+def test_cli_models_and_density_from(tmp_path, capsys, classifier):
+    """A run's last densities are timed as the 'profile' row, with its classifier as the run had it (a run from
+    before the setting pruned it)."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"model": "mlp"}))
-    layers = {name: 0.5 for name, _ in sk.sparse_layers(build_model("mlp", (1, 28, 28), 10))}
+    (run / "config.json").write_text(json.dumps({"model": "mlp", **({"classifier": classifier} if classifier else {})}))
+    dense = classifier == "dense"
+    layers = {name: 0.5 for name, _ in sk.sparse_layers(build_model("mlp", (1, 28, 28), 10, dense_classifier=dense))}
+    assert ("out" in layers) is not dense
     (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "density": {**layers, "total": 0.5}}) + "\n")
     out = tmp_path / "models.json"
     cli.main(["--models", "mlp", "--densities", "1", "--backends", "torch", "--reps", "1", "--threads", "1",

@@ -134,15 +134,26 @@ def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Ca
     return step
 
 
-def density_profile(run_dir: str) -> tuple[str, dict[str, float]]:
-    """``(model name, per-layer densities)`` of the last round of a ``spafl-fl`` run in ``run_dir``."""
+@dataclass(frozen=True)
+class DensityProfile:
+    """The per-layer densities of a run's last round, and whether that run kept its classifier dense."""
+
+    densities: dict[str, float]
+    dense_classifier: bool = False
+
+
+def density_profile(run_dir: str) -> tuple[str, DensityProfile]:
+    """``(model name, profile)`` of the last round of a ``spafl-fl`` run in ``run_dir``."""
     config_path, metrics_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "metrics.jsonl")
     for path in (config_path, metrics_path):
         if not os.path.isfile(path):
             raise ValueError(f"--density-from {run_dir}: no {os.path.basename(path)} (not a spafl-fl run folder)")
     try:
         with open(config_path) as f:
-            model = json.load(f)["model"]
+            config = json.load(f)
+        model = config["model"]
+        # A run from before the classifier setting pruned it; a run since records "dense" or "sparse".
+        dense_classifier = config.get("classifier", "sparse") == "dense"
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"--density-from: {config_path} is damaged ({error})") from None
     if model not in MODELS:
@@ -161,20 +172,24 @@ def density_profile(run_dir: str) -> tuple[str, dict[str, float]]:
             isinstance(d, (int, float)) and not isinstance(d, bool) and 0.0 <= d <= 1.0 for d in densities.values()):
         raise ValueError(f"--density-from: {metrics_path} line {number} is damaged: 'density' must map layer names "
                          f"to numbers in [0, 1] (got {densities!r})")
-    return model, {name: float(d) for name, d in densities.items() if name != "total"}
+    return model, DensityProfile({name: float(d) for name, d in densities.items() if name != "total"},
+                                 dense_classifier)
 
 
 def candidate_models(
-    name: str, density: float | Mapping[str, float], candidates: Sequence[str], device: str = "cpu"
+    name: str, density: float | Mapping[str, float], candidates: Sequence[str], device: str = "cpu",
+    dense_classifier: bool = False,
 ) -> tuple[dict[str, nn.Module], nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """``({candidate: model}, the sparse model, (x, target))`` for model ``name`` at ``density``:
     ``dense`` and ``static`` always, and each of ``candidates`` (``masked``: ``masked.PaperMaskedLayer``).
-    Every candidate starts from the same weights; the batch is the paper's."""
+    Every candidate starts from the same weights; the batch is the paper's. ``dense_classifier``: the
+    model's last Linear stays dense (``zoo.build_model``)."""
     setup = SETUPS[name]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(setup.batch, *setup.input_shape, generator=gen).to(device)
     target = torch.randint(setup.num_classes, (setup.batch,), generator=gen).to(device)
-    sparse = build_model(name, setup.input_shape, setup.num_classes, ste=setup.ste, seed=0).to(device)
+    sparse = build_model(name, setup.input_shape, setup.num_classes, ste=setup.ste, seed=0,
+                         dense_classifier=dense_classifier).to(device)
     set_densities(sparse, density)
     models = {
         "dense": build_model(name, setup.input_shape, setup.num_classes, sparse=False, seed=0).to(device),
@@ -197,21 +212,21 @@ def run_models(
     candidates: Sequence[str],
     reps: int,
     device: str = "cpu",
-    profiles: Mapping[str, Mapping[str, float]] | None = None,
+    profiles: Mapping[str, DensityProfile] | None = None,
     progress: Callable[[str], None] = lambda line: None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict]:
     """One row per (model, density, candidate): median step seconds, speed-up over dense, masked
     and static, executed FLOPs over dense FLOPs. ``profiles``: per-model layer densities measured in
-    a run, timed as density ``"profile"`` besides the uniform ones."""
+    a run (``density_profile``), timed as density ``"profile"`` besides the uniform ones."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = []
     for name in models:
-        settings = [(d, d) for d in densities]
+        settings = [(d, d, False) for d in densities]
         if profiles and name in profiles:
-            settings.append(("profile", profiles[name]))
-        for label, density in settings:
-            by_candidate, sparse, (x, target) = candidate_models(name, density, candidates, device)
+            settings.append(("profile", profiles[name].densities, profiles[name].dense_classifier))
+        for label, density, dense_classifier in settings:
+            by_candidate, sparse, (x, target) = candidate_models(name, density, candidates, device, dense_classifier)
             with FlopCounter(sparse) as counter:
                 sparse(x)
             layers = dict(sparse_layers(sparse))
