@@ -14,7 +14,7 @@ from torch import nn
 
 import spafl_kernels as sk
 
-ROUNDS, NODES, SAMPLE = 5, 4, 2
+ROUNDS, NODES, SAMPLE, EPOCHS = 5, 4, 2, 2
 
 
 def my_model() -> nn.Module:
@@ -47,7 +47,7 @@ def train(msg: Message, context: Context) -> Message:
     sk.apply_threshold_update(model, {name: new[name] - last[name] for name in new})  # the global difference
     sk.load_thresholds(model, new)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for idx in torch.randperm(128).split(16):
+    for idx in torch.cat([torch.randperm(128) for _ in range(EPOCHS)]).split(16):
         opt.zero_grad()
         (F.cross_entropy(model(x[idx]), y[idx]) + 0.02 * sk.threshold_penalty(model)).backward()
         opt.step()
