@@ -353,7 +353,7 @@ TAMPER = '''
 import sys
 if sys.argv and sys.argv[0].endswith("flwr-clientapp"):
     import torch
-    from spafl_fl.flower import to_array_record
+    from spafl_fl.flower_app.messages import to_array_record
     import {module} as deployed
 
     honest = deployed.app._registered_funcs["train.default"]

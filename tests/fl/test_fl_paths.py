@@ -20,7 +20,8 @@ def _records(folder):
 
 
 def _config(rounds):
-    return tiny_config(rounds=rounds, measure_baseline=False, backend="cpp")
+    # A fresh optimizer each round: the trajectory whose round 3 meets no new call signature (checked below).
+    return tiny_config(rounds=rounds, measure_baseline=False, backend="cpp", client_optimizer="fresh")
 
 
 @pytest.fixture(autouse=True)
