@@ -76,6 +76,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--windows", default=WINDOWS, metavar="A-B,...",
                    help=f"the rounds whose means the tables give (default {WINDOWS})")
+    p.add_argument("--layers", default="", metavar="NAME,...",
+                   help="the layers the mean row density is over, a run's dense layer counting 1 (default: every "
+                   "layer some run prunes)")
     p.add_argument("--layer-weights", default="conv1=500,conv2=25000,fc3=400000,fc4=5000", metavar="NAME=N,...",
                    help="weights per layer for the weight density (default: LeNet-5 on 28x28 inputs); '' for none")
     args = p.parse_args()
@@ -88,7 +91,7 @@ def main() -> None:
             raise SystemExit(f"{item!r}: expected LABEL=DIR")
         runs.append((label, read(folder)))
     os.makedirs(args.out, exist_ok=True)
-    layers = pruned_layers(runs)
+    layers = [name for name in args.layers.split(",") if name] or pruned_layers(runs)
     for _, records in runs:
         for r in records:
             r["authors_row_density"] = authors_count(r, layers)

@@ -34,4 +34,5 @@ for name in "${order[@]}"; do [ -f "$out/$name/summary.json" ] || exit 0; done
 labels=()
 for name in "${order[@]}"; do labels+=("$name=$out/$name"); done
 "$py" "$here/benchmarks/compare_authors.py" --out "$out/rounds" --windows "1-3,28-30,98-100,$((rounds - 2))-$rounds" \
+    --layers conv1,conv2,fc3,fc4 \
     "${labels[@]}"
