@@ -220,3 +220,26 @@ def test_app_keeps_the_optimizer_and_the_guard_as_the_loop_does(tmp_path, server
     fresh = Simulation(tiny_config(rounds=4, **{**options, **other}))
     fresh.run()
     assert [r["train_loss"] for r in fresh.records] != [r["train_loss"] for r in reference.records]
+
+
+def test_a_node_lost_before_evaluating_stops_the_run_with_its_name(server_identity):
+    """A node that dies mid-run comes back as an error reply (no content): the strategy counts it as no
+    bytes and stops the run naming the client, instead of failing on the missing content."""
+    from flwr.app import Error
+
+    from spafl_fl.flower_app.mods import message_bytes
+
+    config = tiny_config(rounds=2, measure_baseline=False)
+    grid = app_grid(config)
+    lost = next(nid for nid, k in grid.partition.items() if k == 2)
+
+    def app(message, context):
+        if context.node_id == lost and message.metadata.message_type == "evaluate":
+            return Message(Error(code=0, reason="node lost"), reply_to=message)
+        return client_app(message, context)
+
+    probe = Message(RecordDict(), dst_node_id=lost, message_type="evaluate")
+    assert message_bytes(app(probe, grid.contexts[lost])) == 0
+    grid.app = app
+    with pytest.raises(RuntimeError, match=r"clients \[2\] did not evaluate"):
+        drive(RunStrategy(config, None), grid, timeout=30)

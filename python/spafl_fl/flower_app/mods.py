@@ -31,7 +31,10 @@ WIRE = "wire"
 
 def message_bytes(message: Message) -> int:
     """Bytes of ``message``'s records as Flower counts them (``count_bytes`` of each record, as Flower's
-    ``message_size_mod`` sums them): array buffers, numbers, strings and keys, without the metadata."""
+    ``message_size_mod`` sums them): array buffers, numbers, strings and keys, without the metadata. An error
+    reply (a node lost mid-round) carries no records: 0."""
+    if message.has_error():
+        return 0
     return sum(_record_bytes(record) for record in message.content.values())
 
 
