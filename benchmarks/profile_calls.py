@@ -125,7 +125,8 @@ def profile_step(model: str, density: float, steps: int = 50, rows: int = 12) ->
 def layer_markdown(rows: list[dict], reps: int) -> str:
     lines = [f"Median us per forward call (no autograd), {reps} interleaved reps, 1 thread, thread clock; "
              "each stage adds one thing to the one before (module: against the dense module).", "",
-             "| layer | density | " + " | ".join(STAGES) + " | module / dense module |", "|" + "---|" * (len(STAGES) + 3)]
+             "| layer | density | " + " | ".join(STAGES) + " | module / dense module |",
+             "|" + "---|" * (len(STAGES) + 3)]
     for r in rows:
         us = r["us"]
         lines.append(f"| {r['layer']} | {r['density']:.2f} | " + " | ".join(f"{us[s]:.1f}" for s in STAGES)
